@@ -1,0 +1,99 @@
+"""Logical axis names -> mesh axes: the one rules table, and the helpers that apply it.
+
+Every weight and main activation in the model carries logical axis names (see
+`LOGICAL_AXES`). Modules never name a mesh axis; they call
+`flax.linen.with_logical_partitioning` on initialisers and `constrain` on
+activations. `AXIS_RULES` maps those names onto the mesh axes (data, fsdp, tensor).
+A multi-host run is the same code under `jax.distributed.initialize()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Weights use the plain names, activations the `act_` names, so that the two may map
+# differently (an activation's embed dim is replicated while the weight's is fsdp-sharded).
+AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("slices", None),
+    ("zones", None),
+    # weights
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("lora_rank", None),
+    ("visual_embed", "fsdp"),
+    ("classes", None),
+    ("proj", None),
+)
+
+LOGICAL_AXES = tuple(name for name, _ in AXIS_RULES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known}; fix the mesh sizes")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but {len(devices)} devices are visible; "
+                         "set the mesh sizes to multiply to the device count")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> Iterator[Mesh]:
+    """Activate the mesh and the rules table: inside, logical constraints become real."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside `use_mesh`."""
+    return nn.with_logical_constraint(x, names)
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """Logical PartitionSpecs of a tree of `nn.LogicallyPartitioned` boxes (from init/eval_shape)."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def named_shardings(boxed_tree: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> Any:
+    """NamedShardings for every leaf of a boxed (logically annotated) tree."""
+    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_params(params: Any, shardings: Any) -> Any:
+    """Place an (unboxed) param tree onto its shardings."""
+    return jax.tree.map(jax.device_put, params, shardings)
