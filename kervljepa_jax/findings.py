@@ -1,0 +1,610 @@
+"""The 18 CT-RATE abnormality classes: names, order, lexicon and what a generator needs.
+
+This module is the one home of the class names. Everything that needs a class (the rule
+labeler, the positive-findings-only text builder, the synthetic CT-RATE generator, metrics
+tables) reads it from here.
+
+Per class it holds
+- where on the apex (0.0) -> base (1.0) axis of a chest CT the finding shows (`z_range`),
+- a CT-RATE-like prevalence and the common co-occurrences (`CO_OCCURRENCE`),
+- report sentences that assert and negate it (our own prose, written for this project),
+- the lexicon: regular expressions that find a mention of the class in a sentence.
+
+`sentence_findings` turns one sentence into the set of classes it asserts present. It is
+sentence- and clause-level and NegEx-like:
+- a mention is negated by a cue before it in the same clause ("no", "without", "absence of",
+  "free of", "neither/nor", "negative for", "not") unless a scope breaker ("but", "however",
+  "although", "except", ...) stands between cue and mention, or by a cue after it
+  ("... was not observed", "... are absent", "... has resolved");
+- uncertainty: hedged mentions that still lean positive ("probable", "likely", "suspicious
+  for", "consistent with", "compatible with", "suggestive of") count as PRESENT, as radiology
+  labelling conventions (CheXpert's "uncertain -> positive" for report generation scoring)
+  and the CT-RATE labels do; only hedges that lean negative ("unlikely", "cannot be
+  excluded" with nothing else asserted, "to rule out", "is not expected") count as absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Iterable, Sequence
+
+NUM_CLASSES = 18
+
+CLASS_NAMES: tuple[str, ...] = (
+    "Medical material",
+    "Arterial wall calcification",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Coronary artery wall calcification",
+    "Hiatal hernia",
+    "Lymphadenopathy",
+    "Emphysema",
+    "Atelectasis",
+    "Lung nodule",
+    "Lung opacity",
+    "Pulmonary fibrotic sequela",
+    "Pleural effusion",
+    "Mosaic attenuation pattern",
+    "Peribronchial thickening",
+    "Consolidation",
+    "Bronchiectasis",
+    "Interlobular septal thickening",
+)
+
+NORMAL_SENTENCE = "No significant thoracic abnormalities identified."
+
+# Fraction of volumes with none of the 18 findings that the synthetic generator aims at
+# (the paper: normal volumes are ~35-40% of the data).
+NORMAL_FRACTION = 0.37
+
+# Fillers for the {slot}s in `Finding.positive_sentences`; every filler keeps the sentence
+# recognised by `sentence_findings` (tested).
+SLOT_FILLERS: dict[str, tuple[str, ...]] = {
+    "side": ("right", "left"),
+    "sides": ("right", "left", "both"),
+    "lobe": ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe",
+             "lingula", "left lower lobe"),
+    "size": ("3 mm", "4 mm", "5 mm", "6 mm", "8 mm", "11 mm"),
+    "node_size": ("12 mm", "14 mm", "17 mm", "21 mm"),
+    "degree": ("mild", "minimal", "moderate", "marked"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One CT-RATE class and everything the project knows about how it looks and reads.
+
+    index: position in `CLASS_NAMES` (the label-vector column).
+    z_range: (lo, hi) on the apex(0.0) -> base(1.0) axis where the finding typically shows.
+    prevalence: marginal fraction of CT-RATE-like volumes that carry it.
+    positive_sentences: report sentences asserting it; may hold {slot}s from `SLOT_FILLERS`.
+    negative_sentences: report sentences negating it.
+    fallback_sentence: the canonical sentence for a positive class whose report has no
+        sentence mentioning it.
+    patterns: the lexicon, regular expressions (case-insensitive) for a mention of the class.
+    vetoes: regular expressions that, found in the same clause, cancel a mention (a thyroid
+        nodule is not a lung nodule).
+    """
+
+    index: int
+    name: str
+    z_range: tuple[float, float]
+    prevalence: float
+    positive_sentences: tuple[str, ...]
+    negative_sentences: tuple[str, ...]
+    fallback_sentence: str
+    patterns: tuple[str, ...] = ()
+    vetoes: tuple[str, ...] = ()
+
+
+_CALCIFIC = r"(?:calcif\w*|atherom\w*|atheroscl\w*|calcified\s+plaques?)"
+_AORTIC_OR_ARTERIAL = (r"(?:aort\w*|carotid|subclavian|brachiocephalic|innominate|iliac|vertebral|"
+                       r"(?<!coronary\s)arter(?:y|ies|ial)|vascular|vessels?|"
+                       r"arch)")
+_CORONARY = r"(?:coronar\w*|\bLAD\b|\bRCA\b|left\s+anterior\s+descending|circumflex|left\s+main)"
+
+FINDINGS: tuple[Finding, ...] = (
+    Finding(
+        index=0, name="Medical material", z_range=(0.15, 0.75), prevalence=0.15,
+        positive_sentences=(
+            "A central venous catheter is seen with its tip in the superior vena cava.",
+            "Sternotomy wires are present after previous cardiac surgery.",
+            "A cardiac pacemaker with leads in the right heart chambers is noted.",
+            "A stent is observed in the {side} main coronary artery.",
+            "Surgical clips are noted in the mediastinum.",
+            "A nasogastric tube is in place, ending in the stomach.",
+        ),
+        negative_sentences=(
+            "No catheter, tube or other medical device is seen.",
+            "There is no evidence of surgical material or implanted device.",
+        ),
+        fallback_sentence="Medical material is present in the thorax.",
+        patterns=(
+            r"medical\s+(?:material|device)", r"catheter", r"\bports?\b(?:\s+catheter)?",
+            r"pacemaker", r"pacing\s+(?:leads?|wires?)", r"defibrillator", r"\bICD\b",
+            r"stents?\b", r"stented", r"prosthe\w+", r"sternotomy", r"sternal\s+(?:wires?|sutures?)",
+            r"(?:surgical|vascular|metallic)\s+clips?", r"\bclips?\b", r"cerclage",
+            r"(?:endotracheal|tracheostomy|nasogastric|feeding|chest|thoracostomy)\s+tubes?",
+            r"tracheostomy", r"\bdrains?\b", r"drainage\s+catheter", r"metallic\s+(?:material|implants?|"
+            r"foreign\s+bod\w+|densit\w+|artifacts?|wires?|screws?|plates?)",
+            r"implant\w*", r"\bcoils?\b", r"\bvalve\s+replacement", r"(?:mechanical|prosthetic)\s+valve",
+            r"(?:surgical|suture)\s+material", r"staples?", r"\bwires?\b", r"\bscrews?\b",
+            r"fixation\s+(?:material|plates?)",
+        ),
+    ),
+    Finding(
+        index=1, name="Arterial wall calcification", z_range=(0.15, 0.7), prevalence=0.28,
+        positive_sentences=(
+            "Calcified atherosclerotic plaques are present in the wall of the thoracic aorta.",
+            "Atheromatous calcifications are seen in the aortic arch.",
+            "There are calcifications in the walls of the aorta and its major branches.",
+            "{degree} calcific atherosclerosis of the descending aorta is noted.",
+        ),
+        negative_sentences=(
+            "No calcification is seen in the aortic wall.",
+            "The thoracic aorta shows no atherosclerotic calcification.",
+        ),
+        fallback_sentence="Arterial wall calcification is present.",
+        patterns=(
+            r"arterial\s+wall\s+calcif\w*",
+            _CALCIFIC + r"[^.;]{0,80}?\b" + _AORTIC_OR_ARTERIAL,
+            r"\b" + _AORTIC_OR_ARTERIAL + r"[^.;]{0,60}?" + _CALCIFIC,
+        ),
+    ),
+    Finding(
+        index=2, name="Cardiomegaly", z_range=(0.4, 0.8), prevalence=0.11,
+        positive_sentences=(
+            "The heart is enlarged.",
+            "Cardiomegaly is present.",
+            "Heart size is increased, with a widened cardiothoracic ratio.",
+            "There is {degree} cardiomegaly.",
+        ),
+        negative_sentences=(
+            "Heart size is within normal limits, no cardiomegaly.",
+            "The heart is not enlarged.",
+        ),
+        fallback_sentence="Cardiomegaly is present.",
+        patterns=(
+            r"cardiomegal\w*", r"cardiac\s+enlargement", r"enlarge\w*\s+(?:of\s+the\s+)?(?:heart|cardiac)",
+            r"(?:heart|cardiac)\s+(?:size|contour|silhouette|dimensions?|shadow)s?(?:\s+and\s+\w+)?"
+            r"\s+(?:is\s+|are\s+|was\s+|were\s+)?(?:\w+\s+)?(?:increased|enlarged|large)",
+            r"\bheart\s+(?:is|was|appears?)\s+(?:\w+\s+)?enlarged",
+            r"(?:increased|enlarged|large)\s+(?:heart|cardiac)\s+(?:size|contour|silhouette|dimensions?)",
+            r"(?:increased|enlarged)\s+heart\b", r"cardiothoracic\s+ratio\s+(?:is\s+)?(?:increased|widened|above)",
+            r"(?:increased|widened)\s+cardiothoracic\s+ratio",
+        ),
+    ),
+    Finding(
+        index=3, name="Pericardial effusion", z_range=(0.45, 0.8), prevalence=0.08,
+        positive_sentences=(
+            "A pericardial effusion is present.",
+            "There is {degree} pericardial effusion.",
+            "Fluid is seen in the pericardial space, up to 9 mm thick.",
+            "Pericardial fluid is noted anterior to the right ventricle.",
+        ),
+        negative_sentences=(
+            "No pericardial effusion is seen.",
+            "There is no fluid in the pericardial space.",
+        ),
+        fallback_sentence="Pericardial effusion is present.",
+        patterns=(
+            r"pericardial\s+(?:effusion|fluid|thickening[\s-]+effusion)",
+            r"(?:effusion|fluid)\s+(?:\w+\s+){0,3}(?:in|within)\s+(?:the\s+)?pericard\w*",
+            r"pericardial\s+(?:space|recess)\s+(?:contains|shows)\s+fluid",
+            r"pericardial\s+and\s+pleural\s+effusion", r"hemopericardium",
+        ),
+    ),
+    Finding(
+        index=4, name="Coronary artery wall calcification", z_range=(0.45, 0.75), prevalence=0.22,
+        positive_sentences=(
+            "Calcified plaques are seen in the coronary arteries.",
+            "There is coronary artery calcification.",
+            "Calcification is noted along the left anterior descending coronary artery.",
+            "{degree} calcific atherosclerosis of the coronary arteries is present.",
+        ),
+        negative_sentences=(
+            "No coronary artery calcification is seen.",
+            "The coronary arteries show no calcified plaque.",
+        ),
+        fallback_sentence="Coronary artery wall calcification is present.",
+        patterns=(
+            _CALCIFIC + r"[^.;]{0,80}?" + _CORONARY,
+            _CORONARY + r"[^.;]{0,60}?" + _CALCIFIC,
+        ),
+    ),
+    Finding(
+        index=5, name="Hiatal hernia", z_range=(0.75, 1.0), prevalence=0.16,
+        positive_sentences=(
+            "A hiatal hernia is present.",
+            "There is a small sliding hiatal hernia.",
+            "Part of the stomach herniates through the esophageal hiatus, in keeping with a hiatal hernia.",
+            "A {degree} hiatus hernia is noted.",
+        ),
+        negative_sentences=(
+            "No hiatal hernia is seen.",
+            "There is no hiatus hernia.",
+        ),
+        fallback_sentence="Hiatal hernia is present.",
+        patterns=(
+            r"hiatal\s+hernia\w*", r"hiatus\s+hernia\w*", r"hernia\w*\s+(?:\w+\s+){0,4}(?:esophageal\s+|oesophageal\s+)?hiatus",
+            r"(?:stomach|gastric\s+fundus|fundus)\s+(?:\w+\s+){0,3}herniat\w*",
+            r"herniat\w*\s+(?:\w+\s+){0,3}(?:stomach|gastric)",
+        ),
+    ),
+    Finding(
+        index=6, name="Lymphadenopathy", z_range=(0.2, 0.65), prevalence=0.34,
+        positive_sentences=(
+            "Enlarged lymph nodes are present in the mediastinum, the largest {node_size} in short axis.",
+            "There is mediastinal lymphadenopathy.",
+            "Pathologically enlarged lymph nodes are seen in the {side} hilum.",
+            "A {node_size} lymph node of pathological size is seen in the subcarinal station.",
+        ),
+        negative_sentences=(
+            "No enlarged lymph nodes are seen in the mediastinum or hila.",
+            "There is no mediastinal or hilar lymphadenopathy.",
+        ),
+        fallback_sentence="Lymphadenopathy is present.",
+        patterns=(
+            r"lymphadenopath\w*", r"\badenopath\w*",
+            r"(?:enlarged|pathological(?:ly)?(?:\s+enlarged)?|increased\s+in\s+size|bulky|conglomerate)"
+            r"\s+(?:\w+\s+){0,3}(?:lymph\s+)?nod(?:e|es|al)\b",
+            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,6}(?:of\s+)?pathologic\w*\s+(?:size|dimension)",
+            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,4}(?:are|is|were|was|appear)\s+(?:\w+\s+)?enlarged",
+            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,6}(?:reaching|measuring|up\s+to)\s+(?:\w+\s+){0,3}"
+            r"(?:1\d|[2-9]\d)(?:[.,]\d)?\s*mm",
+            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,6}(?:reaching|measuring|up\s+to)\s+(?:\w+\s+){0,3}"
+            r"(?:[1-9])(?:[.,]\d)?\s*cm",
+        ),
+    ),
+    Finding(
+        index=7, name="Emphysema", z_range=(0.0, 0.5), prevalence=0.23,
+        positive_sentences=(
+            "Centrilobular emphysema is seen in both upper lobes.",
+            "There are emphysematous changes in the {lobe}.",
+            "Paraseptal emphysema with small subpleural bullae is present.",
+            "{degree} emphysema is noted in both lungs.",
+        ),
+        negative_sentences=(
+            "No emphysema is seen.",
+            "There are no emphysematous changes.",
+        ),
+        fallback_sentence="Emphysema is present.",
+        patterns=(r"emphysem\w*", r"bullae\b", r"\bbulla\b", r"bullous"),
+        vetoes=(r"subcutaneous\s+emphysem\w*", r"mediastinal\s+emphysem\w*"),
+    ),
+    Finding(
+        index=8, name="Atelectasis", z_range=(0.5, 1.0), prevalence=0.28,
+        positive_sentences=(
+            "Subsegmental atelectasis is seen in the {lobe}.",
+            "There is linear atelectasis at the base of the {side} lung.",
+            "Passive atelectasis is present adjacent to the pleural fluid.",
+            "Plate-like atelectatic bands are noted in both lower lobes.",
+        ),
+        negative_sentences=(
+            "No atelectasis is seen.",
+            "There is no collapse or atelectasis of the lungs.",
+        ),
+        fallback_sentence="Atelectasis is present.",
+        patterns=(r"atelecta\w*", r"\bcollapsed?\s+(?:of\s+the\s+)?(?:\w+\s+){0,2}(?:lobe|lung|segment)",
+                  r"(?:lobe|lung|segment)\s+(?:is\s+)?collapsed?"),
+    ),
+    Finding(
+        index=9, name="Lung nodule", z_range=(0.0, 1.0), prevalence=0.45,
+        positive_sentences=(
+            "A {size} nodule is seen in the {lobe}.",
+            "There are a few small nodules in both lungs, the largest {size} in diameter.",
+            "A solid pulmonary nodule measuring {size} is present in the {lobe}.",
+            "A subpleural micronodule is noted in the {lobe}.",
+        ),
+        negative_sentences=(
+            "No pulmonary nodule is seen.",
+            "There are no nodules or masses in either lung.",
+        ),
+        fallback_sentence="A lung nodule is present.",
+        patterns=(r"nodul\w*", r"micronod\w*", r"pulmonary\s+mass", r"lung\s+mass",
+                  r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)"),
+        vetoes=(r"thyroid", r"adrenal", r"liver", r"hepatic", r"kidney", r"renal", r"breast",
+                r"spleen", r"splenic", r"pancrea\w*", r"nodular\s+(?:thickening|goiter|goitre)",
+                r"lymph\s+nod"),
+    ),
+    Finding(
+        index=10, name="Lung opacity", z_range=(0.0, 1.0), prevalence=0.30,
+        positive_sentences=(
+            "Ground-glass opacities are seen in the {lobe}.",
+            "There is a patchy area of increased density in the {lobe}.",
+            "Peripheral ground glass densities are noted in both lungs.",
+            "A hazy opacity is present in the {lobe}.",
+        ),
+        negative_sentences=(
+            "No pulmonary opacity is seen.",
+            "There are no ground-glass areas in either lung.",
+        ),
+        fallback_sentence="Lung opacity is present.",
+        patterns=(r"opacit\w*", r"ground[\s-]+glass", r"infiltrat\w*",
+                  r"(?:increase\w*|increased)\s+(?:in\s+)?(?:parenchymal\s+)?densit\w*",
+                  r"densit(?:y|ies)\s+increase\w*", r"\bopaque\b"),
+    ),
+    Finding(
+        index=11, name="Pulmonary fibrotic sequela", z_range=(0.0, 1.0), prevalence=0.27,
+        positive_sentences=(
+            "Fibrotic bands are seen in the {lobe}.",
+            "There are sequelae of previous infection with parenchymal scarring in the {lobe}.",
+            "Fibroatelectatic changes are noted in both lower lobes.",
+            "{degree} fibrosis is present in the {lobe}.",
+        ),
+        negative_sentences=(
+            "No fibrotic changes are seen in the lungs.",
+            "There is no pulmonary fibrosis.",
+        ),
+        fallback_sentence="Pulmonary fibrotic sequela is present.",
+        patterns=(r"fibro\w*", r"sequel\w*", r"\bscar\w*", r"parenchymal\s+bands?",
+                  r"honeycomb\w*", r"traction\s+bronchiectas\w*"),
+        vetoes=(r"fibroid", r"fibroadenom\w*", r"fibromatosis"),
+    ),
+    Finding(
+        index=12, name="Pleural effusion", z_range=(0.6, 1.0), prevalence=0.15,
+        positive_sentences=(
+            "A {degree} pleural effusion is seen on the {side}.",
+            "There is bilateral pleural effusion.",
+            "Fluid is present in the {side} pleural space.",
+            "Pleural effusion measuring up to 20 mm is noted on the {side}.",
+        ),
+        negative_sentences=(
+            "No pleural effusion is seen.",
+            "There is no fluid in either pleural space.",
+        ),
+        fallback_sentence="Pleural effusion is present.",
+        patterns=(
+            r"pleural(?:\s*(?:and|or|/|-)\s*pericardial)?\s+(?:effusions?|fluid)",
+            r"(?:effusion|fluid)\s+(?:\w+\s+){0,3}(?:in|within)\s+(?:the\s+)?(?:\w+\s+){0,2}pleural",
+            r"hydrothora\w*", r"hemothora\w*", r"empyema",
+            r"pleural\s+(?:space|cavity|cavities|spaces)\s+(?:contains?|shows?)\s+fluid",
+        ),
+    ),
+    Finding(
+        index=13, name="Mosaic attenuation pattern", z_range=(0.1, 1.0), prevalence=0.08,
+        positive_sentences=(
+            "There is a mosaic attenuation pattern in both lungs.",
+            "Mosaic perfusion is noted in the lower lobes.",
+            "Areas of mosaic attenuation suggest small airway disease.",
+            "A {degree} mosaic pattern is seen in the {lobe}.",
+        ),
+        negative_sentences=(
+            "No mosaic attenuation is seen.",
+            "There is no mosaic pattern.",
+        ),
+        fallback_sentence="Mosaic attenuation pattern is present.",
+        patterns=(r"mosaic\w*", r"air[\s-]+trapping"),
+    ),
+    Finding(
+        index=14, name="Peribronchial thickening", z_range=(0.2, 1.0), prevalence=0.09,
+        positive_sentences=(
+            "There is peribronchial thickening in both lower lobes.",
+            "Bronchial wall thickening is noted.",
+            "Peribronchial cuffing is seen in the {lobe}.",
+            "{degree} thickening of the bronchial walls is present.",
+        ),
+        negative_sentences=(
+            "No peribronchial thickening is seen.",
+            "The bronchial walls are not thickened.",
+        ),
+        fallback_sentence="Peribronchial thickening is present.",
+        patterns=(
+            r"peribronch\w*\s+(?:\w+\s+){0,2}thicken\w*", r"bronch\w*\s+wall\s+thicken\w*",
+            r"thicken\w*\s+(?:of\s+)?(?:the\s+)?(?:peri)?bronch\w*(?:\s+walls?)?",
+            r"bronch\w*\s+walls?\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
+            r"peribronchial\s+cuffing",
+        ),
+    ),
+    Finding(
+        index=15, name="Consolidation", z_range=(0.3, 1.0), prevalence=0.16,
+        positive_sentences=(
+            "There is consolidation in the {lobe}.",
+            "A consolidated area with air bronchograms is present in the {lobe}.",
+            "Patchy consolidations are seen in both lower lobes.",
+            "Consolidative changes are noted in the {lobe}.",
+        ),
+        negative_sentences=(
+            "No consolidation is seen.",
+            "There is no focal consolidation in either lung.",
+        ),
+        fallback_sentence="Consolidation is present.",
+        patterns=(r"consolidat\w*", r"air\s+bronchogram\w*"),
+    ),
+    Finding(
+        index=16, name="Bronchiectasis", z_range=(0.3, 1.0), prevalence=0.10,
+        positive_sentences=(
+            "Cylindrical bronchiectasis is seen in the {lobe}.",
+            "There are bronchiectatic changes in both lower lobes.",
+            "Bronchiectasis is present in the {lobe}.",
+            "{degree} bronchiectasis is noted in both lungs.",
+        ),
+        negative_sentences=(
+            "No bronchiectasis is seen.",
+            "There are no bronchiectatic changes.",
+        ),
+        fallback_sentence="Bronchiectasis is present.",
+        patterns=(r"bronchiectas\w*", r"bronchiectatic", r"bronchiolectas\w*",
+                  r"(?:dilated|dilatation\s+of\s+the)\s+bronch\w*"),
+    ),
+    Finding(
+        index=17, name="Interlobular septal thickening", z_range=(0.2, 1.0), prevalence=0.08,
+        positive_sentences=(
+            "Interlobular septal thickening is seen in both lungs.",
+            "There is smooth thickening of the interlobular septa in the {lobe}.",
+            "Thickened interlobular septa are noted at the lung bases.",
+            "Ground-glass opacities with superimposed septal thickening, a crazy-paving pattern, are present.",
+        ),
+        negative_sentences=(
+            "No interlobular septal thickening is seen.",
+            "The interlobular septa are not thickened.",
+        ),
+        fallback_sentence="Interlobular septal thickening is present.",
+        patterns=(
+            r"(?:interlobular\s+)?sept(?:al|a|um)\s+(?:\w+\s+){0,2}thicken\w*",
+            r"thicken\w*\s+(?:of\s+)?(?:the\s+)?(?:interlobular\s+)?sept(?:a|al|um)\b",
+            r"(?:interlobular\s+)?sept(?:a|um)\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
+            r"crazy[\s-]+paving",
+        ),
+        vetoes=(r"interatrial", r"interventricular", r"nasal\s+sept\w*"),
+    ),
+)
+
+assert tuple(f.name for f in FINDINGS) == CLASS_NAMES
+assert all(f.index == i for i, f in enumerate(FINDINGS))
+
+# (i, j, lift): P(j | i) / P(j) in CT-RATE-like data; symmetric in the sense that the generator
+# may apply it either way. Pairs with lift > 1 co-occur more often than chance.
+CO_OCCURRENCE: tuple[tuple[int, int, float], ...] = (
+    (4, 1, 2.6),    # coronary & arterial wall calcification: the same atherosclerosis
+    (2, 3, 2.5),    # cardiomegaly & pericardial effusion
+    (2, 4, 1.6),    # cardiomegaly & coronary calcification
+    (7, 14, 2.2),   # emphysema & peribronchial thickening (smokers' airways)
+    (7, 16, 1.8),   # emphysema & bronchiectasis
+    (14, 16, 3.0),  # peribronchial thickening & bronchiectasis
+    (12, 8, 2.6),   # pleural effusion & (passive) atelectasis
+    (12, 3, 2.4),   # pleural effusion & pericardial effusion
+    (15, 10, 2.6),  # consolidation & lung opacity
+    (17, 10, 2.4),  # interlobular septal thickening & ground-glass opacity
+    (13, 10, 1.8),  # mosaic attenuation & lung opacity
+    (11, 16, 1.7),  # fibrotic sequelae & (traction) bronchiectasis
+    (11, 9, 1.4),   # fibrotic sequelae & nodules (granulomatous sequelae)
+    (0, 2, 1.8),    # medical material (pacemakers, sternotomy wires) & cardiomegaly
+    (0, 4, 1.8),    # medical material (coronary stents) & coronary calcification
+)
+
+
+def co_occurrence_matrix() -> list[list[float]]:
+    """[18, 18] lift matrix, 1.0 where no co-occurrence is known, symmetric."""
+    lift = [[1.0] * NUM_CLASSES for _ in range(NUM_CLASSES)]
+    for i, j, value in CO_OCCURRENCE:
+        lift[i][j] = lift[j][i] = value
+    return lift
+
+
+def fill_slots(template: str, rng: random.Random) -> str:
+    """Replace every {slot} in a positive sentence with a random filler from SLOT_FILLERS."""
+    def pick(match: re.Match) -> str:
+        filler = rng.choice(SLOT_FILLERS[match.group(1)])
+        return filler.capitalize() if match.start() == 0 else filler
+    return re.sub(r"\{(\w+)\}", pick, template)
+
+
+# ----------------------------------------------------------------------------------------
+# Sentence splitting, negation and uncertainty.
+
+# A period ends a sentence unless it sits between digits (3.5 mm) or follows a common
+# abbreviation; newlines and bullet markers end sentences too.
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:[Ee]g|[Ii]e|[Vv]s|[Dd]r)\.)\s+|\n+|\s+-\s+(?=[A-Z])")
+_CLAUSE_END = re.compile(
+    r";|:\s|,?\s+\b(?:but|however|although|though|whereas|while|yet|except|apart\s+from|other\s+than|besides)\b",
+    re.IGNORECASE)
+# Negation cues before a mention. "no" must be a word of its own ("no." abbreviations aside).
+_PRE_NEGATION = re.compile(
+    r"\b(?:no|not|without|absence\s+of|absent|free\s+of|negative\s+for|neither|nor|none|"
+    r"never|rather\s+than|instead\s+of|rule\s+out|ruled\s+out|exclude|excluded|unlikely|"
+    r"resolution\s+of|disappear\w*\s+of|regression\s+of\s+(?:the\s+)?previous(?:ly)?)\b",
+    re.IGNORECASE)
+# Negation after a mention in the same clause ("... was not observed", "... are absent").
+_POST_NEGATION = re.compile(
+    r"\b(?:(?:is|are|was|were|has\s+been|have\s+been)\s+)?(?:not|no\s+longer|never)\s+"
+    r"(?:\w+\s+)?(?:seen|observed|detected|identified|noted|present|visuali[sz]ed|evident|found|"
+    r"demonstrated|appreciated|apparent|visible|shown|recognized|encountered|determined|"
+    r"considered|enlarged|thickened|increased|dilated|calcified|significant)\b|"
+    r"\b(?:is|are|was|were)\s+(?:absent|excluded|ruled\s+out|unlikely)\b|"
+    r"\b(?:has|have)\s+(?:completely\s+)?(?:resolved|disappeared|regressed\s+completely)\b|"
+    r"\b(?:completely\s+)?(?:resolved|disappeared)\b",
+    re.IGNORECASE)
+# Words that end the scope of a preceding negation cue inside a clause.
+_SCOPE_BREAK = re.compile(
+    r"\b(?:but|however|although|though|except|whereas|which|that|with|there\s+(?:is|are)|"
+    r"is\s+seen|are\s+seen|was\s+seen|were\s+seen|observed|noted|detected|present)\b",
+    re.IGNORECASE)
+# Hedges that lean negative: a mention under them is not asserted.
+_NEGATIVE_HEDGE = re.compile(
+    r"\b(?:unlikely|to\s+rule\s+out|to\s+exclude|not\s+(?:typical|suggestive|consistent)|"
+    r"in\s+the\s+absence\s+of|if\s+(?:any|present)|no\s+evidence)\b",
+    re.IGNORECASE)
+
+_PATTERNS: tuple[re.Pattern, ...] = tuple(
+    re.compile("|".join(f"(?:{p})" for p in f.patterns), re.IGNORECASE) for f in FINDINGS)
+_VETOES: tuple[re.Pattern | None, ...] = tuple(
+    re.compile("|".join(f"(?:{p})" for p in f.vetoes), re.IGNORECASE) if f.vetoes else None
+    for f in FINDINGS)
+# One alternation of every class pattern: most report sentences describe normal anatomy and
+# are rejected by a single search.
+_ANY_MENTION = re.compile("|".join(f"(?:{p})" for f in FINDINGS for p in f.patterns), re.IGNORECASE)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Report text -> stripped, non-empty sentences (decimals like 3.5 mm are not split)."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip(" .\t\r")]
+
+
+def split_clauses(sentence: str) -> list[str]:
+    """A sentence -> clauses at ';', ':' and contrastive conjunctions (negation scope ends there)."""
+    return [c for c in _CLAUSE_END.split(sentence) if c and c.strip()]
+
+
+def _is_negated(clause: str, start: int, end: int) -> bool:
+    """Whether the mention clause[start:end] is negated within its clause."""
+    for cue in _PRE_NEGATION.finditer(clause, 0, end):
+        if cue.start() >= start:  # a cue inside the mention ("lymph nodes not enlarged")
+            return True
+        if not _SCOPE_BREAK.search(clause, cue.end(), start):
+            return True
+    return bool(_POST_NEGATION.search(clause, end))
+
+
+def _class_asserted(index: int, clause: str) -> bool:
+    veto = _VETOES[index]
+    for match in _PATTERNS[index].finditer(clause):
+        if veto is not None and veto.search(clause):
+            return False
+        if not _is_negated(clause, match.start(), match.end()):
+            return True
+    return False
+
+
+def sentence_mentions(sentence: str) -> frozenset[int]:
+    """Class indices the sentence MENTIONS at all, asserted or negated."""
+    if not _ANY_MENTION.search(sentence):
+        return frozenset()
+    return frozenset(i for i, pattern in enumerate(_PATTERNS)
+                     if pattern.search(sentence)
+                     and not (_VETOES[i] is not None and _VETOES[i].search(sentence)))
+
+
+def sentence_findings(sentence: str) -> frozenset[int]:
+    """Class indices the sentence ASSERTS present (negation- and uncertainty-aware)."""
+    if not _ANY_MENTION.search(sentence):
+        return frozenset()
+    present = set()
+    for clause in split_clauses(sentence):
+        if _NEGATIVE_HEDGE.search(clause) or not _ANY_MENTION.search(clause):
+            continue
+        present.update(i for i in range(NUM_CLASSES) if _class_asserted(i, clause))
+    return frozenset(present)
+
+
+def report_findings(text: str) -> frozenset[int]:
+    """Class indices asserted present anywhere in a report."""
+    present: set[int] = set()
+    for sentence in split_sentences(text):
+        present |= sentence_findings(sentence)
+    return frozenset(present)
+
+
+def labels_from_indices(indices: Iterable[int]) -> list[int]:
+    """{2, 9} -> an 18-long 0/1 list in CLASS_NAMES order."""
+    chosen = set(indices)
+    return [int(i in chosen) for i in range(NUM_CLASSES)]
+
+
+def indices_from_labels(labels: Sequence[int]) -> frozenset[int]:
+    """An 18-long 0/1 vector -> the set of positive class indices."""
+    if len(labels) != NUM_CLASSES:
+        raise ValueError(f"label vector has {len(labels)} entries, expected {NUM_CLASSES}")
+    return frozenset(i for i, v in enumerate(labels) if v)
