@@ -1,0 +1,307 @@
+"""Hugging Face Llama checkpoints <-> our param tree, tensor by tensor.
+
+    cfg, params = kervljepa_jax.hf.load_llama("/path/to/Llama-3.2-3B-Instruct")
+    logits = kervljepa_jax.model.Llama(cfg).apply({"params": params}, input_ids).logits
+
+Safetensors files are memory-mapped and read one stacked leaf at a time (never two copies of the
+model in host memory); with `mesh=` each leaf goes straight onto its NamedSharding. Only
+config keys whose math this decoder implements are accepted; anything else is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl import logging
+from flax import traverse_util
+
+from kervljepa_jax import sharding
+from kervljepa_jax.model.llama import Llama, LlamaConfig, RopeConfig, segment_name
+from kervljepa_jax.model.lora import LoraConfig, is_lora_path
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class HFLoadError(ValueError):
+    """A checkpoint that this code cannot load; the message is one line saying what and where."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> LlamaConfig:
+    """A transformers 4.x or 5.x Llama config.json dict -> LlamaConfig (math-changing keys checked)."""
+    if hf.get("model_type") != "llama":
+        raise HFLoadError(f"{source}: model_type={hf.get('model_type')!r}, only 'llama' is supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise HFLoadError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported (Llama uses 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise HFLoadError(f"{source}: {key}=true is not supported by this decoder")
+    rope = _rope_from_hf(hf, source)
+    heads = hf["num_attention_heads"]
+    cfg = LlamaConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"], num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope=rope,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048))
+    return cfg.replace(**overrides)
+
+
+def _rope_from_hf(hf: dict[str, Any], source: str) -> RopeConfig:
+    # transformers 5.x: rope_parameters {rope_type, rope_theta, ...}; 4.x: rope_theta + rope_scaling.
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise HFLoadError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    if rope_type != "llama3":
+        raise HFLoadError(f"{source}: rope_type={rope_type!r} is not supported (use 'default' or 'llama3')")
+    try:
+        return RopeConfig(theta=float(theta), rope_type="llama3", factor=float(params["factor"]),
+                          low_freq_factor=float(params["low_freq_factor"]),
+                          high_freq_factor=float(params["high_freq_factor"]),
+                          original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise HFLoadError(f"{source}: llama3 rope parameters lack {e.args[0]!r}") from None
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
+    """LlamaConfig -> a transformers config.json dict (written with both rope spellings)."""
+    rope = {"rope_type": cfg.rope.rope_type, "rope_theta": cfg.rope.theta}
+    if cfg.rope.rope_type == "llama3":
+        rope.update(factor=cfg.rope.factor, low_freq_factor=cfg.rope.low_freq_factor,
+                    high_freq_factor=cfg.rope.high_freq_factor,
+                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope.theta, "rope_parameters": rope,
+        "rope_scaling": rope if cfg.rope.rope_type == "llama3" else None,
+        "torch_dtype": cfg.param_dtype, "dtype": cfg.param_dtype,
+    }
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+class SafetensorsReader:
+    """Memory-mapped, zero-copy access to the tensors of one file or an index of shards."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._where: dict[str, tuple[str, dict[str, Any], int]] = {}
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise HFLoadError(f"{index}: no 'weight_map' object")
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(single):
+            files = ["model.safetensors"]
+        else:
+            raise HFLoadError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
+        for name in files:
+            self._index_file(os.path.join(path, name))
+
+    def _index_file(self, file: str) -> None:
+        if not os.path.exists(file):
+            raise HFLoadError(f"{file}: listed in the index but missing")
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key, info in header.items():
+            if key != "__metadata__":
+                self._where[key] = (file, info, 8 + n)
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def get(self, key: str) -> np.ndarray:
+        file, info, base = self._where[key]
+        if info["dtype"] not in _ST_DTYPES:
+            raise HFLoadError(f"{file}: tensor {key} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        count = (end - start) // dtype.itemsize
+        return np.memmap(file, dtype=dtype, mode="r", offset=base + start, shape=(count,)).reshape(info["shape"])
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], file: str, metadata: dict[str, str] | None = None) -> None:
+    """Write numpy (incl. bfloat16) tensors, streaming one at a time."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for key, arr in tensors.items():
+        nbytes = arr.size * arr.dtype.itemsize
+        header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for arr in tensors.values():
+            f.write(np.ascontiguousarray(arr).tobytes())
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+_SEGMENT = re.compile(r"layers_(\d+)_(\d+)")
+
+
+def hf_sources(path: tuple[str, ...]) -> list[tuple[str, bool]] | None:
+    """Our leaf path -> [(HF tensor name, transpose?)], one per stacked layer; None if not in HF."""
+    if is_lora_path(path):
+        return None
+    joined = "/".join(path)
+    if joined == "model/embed_tokens/weight":
+        return [("model.embed_tokens.weight", False)]
+    if joined == "model/norm/weight":
+        return [("model.norm.weight", False)]
+    if joined == "lm_head/kernel":
+        return [("lm_head.weight", True)]
+    m = _SEGMENT.fullmatch(path[1]) if len(path) > 2 and path[0] == "model" else None
+    if m is None:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    inner, leaf = ".".join(path[2:-1]), path[-1]
+    suffix = "weight"
+    return [(f"model.layers.{i}.{inner}.{suffix}", leaf == "kernel") for i in range(first, last + 1)]
+
+
+def abstract_params(cfg: LlamaConfig, adapters: tuple = ()) -> Any:
+    """Boxed ShapeDtypeStructs of the param tree (with logical axis metadata), no memory used."""
+    model = Llama(cfg, adapters)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+
+
+def load_llama(path: str, *, lora: LoraConfig | None = None, mesh: jax.sharding.Mesh | None = None,
+               rng: jax.Array | None = None, **overrides) -> tuple[LlamaConfig, Any]:
+    """Read a local HF Llama folder into (cfg, params); LoRA tensors (not in HF) are freshly initialised.
+
+    `overrides` set LlamaConfig fields (dtype, param_dtype, injection_layers, scan_layers, ...).
+    """
+    config_file = os.path.join(path, "config.json")
+    if not os.path.exists(config_file):
+        raise HFLoadError(f"{path}: no config.json; pass a local Hugging Face model folder")
+    with open(config_file, encoding="utf-8") as f:
+        cfg = config_from_hf(json.load(f), config_file, lora=lora, **overrides)
+    reader = SafetensorsReader(path)
+    boxed = abstract_params(cfg)
+    shardings = sharding.named_shardings(boxed, mesh) if mesh is not None else None
+    abstract = traverse_util.flatten_dict(nn.unbox(boxed))
+    flat_shardings = traverse_util.flatten_dict(shardings) if shardings is not None else {}
+
+    loaded, missing_paths = {}, []
+    for p, spec in abstract.items():
+        sources = hf_sources(p)
+        if sources is None:
+            missing_paths.append(p)
+            continue
+        host = _gather(reader, sources, spec, path, _is_stacked(p))
+        loaded[p] = jax.device_put(host, flat_shardings.get(p)) if mesh is not None else jnp.asarray(host)
+        del host
+    loaded.update(_init_missing(cfg, missing_paths, rng, mesh, flat_shardings))
+    unused = _unused_tensors(reader, abstract)
+    if unused:
+        logging.info("hf: ignored %d tensors not used by this model, e.g. %s", len(unused), unused[0])
+    logging.info("hf: loaded %d tensors from %s (%d initialised fresh)", len(loaded) - len(missing_paths),
+                 path, len(missing_paths))
+    return cfg, traverse_util.unflatten_dict(loaded)
+
+
+def _gather(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
+            folder: str, stacked: bool) -> np.ndarray:
+    """One leaf into a fresh host buffer; a stacked leaf takes one HF tensor per layer."""
+    out = np.empty(spec.shape, dtype=spec.dtype)
+    for i, (name, transpose) in enumerate(sources):
+        if name not in reader:
+            raise HFLoadError(f"{folder}: tensor {name} is missing from the checkpoint")
+        t = reader.get(name)
+        t = t.T if transpose else t
+        want = spec.shape[1:] if stacked else spec.shape
+        if tuple(t.shape) != tuple(want):
+            hf_shape = tuple(t.T.shape) if transpose else tuple(t.shape)
+            raise HFLoadError(f"{folder}: tensor {name} has shape {hf_shape}, the config expects "
+                              f"{tuple(want)[::-1] if transpose else tuple(want)}")
+        if stacked:
+            out[i] = t.astype(spec.dtype)
+        else:
+            out[...] = t.astype(spec.dtype)
+    return out
+
+
+def _init_missing(cfg: LlamaConfig, paths: list[tuple[str, ...]], rng, mesh, flat_shardings) -> dict:
+    """Initialise only `paths` (LoRA): XLA drops every other part of the init computation."""
+    if not paths:
+        return {}
+    rng = jax.random.key(0) if rng is None else rng
+
+    def init_subset(key):
+        flat = traverse_util.flatten_dict(nn.unbox(
+            Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
+        return {"/".join(p): flat[p] for p in paths}
+
+    out_shardings = {"/".join(p): flat_shardings[p] for p in paths} if mesh is not None else None
+    values = jax.jit(init_subset, out_shardings=out_shardings)(rng)
+    return {p: values["/".join(p)] for p in paths}
+
+
+def _unused_tensors(reader: SafetensorsReader, abstract: dict) -> list[str]:
+    used = {name for p in abstract for name, _ in (hf_sources(p) or [])}
+    return sorted(set(reader.keys()) - used)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def save_llama(cfg: LlamaConfig, params: Any, path: str) -> None:
+    """Write params as a HF Llama folder (config.json + model.safetensors) that transformers loads.
+
+    LoRA tensors must be merged first (`model.lora.merge_lora`); any left is an error.
+    """
+    flat = traverse_util.flatten_dict(nn.unbox(params))
+    if any(is_lora_path(p) for p in flat):
+        raise ValueError("save_llama: params carry LoRA tensors; merge them with merge_lora(params, cfg.lora) first")
+    os.makedirs(path, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for p, leaf in flat.items():
+        sources = hf_sources(p)
+        if sources is None:
+            raise ValueError(f"save_llama: no HF name for param {'/'.join(p)}")
+        host = np.asarray(jax.device_get(leaf))
+        for i, (name, transpose) in enumerate(sources):
+            t = host[i] if _is_stacked(p) else host
+            tensors[name] = np.ascontiguousarray(t.T if transpose else t)
+    save_safetensors(dict(sorted(tensors.items())), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_to_hf(cfg), f, indent=2)
+
+
+def _is_stacked(path: tuple[str, ...]) -> bool:
+    return len(path) > 1 and bool(_SEGMENT.fullmatch(path[1]))
