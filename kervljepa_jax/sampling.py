@@ -1,0 +1,171 @@
+"""Next-token logits rules for generation, with Hugging Face `generate` semantics, in static-shape jnp.
+
+Everything here is batched ([B, V] logits), jittable and usable inside `jax.lax.while_loop`:
+the token history is a fixed-size buffer `history [B, L]` whose first `length[b]` entries are
+the row's tokens so far (prompt included, as in HF where `input_ids` is the whole sequence
+for a decoder-only model); whatever lies past `length[b]` is ignored.
+
+Order (HF `_get_logits_processor`): repetition_penalty, no_repeat_ngram (processors, also
+applied when greedy), then temperature, top_k, top_p (warpers, only when sampling).
+Paper IV-B: temperature 0.6, top_p 0.9, repetition_penalty 1.15, no_repeat_ngram_size 5,
+max_new_tokens 384.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Decoding settings (hashable: pass it as a static argument to jit).
+
+    top_k: 0 = off. transformers < 5 silently applied top_k=50 under do_sample unless told
+    otherwise; set top_k=50 to reproduce a run made that way. The paper names no top_k.
+    """
+    temperature: float = 0.6
+    top_p: float = 0.9
+    repetition_penalty: float = 1.15
+    no_repeat_ngram_size: int = 5
+    do_sample: bool = True
+    max_new_tokens: int = 384
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"SamplingConfig.repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"SamplingConfig.no_repeat_ngram_size must be >= 0 (0 = off), got {self.no_repeat_ngram_size}")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+
+def _valid_positions(history: Array, length_or_mask: Array) -> Array:
+    """[B, L] bool: a [B, L] mask as given, or positions < length for a [B] length."""
+    length_or_mask = jnp.asarray(length_or_mask)
+    if length_or_mask.ndim == 2:
+        return length_or_mask.astype(bool)
+    return jnp.arange(history.shape[1])[None, :] < length_or_mask[:, None]
+
+
+def _scatter_flags(token_ids: Array, flags: Array, vocab_size: int) -> Array:
+    """[B, V] bool, True at every token id whose flag is set; unflagged ids go to a spare column."""
+    batch = token_ids.shape[0]
+    # Ids >= V cannot be generated (HF clamps them to the spare column too).
+    target = jnp.where(flags, jnp.clip(token_ids, 0, vocab_size), vocab_size)
+    rows = jnp.arange(batch)[:, None]
+    marked = jnp.zeros((batch, vocab_size + 1), bool).at[rows, target].set(True)
+    return marked[:, :vocab_size]
+
+
+def temperature(logits: Array, t: float) -> Array:
+    """logits / t (HF TemperatureLogitsWarper); t > 0."""
+    return logits / t
+
+
+def repetition_penalty(logits: Array, history: Array, history_valid: Array, penalty: float) -> Array:
+    """HF RepetitionPenaltyLogitsProcessor: every token present in the history (prompt included)
+    has its logit divided by `penalty` if positive, multiplied if negative.
+
+    logits [B, V]; history [B, L] token ids; history_valid: [B] current length or a [B, L] mask.
+    """
+    present = _scatter_flags(history, _valid_positions(history, history_valid), logits.shape[-1])
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(present, penalised, logits)
+
+
+def no_repeat_ngram(logits: Array, history: Array, length: Array, n: int) -> Array:
+    """HF NoRepeatNGramLogitsProcessor: ban (-inf) every token that would complete an n-gram
+    already present in history[b, :length[b]].
+
+    logits [B, V]; history [B, L] fixed-size buffer; length [B] current lengths; n static.
+    The last n-1 tokens form the prefix; every window history[s : s+n] with s + n <= length
+    whose first n-1 tokens equal the prefix bans its last token. O(L n) compares per step.
+    """
+    if n < 1:
+        raise ValueError(f"no_repeat_ngram: n must be >= 1, got {n}")
+    batch, max_len = history.shape
+    n_windows = max_len - n + 1
+    if n_windows < 1:
+        return logits
+    length = jnp.asarray(length)
+    starts = jnp.arange(n_windows)
+    matches = (starts[None, :] + n) <= length[:, None]  # window fully inside the history
+    for j in range(n - 1):
+        # prefix token j sits at length - n + 1 + j; clip keeps the gather in range when
+        # length < n (then no window is valid anyway).
+        prefix_j = jnp.take_along_axis(history, jnp.clip(length - n + 1 + j, 0, max_len - 1)[:, None], axis=1)
+        matches &= history[:, j:j + n_windows] == prefix_j
+    banned = _scatter_flags(history[:, n - 1:n - 1 + n_windows], matches, logits.shape[-1])
+    return jnp.where(banned, NEG_INF, logits)
+
+
+def top_k(logits: Array, k: int, min_tokens_to_keep: int = 1) -> Array:
+    """HF TopKLogitsWarper: keep logits >= the k-th largest (ties at the boundary kept)."""
+    k = min(max(k, min_tokens_to_keep), logits.shape[-1])
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, NEG_INF, logits)
+
+
+def top_p(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
+    """HF TopPLogitsWarper (nucleus): -inf outside the smallest top set with probability > p.
+
+    Exactly HF's rule: sort ascending (stable), cumulative softmax; remove a token when the
+    cumulative mass up to and including it is <= 1 - p; always keep the top
+    `min_tokens_to_keep`. Tied logits are ordered by index like torch's CPU sort.
+    """
+    vocab = logits.shape[-1]
+    order = jnp.argsort(logits, axis=-1, stable=True)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1), axis=-1)
+    remove_sorted = cumulative <= (1.0 - p)
+    remove_sorted &= jnp.arange(vocab) < vocab - min_tokens_to_keep
+    rows = jnp.arange(logits.shape[0])[:, None]
+    remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+    return jnp.where(remove, NEG_INF, logits)
+
+
+def process_logits(logits: Array, history: Array, length: Array, cfg: SamplingConfig) -> Array:
+    """All rules in HF's order: logits [B, V] (float32), history [B, L], length [B] -> [B, V].
+
+    Processors (repetition penalty, no-repeat n-gram) always; warpers (temperature, top_k,
+    top_p) only when sampling, as in HF where greedy search skips the warpers.
+    """
+    logits = logits.astype(jnp.float32)  # HF casts next-token logits to float32 too
+    if cfg.repetition_penalty != 1.0:
+        logits = repetition_penalty(logits, history, length, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size > 0:
+        logits = no_repeat_ngram(logits, history, length, cfg.no_repeat_ngram_size)
+    if cfg.greedy:
+        return logits
+    if cfg.temperature != 1.0:
+        logits = temperature(logits, cfg.temperature)
+    if cfg.top_k > 0:
+        logits = top_k(logits, cfg.top_k)
+    if cfg.top_p < 1.0:
+        logits = top_p(logits, cfg.top_p)
+    return logits
+
+
+def sample(rng: Array, logits: Array, cfg: SamplingConfig) -> Array:
+    """Next tokens [B] (int32) from processed logits [B, V]: argmax when greedy
+    (do_sample False or temperature 0), else a categorical draw."""
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
