@@ -305,3 +305,62 @@ def save_llama(cfg: LlamaConfig, params: Any, path: str) -> None:
 
 def _is_stacked(path: tuple[str, ...]) -> bool:
     return len(path) > 1 and bool(_SEGMENT.fullmatch(path[1]))
+
+
+# ----------------------------------------------------------------------------- PEFT LoRA adapters
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def peft_sources(path: tuple[str, ...]) -> list[str] | None:
+    """Our LoRA leaf path -> peft adapter tensor names (torch [out, in] layout, so transposed)."""
+    if not is_lora_path(path) or not _is_stacked(path):
+        return None
+    first, last = map(int, _SEGMENT.fullmatch(path[1]).groups())
+    inner = ".".join(path[2:-1])
+    return [f"{_PEFT_PREFIX}model.layers.{i}.{inner}.{path[-1]}.weight" for i in range(first, last + 1)]
+
+
+def save_peft_lora(cfg: LlamaConfig, params: Any, path: str, base_model_name_or_path: str | None = None) -> None:
+    """Write the LoRA tensors as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    if cfg.lora is None:
+        raise ValueError("save_peft_lora: cfg.lora is None, the params carry no LoRA adapter")
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for p, leaf in traverse_util.flatten_dict(nn.unbox(params)).items():
+        names = peft_sources(p)
+        if names:
+            host = np.asarray(jax.device_get(leaf))
+            tensors.update({n: np.ascontiguousarray(host[i].T) for i, n in enumerate(names)})
+    save_safetensors(dict(sorted(tensors.items())), os.path.join(path, "adapter_model.safetensors"))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+        "lora_dropout": cfg.lora.dropout, "target_modules": sorted(cfg.lora.targets), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
+        "base_model_name_or_path": base_model_name_or_path}
+    with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(adapter_config, f, indent=2)
+
+
+def load_peft_lora(cfg: LlamaConfig, params: Any, path: str) -> Any:
+    """Overwrite the LoRA leaves of `params` from a PEFT adapter folder (rank and targets must match)."""
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise HFLoadError(f"{path}: no adapter_model.safetensors (only safetensors adapters are loaded)")
+    with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+        acfg = json.load(f)
+    if cfg.lora is None or acfg.get("r") != cfg.lora.rank or float(acfg.get("lora_alpha")) != cfg.lora.alpha:
+        raise HFLoadError(f"{path}/adapter_config.json: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} "
+                          f"do not match model.lora={cfg.lora}; set the same rank and alpha")
+    reader = SafetensorsReader.__new__(SafetensorsReader)
+    reader.path, reader._where = path, {}
+    reader._index_file(file)
+    flat = traverse_util.flatten_dict(params)
+    for p, leaf in flat.items():
+        names = peft_sources(p)
+        if names:
+            missing = [n for n in names if n not in reader]
+            if missing:
+                raise HFLoadError(f"{file}: tensor {missing[0]} is missing (targets differ from model.lora.targets?)")
+            flat[p] = jnp.stack([jnp.asarray(reader.get(n).T, leaf.dtype) for n in names])
+    return traverse_util.unflatten_dict(flat)
