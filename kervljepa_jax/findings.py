@@ -83,9 +83,11 @@ class Finding:
     negative_sentences: report sentences negating it.
     fallback_sentence: the canonical sentence for a positive class whose report has no
         sentence mentioning it.
-    patterns: the lexicon, regular expressions (case-insensitive) for a mention of the class.
-    vetoes: regular expressions that, found in the same clause, cancel a mention (a thyroid
-        nodule is not a lung nodule).
+    patterns: the lexicon, regular expressions (case-insensitive) for an unambiguous mention.
+    weak_patterns: mentions that need context: they count only when no veto is in the clause.
+    vetoes: regular expressions that, found in the same clause, cancel a weak mention (a
+        thyroid nodule is not a lung nodule, a density increase in the fat planes is no lung
+        opacity).
     """
 
     index: int
@@ -96,6 +98,7 @@ class Finding:
     negative_sentences: tuple[str, ...]
     fallback_sentence: str
     patterns: tuple[str, ...] = ()
+    weak_patterns: tuple[str, ...] = ()
     vetoes: tuple[str, ...] = ()
 
 
@@ -124,14 +127,15 @@ FINDINGS: tuple[Finding, ...] = (
         patterns=(
             r"medical\s+(?:material|device)", r"catheter", r"\bports?\b(?:\s+catheter)?",
             r"pacemaker", r"pacing\s+(?:leads?|wires?)", r"defibrillator", r"\bICD\b",
-            r"stents?\b", r"stented", r"prosthe\w+", r"sternotomy", r"sternal\s+(?:wires?|sutures?)",
+            r"\bstents?\b", r"\bstented", r"prosthe\w+", r"sternotomy", r"sternal\s+(?:wires?|sutures?)",
             r"(?:surgical|vascular|metallic)\s+clips?", r"\bclips?\b", r"cerclage",
             r"(?:endotracheal|tracheostomy|nasogastric|feeding|chest|thoracostomy)\s+tubes?",
             r"tracheostomy", r"\bdrains?\b", r"drainage\s+catheter", r"metallic\s+(?:material|implants?|"
             r"foreign\s+bod\w+|densit\w+|artifacts?|wires?|screws?|plates?)",
-            r"implant\w*", r"\bcoils?\b", r"\bvalve\s+replacement", r"(?:mechanical|prosthetic)\s+valve",
+            r"(?:breast|cochlear|dental|orthopa?edic|metallic|cardiac)\s+implants?", r"implant(?:able|ed)\s+(?:device|cardiac|port|defibrillator)", r"\bcoils?\b", r"\bvalve\s+replacement", r"(?:mechanical|prosthetic)\s+valve",
             r"(?:surgical|suture)\s+material", r"staples?", r"\bwires?\b", r"\bscrews?\b",
-            r"fixation\s+(?:material|plates?)",
+            r"fixation\s+(?:material|plates?)", r"(?:internal\s+)?fixators?", r"cannul\w*", r"gastrostomy",
+            r"\bPEG\b", r"sutures?(?:\s+lines?)?",
         ),
     ),
     Finding(
@@ -168,12 +172,14 @@ FINDINGS: tuple[Finding, ...] = (
         fallback_sentence="Cardiomegaly is present.",
         patterns=(
             r"cardiomegal\w*", r"cardiac\s+enlargement", r"enlarge\w*\s+(?:of\s+the\s+)?(?:heart|cardiac)",
-            r"(?:heart|cardiac)\s+(?:size|contour|silhouette|dimensions?|shadow)s?(?:\s+and\s+\w+)?"
-            r"\s+(?:is\s+|are\s+|was\s+|were\s+)?(?:\w+\s+)?(?:increased|enlarged|large)",
-            r"\bheart\s+(?:is|was|appears?)\s+(?:\w+\s+)?enlarged",
+            r"(?:heart|cardiac)\s+(?:size|contour|silhouette|dimension|shadow)s?(?:\s+and\s+\w+)?"
+            r"\s+(?:\w+\s+){0,2}(?:increased|enlarged|large)",
+            r"\bheart\s+(?:is|was|appears?)\s+(?:\w+\s+)?(?:enlarged|larger)",
             r"(?:increased|enlarged|large)\s+(?:heart|cardiac)\s+(?:size|contour|silhouette|dimensions?)",
-            r"(?:increased|enlarged)\s+heart\b", r"cardiothoracic\s+ratio\s+(?:is\s+)?(?:increased|widened|above)",
-            r"(?:increased|widened)\s+cardiothoracic\s+ratio",
+            r"(?:increased|enlarged)\s+heart\b",
+            r"(?:cardiothoracic\s+(?:ratio|index)|\bCTR\b)\s+(?:\w+\s+){0,3}(?:increas\w*|widened|above)",
+            r"(?:increase\w*|widened)\s+(?:in\s+)?(?:the\s+)?(?:cardiothoracic\s+(?:ratio|index)|\bCTR\b|"
+            r"heart\s+sizes?|cardiac\s+size)",
         ),
     ),
     Finding(
@@ -190,8 +196,8 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Pericardial effusion is present.",
         patterns=(
-            r"pericardial\s+(?:effusion|fluid|thickening[\s-]+effusion)",
-            r"(?:effusion|fluid)\s+(?:\w+\s+){0,3}(?:in|within)\s+(?:the\s+)?pericard\w*",
+            r"pericardial\s+(?:\w+[\s-]+){0,2}(?:effusion|fluid)",
+            r"(?:effusion|fluid)\b[^.;]{0,80}?\b(?:in|within|at)\s+(?:the\s+)?(?:\w+\s+){0,2}pericardi(?:al|um)",
             r"pericardial\s+(?:space|recess)\s+(?:contains|shows)\s+fluid",
             r"pericardial\s+and\s+pleural\s+effusion", r"hemopericardium",
         ),
@@ -247,15 +253,11 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Lymphadenopathy is present.",
         patterns=(
-            r"lymphadenopath\w*", r"\badenopath\w*",
-            r"(?:enlarged|pathological(?:ly)?(?:\s+enlarged)?|increased\s+in\s+size|bulky|conglomerate)"
-            r"\s+(?:\w+\s+){0,3}(?:lymph\s+)?nod(?:e|es|al)\b",
-            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,6}(?:of\s+)?pathologic\w*\s+(?:size|dimension)",
-            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,4}(?:are|is|were|was|appear)\s+(?:\w+\s+)?enlarged",
-            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,6}(?:reaching|measuring|up\s+to)\s+(?:\w+\s+){0,3}"
-            r"(?:1\d|[2-9]\d)(?:[.,]\d)?\s*mm",
-            r"lymph\s+nod(?:e|es)\s+(?:\w+\s+){0,6}(?:reaching|measuring|up\s+to)\s+(?:\w+\s+){0,3}"
-            r"(?:[1-9])(?:[.,]\d)?\s*cm",
+            # CT-RATE convention: any lymph node reported present counts, sub-centimetric and
+            # "not reaching pathological size" ones included; only negated mentions do not.
+            r"lymphadenopath\w*", r"\badenopath\w*", r"\bLAPs?\b", r"(?<!intrapulmonary\s)(?<!intraparenchymal\s)(?<!subpleural\s)(?<!fissural\s)"
+            r"lymph\s*nod(?:e|es|al)\b(?!\s+stations?)",
+            r"(?:enlarged|pathological(?:ly)?(?:\s+enlarged)?|bulky|conglomerate)\s+(?:\w+\s+){0,3}nodes\b",
         ),
     ),
     Finding(
@@ -271,8 +273,11 @@ FINDINGS: tuple[Finding, ...] = (
             "There are no emphysematous changes.",
         ),
         fallback_sentence="Emphysema is present.",
-        patterns=(r"emphysem\w*", r"bullae\b", r"\bbulla\b", r"bullous"),
-        vetoes=(r"subcutaneous\s+emphysem\w*", r"mediastinal\s+emphysem\w*"),
+        patterns=(r"bullae\b", r"\bbulla\b", r"bullous", r"(?:centrilobular|centriacinar|paraseptal|panacinar|"
+                  r"panlobular)\s+emphysem\w*"),
+        weak_patterns=(r"emphysem\w*",),
+        vetoes=(r"subcutaneous", r"\bskin\b", r"soft\s+tissue", r"mediastinal\s+emphysem\w*",
+                r"muscle", r"axilla\w*"),
     ),
     Finding(
         index=8, name="Atelectasis", z_range=(0.5, 1.0), prevalence=0.28,
@@ -303,11 +308,13 @@ FINDINGS: tuple[Finding, ...] = (
             "There are no nodules or masses in either lung.",
         ),
         fallback_sentence="A lung nodule is present.",
-        patterns=(r"nodul\w*", r"micronod\w*", r"pulmonary\s+mass", r"lung\s+mass",
-                  r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)"),
+        # The noun: "nodular" as an adjective (nodular ground glass, nodular consolidation,
+        # nodular pleural thickening) describes another finding's shape.
+        weak_patterns=(r"\bnodules?\b", r"micronodul\w*", r"nodular\s+(?:lesions?|formations?|appearances?)", r"pulmonary\s+mass", r"lung\s+mass",
+                       r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)"),
         vetoes=(r"thyroid", r"adrenal", r"liver", r"hepatic", r"kidney", r"renal", r"breast",
-                r"spleen", r"splenic", r"pancrea\w*", r"nodular\s+(?:thickening|goiter|goitre)",
-                r"lymph\s+nod"),
+                r"spleen", r"splenic", r"pancrea\w*", r"schmorl", r"subcutaneous", r"mediastin\w*",
+                r"trache\w*", r"fatty\s+tissue", r"mesenter\w*", r"\bbones?\b", r"vertebra\w*"),
     ),
     Finding(
         index=10, name="Lung opacity", z_range=(0.0, 1.0), prevalence=0.30,
@@ -322,9 +329,16 @@ FINDINGS: tuple[Finding, ...] = (
             "There are no ground-glass areas in either lung.",
         ),
         fallback_sentence="Lung opacity is present.",
-        patterns=(r"opacit\w*", r"ground[\s-]+glass", r"infiltrat\w*",
-                  r"(?:increase\w*|increased)\s+(?:in\s+)?(?:parenchymal\s+)?densit\w*",
-                  r"densit(?:y|ies)\s+increase\w*", r"\bopaque\b"),
+        patterns=(r"(?<!nodular\s)(?<!acinar\s)opacit\w*", r"ground[\s-]+glass(?![\s-]+(?:density\s+)?nodul)",
+                  r"frosted\s+glass", r"\bopaque\b"),
+        # A density increase is a lung opacity unless it is a scar, a band or lies outside the lung.
+        weak_patterns=(r"(?:increase\w*|increased)\s+(?:in\s+)?(?:the\s+)?(?:parenchymal\s+)?densit\w*",
+                       r"densit(?:y|ies)\s+increase\w*", r"dependent\s+densit\w*"),
+        vetoes=(r"sequel\w*", r"fibro\w*", r"pleuro-?parenchymal", r"\bbands?\b", r"linear", r"atelecta\w*",
+                r"\bfat\w*", r"peri(?:renal|nephric|colonic|gastric|portal|duodenal)", r"para\w*(?:renal|duodenal)",
+                r"soft\s+tissue", r"subcutaneous", r"cutaneous", r"vertebra\w*", r"\bbones?\b", r"osteo\w*",
+                r"breast", r"sternum", r"metallic", r"liver", r"kidney", r"spleen", r"consolidat\w*",
+                r"calcif\w*", r"nodul\w*"),
     ),
     Finding(
         index=11, name="Pulmonary fibrotic sequela", z_range=(0.0, 1.0), prevalence=0.27,
@@ -339,8 +353,10 @@ FINDINGS: tuple[Finding, ...] = (
             "There is no pulmonary fibrosis.",
         ),
         fallback_sentence="Pulmonary fibrotic sequela is present.",
-        patterns=(r"fibro\w*", r"sequel\w*", r"\bscar\w*", r"parenchymal\s+bands?",
-                  r"honeycomb\w*", r"traction\s+bronchiectas\w*"),
+        patterns=(r"parenchymal\s+bands?", r"honeycomb\w*", r"traction\s+bronchiectas\w*",
+                  r"(?:pulmonary|lung|parenchymal|interstitial)\s+fibrosis", r"fibrot\w*",
+                  r"fibro[\s-]?atelecta\w*"),
+        weak_patterns=(r"fibro\w*", r"sequel\w*", r"\bscar\w*"),
         vetoes=(r"fibroid", r"fibroadenom\w*", r"fibromatosis"),
     ),
     Finding(
@@ -359,6 +375,10 @@ FINDINGS: tuple[Finding, ...] = (
         patterns=(
             r"pleural(?:\s*(?:and|or|/|-)\s*pericardial)?\s+(?:effusions?|fluid)",
             r"(?:effusion|fluid)\s+(?:\w+\s+){0,3}(?:in|within)\s+(?:the\s+)?(?:\w+\s+){0,2}pleural",
+            # In a chest CT an effusion that is not called pericardial is a pleural one.
+            r"(?<!pericardial\s)(?<!pericardial-)(?<!pericardial\sminimal\s)(?<!pericardial\smild\s)"
+            r"\beffusions?\b(?![^.;]{0,60}(?:pericardi|abdom|spleen|splenic|kidney|renal|perirenal|perinephric|"
+            r"liver|hepatic|pelvi|joint))",
             r"hydrothora\w*", r"hemothora\w*", r"empyema",
             r"pleural\s+(?:space|cavity|cavities|spaces)\s+(?:contains?|shows?)\s+fluid",
         ),
@@ -517,9 +537,12 @@ _POST_NEGATION = re.compile(
     r"\b(?:has|have)\s+(?:completely\s+)?(?:resolved|disappeared|regressed\s+completely)\b|"
     r"\b(?:completely\s+)?(?:resolved|disappeared)\b",
     re.IGNORECASE)
+# "... was not seen in the previous examination" dates the finding, it does not negate it.
+_PRIOR_STUDY = re.compile(r"\s*(?:in|on|at|compared\s+to|compared\s+with)\s+(?:the\s+|his\s+|her\s+|its\s+)?"
+                          r"(?:\w+\s+){0,2}(?:previous|prior|old|earlier|last)\b", re.IGNORECASE)
 # Words that end the scope of a preceding negation cue inside a clause.
 _SCOPE_BREAK = re.compile(
-    r"\b(?:but|however|although|though|except|whereas|which|that|with|there\s+(?:is|are)|"
+    r"\b(?:but|however|although|though|except|whereas|which|there\s+(?:is|are)|"
     r"is\s+seen|are\s+seen|was\s+seen|were\s+seen|observed|noted|detected|present)\b",
     re.IGNORECASE)
 # Hedges that lean negative: a mention under them is not asserted.
@@ -528,14 +551,19 @@ _NEGATIVE_HEDGE = re.compile(
     r"in\s+the\s+absence\s+of|if\s+(?:any|present)|no\s+evidence)\b",
     re.IGNORECASE)
 
+_NEVER = r"(?!x)x"  # a pattern that matches nothing, for a class without strong patterns
 _PATTERNS: tuple[re.Pattern, ...] = tuple(
-    re.compile("|".join(f"(?:{p})" for p in f.patterns), re.IGNORECASE) for f in FINDINGS)
+    re.compile("|".join(f"(?:{p})" for p in f.patterns) or _NEVER, re.IGNORECASE) for f in FINDINGS)
+_WEAK_PATTERNS: tuple[re.Pattern | None, ...] = tuple(
+    re.compile("|".join(f"(?:{p})" for p in f.weak_patterns), re.IGNORECASE) if f.weak_patterns else None
+    for f in FINDINGS)
 _VETOES: tuple[re.Pattern | None, ...] = tuple(
     re.compile("|".join(f"(?:{p})" for p in f.vetoes), re.IGNORECASE) if f.vetoes else None
     for f in FINDINGS)
 # One alternation of every class pattern: most report sentences describe normal anatomy and
 # are rejected by a single search.
-_ANY_MENTION = re.compile("|".join(f"(?:{p})" for f in FINDINGS for p in f.patterns), re.IGNORECASE)
+_ANY_MENTION = re.compile(
+    "|".join(f"(?:{p})" for f in FINDINGS for p in f.patterns + f.weak_patterns), re.IGNORECASE)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -555,26 +583,34 @@ def _is_negated(clause: str, start: int, end: int) -> bool:
             return True
         if not _SCOPE_BREAK.search(clause, cue.end(), start):
             return True
-    return bool(_POST_NEGATION.search(clause, end))
+    post = _POST_NEGATION.search(clause, end)
+    return post is not None and not _PRIOR_STUDY.match(clause, post.end())
+
+
+def _mentions(index: int, clause: str) -> Iterable[re.Match]:
+    """Matches of class `index` in the clause: strong ones, then weak ones unless vetoed."""
+    yield from _PATTERNS[index].finditer(clause)
+    weak, veto = _WEAK_PATTERNS[index], _VETOES[index]
+    if weak is not None and not (veto is not None and veto.search(clause)):
+        yield from weak.finditer(clause)
+
+
+def _is_questioned(clause: str, end: int) -> bool:
+    """A mention right before a question mark ("(lymph node?)") is a differential, not a finding."""
+    return clause[end:end + 3].lstrip().startswith("?")
 
 
 def _class_asserted(index: int, clause: str) -> bool:
-    veto = _VETOES[index]
-    for match in _PATTERNS[index].finditer(clause):
-        if veto is not None and veto.search(clause):
-            return False
-        if not _is_negated(clause, match.start(), match.end()):
-            return True
-    return False
+    return any(not _is_negated(clause, m.start(), m.end()) and not _is_questioned(clause, m.end())
+               for m in _mentions(index, clause))
 
 
 def sentence_mentions(sentence: str) -> frozenset[int]:
     """Class indices the sentence MENTIONS at all, asserted or negated."""
     if not _ANY_MENTION.search(sentence):
         return frozenset()
-    return frozenset(i for i, pattern in enumerate(_PATTERNS)
-                     if pattern.search(sentence)
-                     and not (_VETOES[i] is not None and _VETOES[i].search(sentence)))
+    return frozenset(i for i in range(NUM_CLASSES)
+                     if any(True for _ in _mentions(i, sentence)))
 
 
 def sentence_findings(sentence: str) -> frozenset[int]:
