@@ -22,6 +22,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+from flax import struct
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -300,10 +301,15 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) ->
     return {"layers": layers, "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
 
-class LlamaOutput(dict):
-    """logits [B, T, V] f32, hidden [B, T, D] (after the final norm), cache, optional hidden_states."""
+@struct.dataclass
+class LlamaOutput:
+    """hidden [B, T, D] (after the final norm), logits [B, T, V] f32, the updated cache (decoding),
+    hidden_states (num_layers + 1 tensors [B, T, D], as HF's output_hidden_states)."""
 
-    __getattr__ = dict.__getitem__
+    hidden: Array
+    logits: Array | None = None
+    cache: Any = None
+    hidden_states: Any = None
 
 
 class Llama(nn.Module):
@@ -339,12 +345,8 @@ class Llama(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.jnp_dtype)
         hidden, new_cache, all_hidden = self.model(x, attention_mask, positions, cache,
                                                    tuple(self.adapters), adapter_context, output_hidden_states)
-        out = LlamaOutput(hidden=hidden, cache=new_cache)
-        if output_hidden_states:
-            out["hidden_states"] = all_hidden
-        if return_logits:
-            out["logits"] = self.logits(hidden)
-        return out
+        return LlamaOutput(hidden=hidden, logits=self.logits(hidden) if return_logits else None,
+                           cache=new_cache, hidden_states=all_hidden)
 
     def logits(self, hidden: Array) -> Array:
         """hidden [B, T, D] -> logits [B, T, V] in float32."""
