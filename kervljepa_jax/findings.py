@@ -106,6 +106,7 @@ _CALCIFIC = r"(?:calcif\w*|atherom\w*|atheroscl\w*|calcified\s+plaques?)"
 _AORTIC_OR_ARTERIAL = (r"(?:aort\w*|carotid|subclavian|brachiocephalic|innominate|iliac|vertebral|"
                        r"(?<!coronary\s)arter(?:y|ies|ial)|vascular|vessels?|"
                        r"arch)")
+_THICK = r"(?:thicken\w*|thickness\s+increas\w*|increase\w*\s+in\s+(?:the\s+)?thickness)"
 _CORONARY = r"(?:coronar\w*|\bLAD\b|\bRCA\b|left\s+anterior\s+descending|circumflex|left\s+main)"
 
 FINDINGS: tuple[Finding, ...] = (
@@ -292,7 +293,8 @@ FINDINGS: tuple[Finding, ...] = (
             "There is no collapse or atelectasis of the lungs.",
         ),
         fallback_sentence="Atelectasis is present.",
-        patterns=(r"atelecta\w*", r"\bcollapsed?\s+(?:of\s+the\s+)?(?:\w+\s+){0,2}(?:lobe|lung|segment)",
+        # Fibroatelectasis is a scar (fibrotic sequela), not an atelectasis.
+        patterns=(r"(?<!fibro)(?<!fibro\s)(?<!fibro-)atelecta\w*", r"\bcollapsed?\s+(?:of\s+the\s+)?(?:\w+\s+){0,2}(?:lobe|lung|segment)",
                   r"(?:lobe|lung|segment)\s+(?:is\s+)?collapsed?"),
     ),
     Finding(
@@ -353,11 +355,14 @@ FINDINGS: tuple[Finding, ...] = (
             "There is no pulmonary fibrosis.",
         ),
         fallback_sentence="Pulmonary fibrotic sequela is present.",
-        patterns=(r"parenchymal\s+bands?", r"honeycomb\w*", r"traction\s+bronchiectas\w*",
-                  r"(?:pulmonary|lung|parenchymal|interstitial)\s+fibrosis", r"fibrot\w*",
+        # Scars left by past disease (bands, fibroatelectasis, post-infectious sequelae); the
+        # honeycombing and traction bronchiectasis of an interstitial lung disease are not sequelae.
+        patterns=(r"(?:parenchymal|pleuro-?parenchymal|subpleural|fibrotic|fibrous)\s+bands?",
                   r"fibro[\s-]?atelecta\w*"),
         weak_patterns=(r"fibro\w*", r"sequel\w*", r"\bscar\w*"),
-        vetoes=(r"fibroid", r"fibroadenom\w*", r"fibromatosis"),
+        vetoes=(r"fibroid", r"fibroadenom\w*", r"fibromatosis", r"\bribs?\b", r"humer\w*", r"kidneys?",
+                r"renal", r"spleen", r"liver", r"\bbones?\b", r"fracture", r"vertebra\w*", r"honeycomb\w*",
+                r"interstitial\s+lung\s+disease", r"idiopathic", r"elevation"),
     ),
     Finding(
         index=12, name="Pleural effusion", z_range=(0.6, 1.0), prevalence=0.15,
@@ -402,19 +407,21 @@ FINDINGS: tuple[Finding, ...] = (
         index=14, name="Peribronchial thickening", z_range=(0.2, 1.0), prevalence=0.09,
         positive_sentences=(
             "There is peribronchial thickening in both lower lobes.",
-            "Bronchial wall thickening is noted.",
+            "Peribronchial wall thickening is noted in the {lobe}.",
             "Peribronchial cuffing is seen in the {lobe}.",
-            "{degree} thickening of the bronchial walls is present.",
+            "{degree} thickening of the peribronchial interstitium is present.",
         ),
         negative_sentences=(
             "No peribronchial thickening is seen.",
             "The bronchial walls are not thickened.",
         ),
         fallback_sentence="Peribronchial thickening is present.",
+        # CT-RATE keeps this to the peribronchial sheath; thickening of the bronchial wall alone
+        # (bronchitis, asthma) is read as another finding.
         patterns=(
-            r"peribronch\w*\s+(?:\w+\s+){0,2}thicken\w*", r"bronch\w*\s+wall\s+thicken\w*",
-            r"thicken\w*\s+(?:of\s+)?(?:the\s+)?(?:peri)?bronch\w*(?:\s+walls?)?",
-            r"bronch\w*\s+walls?\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
+            r"peribronch\w*\s+(?:\w+\s+){0,2}" + _THICK,
+            _THICK + r"\s+(?:\w+\s+){0,3}(?:of|in|along)\s+(?:the\s+)?(?:\w+\s+)?peribronch\w*",
+            r"increase\w*\s+(?:in\s+)?(?:the\s+)?peribronch\w*\s+(?:wall\s+)?thickness",
             r"peribronchial\s+cuffing",
         ),
     ),
@@ -455,7 +462,7 @@ FINDINGS: tuple[Finding, ...] = (
             "Interlobular septal thickening is seen in both lungs.",
             "There is smooth thickening of the interlobular septa in the {lobe}.",
             "Thickened interlobular septa are noted at the lung bases.",
-            "Ground-glass opacities with superimposed septal thickening, a crazy-paving pattern, are present.",
+            "The interlobular septa are {degree}ly thickened in the {lobe}.",
         ),
         negative_sentences=(
             "No interlobular septal thickening is seen.",
@@ -463,10 +470,10 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Interlobular septal thickening is present.",
         patterns=(
-            r"(?:interlobular\s+)?sept(?:al|a|um)\s+(?:\w+\s+){0,2}thicken\w*",
-            r"thicken\w*\s+(?:of\s+)?(?:the\s+)?(?:interlobular\s+)?sept(?:a|al|um)\b",
+            r"(?:interlob\w+[\s-]+(?:\w+[\s-]+)?)?sept(?:al|a|um)\s+(?:\w+\s+){0,2}" + _THICK,
+            _THICK + r"\s+(?:of\s+|in\s+)?(?:the\s+)?(?:interlob\w+\s+)?sept(?:a|al|um)\b",
             r"(?:interlobular\s+)?sept(?:a|um)\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
-            r"crazy[\s-]+paving",
+            r"increase\w*\s+(?:in\s+)?(?:the\s+)?(?:interlob\w+\s+)?septal\s+thickness",
         ),
         vetoes=(r"interatrial", r"interventricular", r"nasal\s+sept\w*"),
     ),
