@@ -231,11 +231,15 @@ def lm_loss(logits: Array, tokens: Array, loss_mask: Array) -> Array:
     if logits.ndim != 3 or tokens.shape != logits.shape[:2] or loss_mask.shape != tokens.shape:
         raise ValueError(f"lm_loss: want logits [B,T,V], tokens [B,T], loss_mask [B,T]; got "
                          f"{logits.shape}, {tokens.shape}, {loss_mask.shape}")
-    log_probs = jax.nn.log_softmax(jnp.asarray(logits[:, :-1], jnp.float32), axis=-1)
-    targets = tokens[:, 1:]
-    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    mask = jnp.asarray(loss_mask[:, 1:], jnp.float32)
-    return -jnp.sum(target_log_prob * mask) / jnp.maximum(mask.sum(), 1.0)
+    # Shift the targets, not the logits: no [B, T-1, V] copy of the largest activation.
+    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    # one-hot product instead of a gather: elementwise + reduce stays local when the vocab
+    # axis is sharded over `tensor`, and XLA fuses it without materialising the one-hot.
+    target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T]
+    return jnp.sum(nll * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
 def jepa_loss(z_visual: Array, target: Array) -> Array:

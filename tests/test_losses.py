@@ -225,12 +225,14 @@ def test_info_nce_negatives_come_from_every_device():
     v_sharded, t_sharded = jax.device_put(v, sharding), jax.device_put(t, sharding)
     assert len(v_sharded.addressable_shards) == 8
     assert v_sharded.addressable_shards[0].data.shape == (per_device, dim)
-    sharded_loss = jax.jit(losses.info_nce_loss)(v_sharded, t_sharded, log_tau)
+    sharded_loss, sharded_grad = jax.jit(jax.value_and_grad(losses.info_nce_loss))(v_sharded, t_sharded, log_tau)
 
     full_loss = losses.info_nce_loss(jnp.asarray(v), jnp.asarray(t), log_tau)
     local_losses = [losses.info_nce_loss(v[i:i + per_device], t[i:i + per_device], log_tau)
                     for i in range(0, batch, per_device)]
     np.testing.assert_allclose(float(sharded_loss), float(full_loss), rtol=1e-6)
+    full_grad = jax.grad(losses.info_nce_loss)(jnp.asarray(v), jnp.asarray(t), log_tau)
+    np.testing.assert_allclose(np.asarray(sharded_grad), np.asarray(full_grad), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(float(full_loss), _info_nce_torch(v, t, 0.10, False), rtol=1e-5)
     # More negatives make the task harder: the global loss is larger than the local average.
     assert float(sharded_loss) > float(np.mean(local_losses)) + 0.1
@@ -250,9 +252,15 @@ def test_lm_loss_matches_torch_cross_entropy_on_masked_targets():
     ours = losses.lm_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
     # HF convention: labels = tokens with -100 outside the mask, shift by one.
     labels = torch.tensor(np.where(mask > 0, tokens, -100))
+    logits_t = torch.tensor(logits, requires_grad=True)
     ref = torch.nn.CrossEntropyLoss(ignore_index=-100)(
-        torch.tensor(logits)[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
+        logits_t[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1))
     np.testing.assert_allclose(float(ours), ref.item(), rtol=1e-6)
+    ref.backward()
+    grad = jax.grad(losses.lm_loss)(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(grad), logits_t.grad.numpy(), rtol=1e-5, atol=1e-7)
+    bf16 = losses.lm_loss(jnp.asarray(logits, jnp.bfloat16), jnp.asarray(tokens), jnp.asarray(mask))
+    np.testing.assert_allclose(float(bf16), ref.item(), rtol=2e-2)
     # Hand check of the shift: position 7's target is predicted from logits at 6.
     only = np.zeros_like(mask)
     only[1, 7] = 1
