@@ -1,0 +1,135 @@
+"""Flamingo-style gated cross-attention from decoder layers to the visual tokens (paper III-B 3, eq. 7).
+
+After each injection layer l (7, 14, 21 for the 3B):
+
+    P_l(V~) = Linear_l(V~)                                    VisualProjector  [B, K, D] (kernel + bias)
+    h'      = h + tanh(gate_l) * MHA_l(LN(h), P_l(V~), P_l(V~))   GatedCrossAttention [B, T, D]
+
+MHA_l has bias-free Q/K/V/O projections, Xavier-uniform with gain 0.3; one LayerNorm (scale +
+bias) normalises the queries; the scalar gate starts at 0, so a fresh adapter is the identity and a
+fresh VLM equals its base LLM exactly. Each adapter therefore holds 7 tensors (q, k, v, o kernels,
+LN scale, LN bias, gate) and each projector 2: 3 injection layers give the paper's 27 bridge
+components.
+
+K/V are recomputed from the 32 projected visual tokens on every call (cheap), and nothing depends
+on the query length: a full sequence h [B, T, D] and one decode step h [B, 1, D] go through the
+same code, so the adapter fires on every generated token (the paper's 0.122 -> 0.304 F1 fix).
+
+Instantiate as `xattn_{layer}` / `projector_{layer}` so that phase tables and the warm bridge
+select them with `XATTN_PATTERN` / `PROJECTOR_PATTERN`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kervljepa_jax.sharding import constrain
+
+# Path patterns (over '/'-joined param paths) of the bridge modules, when named as documented above.
+XATTN_PATTERN = r"(^|.*/)xattn_\d+/.*"
+PROJECTOR_PATTERN = r"(^|.*/)projector_\d+/.*"
+
+_MASKED = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionConfig:
+    """Sizes of one adapter; defaults are Llama 3.2 3B's (D=3072, 24 heads of 128)."""
+
+    d_model: int = 3072
+    num_heads: int = 24
+    head_dim: int = 128
+    init_gain: float = 0.3
+    gate_init: float = 0.0
+    layer_norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if min(self.d_model, self.num_heads, self.head_dim) <= 0:
+            raise ValueError(f"xattn: d_model, num_heads and head_dim must be positive, got {self.d_model}, "
+                             f"{self.num_heads}, {self.head_dim}")
+
+
+def _xavier(gain: float, names: tuple[str, ...]):
+    """Xavier-uniform, torch.nn.init.xavier_uniform_(w, gain). DenseGeneral hands the initialiser the
+    kernel flattened to [fan_in, fan_out], so the default axes are the torch fans."""
+    return nn.with_logical_partitioning(nn.initializers.variance_scaling(gain ** 2, "fan_avg", "uniform"), names)
+
+
+class VisualProjector(nn.Module):
+    """Linear_l: `V~ [B, K, D] -> [B, K, D]`, with bias (torch Linear default init)."""
+
+    config: CrossAttentionConfig
+
+    @nn.compact
+    def __call__(self, visual: jax.Array) -> jax.Array:
+        cfg = self.config
+        if visual.shape[-1] != cfg.d_model:
+            raise ValueError(f"VisualProjector: visual tokens must end in d_model={cfg.d_model}, got {visual.shape}")
+        bound = 1.0 / math.sqrt(cfg.d_model)
+        uniform = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)  # noqa: E731
+        # Params sit directly on the module (projector_l/kernel, projector_l/bias): torch's Linear_l.weight.T, .bias.
+        kernel = self.param("kernel", nn.with_logical_partitioning(uniform, ("proj", "embed")),
+                            (cfg.d_model, cfg.d_model), cfg.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(uniform, ("embed",)), (cfg.d_model,), cfg.param_dtype)
+        out = visual.astype(cfg.dtype) @ kernel.astype(cfg.dtype) + bias.astype(cfg.dtype)
+        return constrain(out, ("batch", "zones", "act_embed"))
+
+
+class GatedCrossAttention(nn.Module):
+    """`h [B, T, D], visual [B, K, D] (projected), visual_mask [B, K] | None -> h' [B, T, D]`.
+
+    T is free (a whole sequence or a single decode step). A row whose visual tokens are all
+    masked gets no visual contribution (h' = h).
+    """
+
+    config: CrossAttentionConfig
+
+    def _proj(self, name: str, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        return nn.DenseGeneral((cfg.num_heads, cfg.head_dim), axis=-1, use_bias=False, dtype=cfg.dtype,
+                               param_dtype=cfg.param_dtype,
+                               kernel_init=_xavier(cfg.init_gain, ("embed", "heads", "head_dim")),
+                               name=name)(x)
+
+    @nn.compact
+    def __call__(self, h: jax.Array, visual: jax.Array, visual_mask: jax.Array | None = None) -> jax.Array:
+        cfg = self.config
+        if h.ndim != 3 or h.shape[-1] != cfg.d_model or visual.ndim != 3 or visual.shape[-1] != cfg.d_model \
+                or visual.shape[0] != h.shape[0]:
+            raise ValueError(f"GatedCrossAttention: need h [B, T, {cfg.d_model}] and visual [B, K, {cfg.d_model}], "
+                             f"got {h.shape} and {visual.shape}")
+        if visual_mask is not None and visual_mask.shape != visual.shape[:2]:
+            raise ValueError(f"GatedCrossAttention: visual_mask {visual_mask.shape} must be {visual.shape[:2]}")
+        x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=cfg.dtype,
+                         param_dtype=cfg.param_dtype,
+                         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                         name="layer_norm")(h)
+        q = self._proj("q_proj", x)                                       # [B, T, H, hd]
+        k = self._proj("k_proj", visual)                                  # [B, K, H, hd]
+        v = self._proj("v_proj", visual)
+        logits = jnp.einsum("bthe,bkhe->bhtk", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        if visual_mask is not None:
+            visible = visual_mask.astype(bool)[:, None, None, :]          # [B, 1, 1, K]
+            logits = jnp.where(visible, logits, _MASKED)
+        weights = jax.nn.softmax(logits, axis=-1)                         # [B, H, T, K]
+        if visual_mask is not None:  # a row with nothing visible reads nothing (o_proj has no bias)
+            weights = weights * visible.any(axis=-1, keepdims=True)
+        attended = jnp.einsum("bhtk,bkhe->bthe", weights.astype(cfg.dtype), v)
+        attended = constrain(attended, ("batch", "length", "act_heads", None))
+        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype,
+                              kernel_init=_xavier(cfg.init_gain, ("heads", "head_dim", "embed")),
+                              name="o_proj")(attended)
+        gate = self.param("gate", nn.with_logical_partitioning(nn.initializers.constant(cfg.gate_init), ()),
+                          (), cfg.param_dtype)
+        h_new = h + (jnp.tanh(gate.astype(jnp.float32)) * out.astype(jnp.float32)).astype(h.dtype)
+        return constrain(h_new, ("batch", "length", "act_embed"))
