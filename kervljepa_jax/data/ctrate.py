@@ -1,0 +1,263 @@
+"""CT-RATE as distributed: reports, labels and metadata CSVs + per-volume slice embeddings.
+
+Layout under `data.root` (each path configurable, see `default_data_config`):
+  radiology_text_reports/{train,validation}_reports.csv   VolumeName, Findings_EN, Impressions_EN, ...
+  multi_abnormality_labels/{train,valid}_predicted_labels.csv   VolumeName + the 18 class columns
+  metadata/{train,validation}_metadata.csv   VolumeName, ZSpacing, ...
+  embeddings/{train,valid}/<VolumeName>.npy [N, D]  or .npz with `embeddings` [N, D] and optional `z_mm` [N]
+(`<VolumeName>` may keep or drop CT-RATE's `.nii.gz` suffix.) Without `z_mm`, z_i = i * ZSpacing.
+
+The index (rows, labels, spacing, file presence) is built and checked once at construction;
+embeddings are read on access, which grain does from several threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import sys
+import zipfile
+from typing import Any, Iterable
+
+import numpy as np
+from absl import logging
+
+from kervljepa_jax import findings
+from kervljepa_jax.data import records
+
+_NON_UTF8 = re.compile("[\udc80-\udcff]")   # bytes that failed to decode, kept by surrogateescape
+_VOLUME_SUFFIXES = (".nii.gz", ".nii")
+REPORT_COLUMNS = ("VolumeName", "Findings_EN")
+METADATA_COLUMNS = ("VolumeName", "ZSpacing")
+
+
+def resolve(root: str, path: str) -> str:
+    """`path` under `root` unless it is absolute (or root is empty)."""
+    if not path or os.path.isabs(path) or not root:
+        return path
+    return os.path.join(root, path)
+
+
+def volume_stem(volume_name: str) -> str:
+    for suffix in _VOLUME_SUFFIXES:
+        if volume_name.endswith(suffix):
+            return volume_name[: -len(suffix)]
+    return volume_name
+
+
+def read_csv(path: str, required: Iterable[str], flag: str) -> Iterable[tuple[int, dict[str, str]]]:
+    """Yield (row, fields) per data row (row 1 = first line after the header).
+
+    A missing file or column raises DataError; so does a row with the wrong number of fields
+    or bytes that are not UTF-8 (the row's fields are reported, not silently replaced).
+    """
+    if not os.path.isfile(path):
+        raise records.DataError(f"{path}: file not found; set --config.data.{flag} (or data.root)")
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise records.DataError(f"{path}: empty file, expected a header with {list(required)}")
+        header = [h.strip().lstrip("\ufeff") for h in header]
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise records.DataError(f"{path}: missing column(s) {missing}; the header has {header}")
+        for row, values in enumerate(reader, start=1):
+            if not values:
+                continue
+            if len(values) != len(header):
+                raise records.DataError(f"{records.where(path, row)}: {len(values)} fields, header has "
+                                        f"{len(header)}; fix the CSV quoting")
+            yield row, dict(zip(header, values))
+
+
+def non_utf8_error(path: str, row: int, fields: dict[str, str]) -> str | None:
+    for column, value in fields.items():
+        if _NON_UTF8.search(value):
+            return (f"{records.where(path, row, fields.get('VolumeName'))}: column {column!r} is not valid "
+                    "UTF-8; re-encode the CSV as UTF-8")
+    return None
+
+
+class _Table:
+    """VolumeName -> parsed value, or -> error line for a bad row (reported when the volume is used)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.values: dict[str, Any] = {}
+        self.errors: dict[str, str] = {}
+
+    def add(self, row: int, fields: dict[str, str], parse) -> None:
+        name = fields["VolumeName"].strip()
+        if name in self.values or name in self.errors:
+            self.errors[name] = (f"{records.where(self.path, row, name)}: duplicate VolumeName; "
+                                 "keep one row per volume")
+            self.values.pop(name, None)
+            return
+        error = non_utf8_error(self.path, row, fields)
+        if error:
+            self.errors[name] = error
+            return
+        try:
+            self.values[name] = parse(row, name, fields)
+        except records.DataError as e:
+            self.errors[name] = str(e)
+
+    def lookup(self, name: str, what: str) -> Any:
+        if name in self.errors:
+            raise records.DataError(self.errors[name])
+        if name not in self.values:
+            raise records.DataError(f"{self.path}: no row for VolumeName={name}; add its {what} row")
+        return self.values[name]
+
+
+def _parse_labels(path: str):
+    columns = list(findings.CLASS_NAMES)
+
+    def parse(row, name, fields):
+        return records.check_labels([fields[c] for c in columns], records.where(path, row, name), columns)
+    return parse
+
+
+def _parse_spacing(path: str):
+    def parse(row, name, fields):
+        text = fields["ZSpacing"].strip()
+        try:
+            spacing = float(text)
+        except ValueError:
+            spacing = float("nan")
+        if not np.isfinite(spacing) or spacing <= 0:
+            raise records.DataError(f"{records.where(path, row, name)}: ZSpacing={text!r} is not a positive "
+                                    "number; fix the metadata CSV")
+        return spacing
+    return parse
+
+
+def _index_embedding_files(folder: str, flag: str) -> dict[str, str]:
+    """stem (VolumeName without .nii.gz) -> file name, from one directory listing."""
+    if not os.path.isdir(folder):
+        raise records.DataError(f"{folder}: embeddings folder not found; set --config.data.{flag}")
+    files = {}
+    for name in os.listdir(folder):
+        for ext in (".npy", ".npz"):
+            if name.endswith(ext):
+                files[volume_stem(name[: -len(ext)])] = name
+    return files
+
+
+class CtRateSource:
+    """grain RandomAccessDataSource over one CT-RATE split; `source[i]` is a volume record."""
+
+    def __init__(self, config, split: str):
+        if split not in config.reports_csv:
+            raise records.DataError(f"split {split!r}: data.reports_csv has no such split "
+                                    f"({sorted(config.reports_csv)})")
+        self.split = split
+        self.limits = records.SliceLimits(config.embed_dim, config.max_slices, config.over_max_slices)
+        self.slice_dtype = np.dtype(config.slice_dtype)
+        self.skip_bad_records = bool(config.skip_bad_records)
+        root = config.root
+        self.reports_csv = resolve(root, config.reports_csv[split])
+        self.labels_csv = resolve(root, config.labels_csv[split])
+        self.metadata_csv = resolve(root, config.metadata_csv[split]) if config.metadata_csv[split] else ""
+        self.embeddings_dir = resolve(root, config.embeddings_dir[split])
+        self.index_skips: list[str] = []    # rows dropped while indexing (skip_bad_records), re-reported per epoch
+        self._entries = self._build_index(split)
+        if self.index_skips:
+            logging.warning("data[%s]: %d CSV rows skipped while indexing (skip_bad_records=True); "
+                            "each is listed at the end of every epoch", split, len(self.index_skips))
+        logging.info("data[%s]: %d CT-RATE volumes from %s", split, len(self._entries), self.reports_csv)
+
+    def _build_index(self, split: str) -> list[dict]:
+        labels = _Table(self.labels_csv)
+        for row, fields in read_csv(self.labels_csv, ("VolumeName", *findings.CLASS_NAMES), f"labels_csv.{split}"):
+            labels.add(row, fields, _parse_labels(self.labels_csv))
+        spacing = None
+        if self.metadata_csv:
+            spacing = _Table(self.metadata_csv)
+            for row, fields in read_csv(self.metadata_csv, METADATA_COLUMNS, f"metadata_csv.{split}"):
+                spacing.add(row, fields, _parse_spacing(self.metadata_csv))
+        files = _index_embedding_files(self.embeddings_dir, f"embeddings_dir.{split}")
+        entries, seen = [], {}
+        for row, fields in read_csv(self.reports_csv, REPORT_COLUMNS, f"reports_csv.{split}"):
+            name = fields["VolumeName"].strip()
+            try:
+                entries.append(self._entry(row, name, fields, seen, labels, spacing, files))
+            except records.DataError as e:
+                if not self.skip_bad_records:
+                    raise
+                self.index_skips.append(str(e))
+            seen.setdefault(name, row)
+        return entries
+
+    def _entry(self, row, name, fields, seen, labels, spacing, files) -> dict:
+        context = records.where(self.reports_csv, row, name)
+        if not name:
+            raise records.DataError(f"{context}: empty VolumeName")
+        if name in seen:
+            raise records.DataError(f"{context}: duplicate VolumeName (first at row {seen[name]}); "
+                                    "keep one row per volume")
+        error = non_utf8_error(self.reports_csv, row, fields)
+        if error:
+            raise records.DataError(error)
+        report = fields["Findings_EN"].strip()
+        if not report:
+            raise records.DataError(f"{context}: empty Findings_EN report; fill it or drop the row")
+        stem = volume_stem(name)
+        if stem not in files:
+            raise records.DataError(f"{context}: no embedding file {stem}.npy/.npz in {self.embeddings_dir}; "
+                                    "export it or drop the row")
+        return {"volume_name": name, "row": row, "report": report,
+                "labels": labels.lookup(name, "labels"),
+                "z_spacing": spacing.lookup(name, "metadata") if spacing is not None else None,
+                "path": os.path.join(self.embeddings_dir, files[stem])}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self._entries[index]
+        try:
+            return self._load(index, entry)
+        except records.DataError as e:
+            if not self.skip_bad_records:
+                raise
+            return records.bad_record(index, entry["volume_name"], str(e))
+
+    def _load(self, index: int, entry: dict) -> dict:
+        context = f"{entry['path']} (row {entry['row']} of {self.reports_csv})"
+        slices, z_mm = read_embeddings(entry["path"], context)
+        if z_mm is None:
+            if entry["z_spacing"] is None:
+                raise records.DataError(f"{context}: no z_mm in the file and no metadata_csv for ZSpacing; "
+                                        "set --config.data.metadata_csv or store z_mm")
+            z_mm = np.arange(slices.shape[0], dtype=np.float32) * np.float32(entry["z_spacing"])
+        slices, z_mm, subsampled = records.check_slices(slices, z_mm, self.limits, context)
+        return {"volume_name": entry["volume_name"], "index": index,
+                "slices": slices.astype(self.slice_dtype, copy=False),
+                "z_mm": z_mm.astype(np.float32, copy=False), "labels": entry["labels"],
+                "report": entry["report"], "subsampled": subsampled}
+
+    def __repr__(self) -> str:
+        return f"CtRateSource(split={self.split!r}, n={len(self)}, reports={self.reports_csv!r})"
+
+
+def read_embeddings(path: str, context: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """[N, D] embeddings and optional [N] z_mm from .npy / .npz; unreadable files are DataErrors."""
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                if "embeddings" not in archive.files:
+                    raise records.DataError(f"{context}: .npz has no 'embeddings' array (has {archive.files})")
+                slices = archive["embeddings"]
+                z_mm = archive["z_mm"].astype(np.float32) if "z_mm" in archive.files else None
+            return slices, z_mm
+        return np.load(path, allow_pickle=False), None
+    except records.DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise records.DataError(f"{context}: unreadable or truncated embedding file "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                                "re-export it") from None
