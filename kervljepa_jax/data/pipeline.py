@@ -22,7 +22,6 @@ import flax.linen as nn
 import grain
 import jax
 import numpy as np
-from absl import logging
 from jax.sharding import Mesh, PartitionSpec
 
 from kervljepa_jax import findings, sharding
