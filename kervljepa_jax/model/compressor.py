@@ -153,6 +153,32 @@ def _uniform(bound: float):
     return init
 
 
+class HeadProjection(nn.Module):
+    """A Dense over multi-axis shapes: `x [..., *in_shape] -> [..., *out_shape]`, kernel `in_shape + out_shape`.
+
+    The kernel is declared at its full shape (not flattened, unlike nn.DenseGeneral's initialiser),
+    so its logical axis names always match its rank, also when checked under an active mesh.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    kernel_init: Any
+    bias_init: Any = nn.initializers.zeros
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                            self.in_shape + self.out_shape, self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.kernel_axes[n_in:]),
+                          self.out_shape, self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=n_in)
+        return y + bias.astype(self.dtype)
+
+
 class TorchMultiheadAttention(nn.Module):
     """nn.MultiheadAttention (biases on, batch_first) with an optional additive bias.
 
@@ -170,13 +196,10 @@ class TorchMultiheadAttention(nn.Module):
     sow_weights: bool = False
 
     def _proj(self, name: str, x: jax.Array) -> jax.Array:
-        head_dim = self.d_model // self.num_heads
+        heads = (self.num_heads, self.d_model // self.num_heads)
         bound = math.sqrt(6.0 / (self.d_model + 3 * self.d_model))
-        dense = nn.DenseGeneral(
-            (self.num_heads, head_dim), axis=-1, use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_uniform(bound), ("visual_embed", "heads", "head_dim")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")), name=name)
-        return dense(x)
+        return HeadProjection((self.d_model,), heads, ("visual_embed", "heads", "head_dim"), _uniform(bound),
+                              dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
 
     @nn.compact
     def __call__(self, query: jax.Array, key_value: jax.Array, bias: jax.Array | None = None,
@@ -193,12 +216,9 @@ class TorchMultiheadAttention(nn.Module):
             self.sow("intermediates", "attention_weights", weights)
         weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhls,bshe->blhe", weights.astype(self.dtype), v)
-        out = nn.DenseGeneral(
-            self.d_model, axis=(-2, -1), use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=nn.with_logical_partitioning(_uniform(1.0 / math.sqrt(self.d_model)),
-                                                     ("heads", "head_dim", "visual_embed")),
-            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("visual_embed",)),
-            name="out_proj")(out)
+        out = HeadProjection((self.num_heads, head_dim), (self.d_model,), ("heads", "head_dim", "visual_embed"),
+                             _uniform(1.0 / math.sqrt(self.d_model)), dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="out_proj")(out)
         return constrain(out, ("batch", self.seq_axis, "act_embed"))
 
 

@@ -57,10 +57,30 @@ class CrossAttentionConfig:
                              f"{self.num_heads}, {self.head_dim}")
 
 
-def _xavier(gain: float, names: tuple[str, ...]):
-    """Xavier-uniform, torch.nn.init.xavier_uniform_(w, gain). DenseGeneral hands the initialiser the
-    kernel flattened to [fan_in, fan_out], so the default axes are the torch fans."""
-    return nn.with_logical_partitioning(nn.initializers.variance_scaling(gain ** 2, "fan_avg", "uniform"), names)
+def _xavier(gain: float, n_in: int, n_out: int):
+    """torch.nn.init.xavier_uniform_(w, gain) for a kernel whose first `n_in` axes are fan-in and last
+    `n_out` fan-out: U(+-gain * sqrt(6 / (fan_in + fan_out)))."""
+    return nn.initializers.variance_scaling(gain ** 2, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
+                                            out_axis=tuple(range(n_in, n_in + n_out)))
+
+
+class Projection(nn.Module):
+    """Bias-free multi-axis linear map `x [..., *in_shape] -> [..., *out_shape]`, Xavier-uniform kernel
+    declared at its full shape `in_shape + out_shape` with logical names `axes`."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    gain: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        init = _xavier(self.gain, len(self.in_shape), len(self.out_shape))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            self.in_shape + self.out_shape, self.param_dtype)
+        return jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=len(self.in_shape))
 
 
 class VisualProjector(nn.Module):
@@ -94,10 +114,8 @@ class GatedCrossAttention(nn.Module):
 
     def _proj(self, name: str, x: jax.Array) -> jax.Array:
         cfg = self.config
-        return nn.DenseGeneral((cfg.num_heads, cfg.head_dim), axis=-1, use_bias=False, dtype=cfg.dtype,
-                               param_dtype=cfg.param_dtype,
-                               kernel_init=_xavier(cfg.init_gain, ("embed", "heads", "head_dim")),
-                               name=name)(x)
+        return Projection((cfg.d_model,), (cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"),
+                          cfg.init_gain, cfg.dtype, cfg.param_dtype, name=name)(x)
 
     @nn.compact
     def __call__(self, h: jax.Array, visual: jax.Array, visual_mask: jax.Array | None = None) -> jax.Array:
@@ -125,10 +143,8 @@ class GatedCrossAttention(nn.Module):
             weights = weights * visible.any(axis=-1, keepdims=True)
         attended = jnp.einsum("bhtk,bkhe->bthe", weights.astype(cfg.dtype), v)
         attended = constrain(attended, ("batch", "length", "act_heads", None))
-        out = nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype,
-                              kernel_init=_xavier(cfg.init_gain, ("heads", "head_dim", "embed")),
-                              name="o_proj")(attended)
+        out = Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"),
+                         cfg.init_gain, cfg.dtype, cfg.param_dtype, name="o_proj")(attended)
         gate = self.param("gate", nn.with_logical_partitioning(nn.initializers.constant(cfg.gate_init), ()),
                           (), cfg.param_dtype)
         h_new = h + (jnp.tanh(gate.astype(jnp.float32)) * out.astype(jnp.float32)).astype(h.dtype)

@@ -216,3 +216,30 @@ def test_every_weight_has_logical_axes():
     assert all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == len(x.value.shape) for x in leaves)
     assert boxed["predictor"]["linear"]["kernel"].names == ("visual_embed", "embed")
     assert len(jax.tree.leaves(named_shardings(boxed, make_mesh(data=2, fsdp=2, tensor=2)))) == len(leaves)
+
+
+def test_paper_sizes_on_abstract_shapes():
+    """d_v=1024 -> d_llm=3072 predictor, 256-d JEPA head and 18-class heads, traced without weights."""
+    cfg = B.BridgeConfig()
+    tokens = jax.ShapeDtypeStruct((2, 32, 1024), jnp.float32)
+    predictor = B.JEPAPredictor(cfg)
+    variables = jax.eval_shape(predictor.init, jax.random.PRNGKey(0), tokens)
+    v_hat = jax.eval_shape(predictor.apply, variables, tokens)
+    assert v_hat.shape == (2, 32, 3072)
+    head = B.JEPAHead(cfg)
+    head_vars = jax.eval_shape(head.init, jax.random.PRNGKey(0), v_hat)
+    assert jax.eval_shape(head.apply, head_vars, v_hat).shape == (2, 32, 256)
+    clf = B.VisualClassifier(cfg)
+    logits, mil = jax.eval_shape(clf.apply, jax.eval_shape(clf.init, jax.random.PRNGKey(0), tokens), tokens)
+    assert logits.shape == mil.shape == (2, 18)
+
+
+def test_sharded_predictor_matches_single_device(predictor):
+    from kervljepa_jax.sharding import use_mesh
+    model, variables = predictor
+    params = nn.unbox(variables)["params"]
+    x = jnp.asarray(RNG.normal(size=(4, 32, CFG.d_visual)), jnp.float32)
+    want = np.asarray(model.apply({"params": params}, x))
+    with use_mesh(make_mesh(data=2, fsdp=2, tensor=2)):
+        got = np.asarray(jax.jit(model.apply)({"params": params}, x))
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -266,3 +266,32 @@ def test_state_dict_mapping_fails_loudly(torch_reference):
     with pytest.raises(ValueError, match="shape"):
         C.torch_state_dict_to_params(torch_reference.state_dict(), C.CompressorConfig(
             d_visual=32, num_zones=K, num_heads=4, ffn_dim=128))
+
+
+# --------------------------------------------------------------------------------------- scale
+
+def test_paper_sizes_on_abstract_shapes():
+    """The 3B preset (d_v=1024, K=32, 16 heads, N=600) traced without weights."""
+    cfg = C.CompressorConfig()
+    model = C.ZoneCompressor(cfg)
+    args = (jax.ShapeDtypeStruct((2, 600, 1024), jnp.float32), jax.ShapeDtypeStruct((2, 600), jnp.float32),
+            jax.ShapeDtypeStruct((2, 600), jnp.bool_))
+    variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)
+    out = jax.eval_shape(model.apply, variables, *args)
+    assert out.shape == (2, 32, 1024)
+    params = nn.unbox(variables)["params"]
+    mha = 4 * (1024 * 1024 + 1024)
+    ffn = 2 * 1024 * 2048 + 2048 + 1024
+    want = 32 * 1024 + mha + (mha + ffn + 4 * 1024)
+    assert sum(x.size for x in jax.tree.leaves(params)) == want
+    assert params["zone_attn"]["q_proj"]["kernel"].shape == (1024, 16, 64)
+
+
+def test_sharded_forward_matches_single_device(params):
+    from kervljepa_jax.sharding import use_mesh
+    s, z, v = volume(np.random.default_rng(8), 64, 64, batch=4)
+    v[1, 30:] = False
+    want = np.asarray(forward(params, s, z, v))
+    with use_mesh(make_mesh(data=2, fsdp=2, tensor=2)):
+        got = np.asarray(jax.jit(lambda p, s, z, v: MODEL.apply({"params": p}, s, z, v))(params, s, z, v))
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -150,3 +150,33 @@ def test_fresh_stack_is_the_identity_and_projector_is_a_linear_map():
     kernel, bias = (np.asarray(projector[k]) for k in ("kernel", "bias"))
     got = X.VisualProjector(CFG).apply({"params": projector}, visual)
     np.testing.assert_allclose(np.asarray(got), np.asarray(visual) @ kernel + bias, atol=1e-5)
+
+
+def test_paper_sizes_on_abstract_shapes():
+    """Llama 3.2 3B sizes (D=3072, 24 x 128) at injection layers 7, 14, 21: 27 tensors, traced without weights."""
+    cfg = X.CrossAttentionConfig()
+
+    class Bridge3B(nn.Module):
+        @nn.compact
+        def __call__(self, h, visual):
+            for layer in (7, 14, 21):
+                h = X.GatedCrossAttention(cfg, name=f"xattn_{layer}")(
+                    h, X.VisualProjector(cfg, name=f"projector_{layer}")(visual))
+            return h
+
+    h, visual = jax.ShapeDtypeStruct((2, 1, 3072), jnp.bfloat16), jax.ShapeDtypeStruct((2, 32, 3072), jnp.bfloat16)
+    variables = jax.eval_shape(Bridge3B().init, jax.random.PRNGKey(0), h, visual)
+    assert jax.eval_shape(Bridge3B().apply, variables, h, visual).shape == (2, 1, 3072)
+    params = nn.unbox(variables)["params"]
+    assert len(jax.tree.leaves(params)) == 27
+    assert params["xattn_14"]["q_proj"]["kernel"].shape == (3072, 24, 128)
+    assert sum(x.size for x in jax.tree.leaves(params)) == 3 * (4 * 3072 * 3072 + 2 * 3072 + 1 + 3072 * 3072 + 3072)
+
+
+def test_sharded_forward_matches_single_device(open_params):
+    from kervljepa_jax.sharding import use_mesh
+    h, visual = inputs(batch=4, seed=5)
+    want = np.asarray(adapter(open_params, h, visual))
+    with use_mesh(make_mesh(data=2, fsdp=2, tensor=2)):
+        got = np.asarray(jax.jit(lambda p, h, v: ADAPTER.apply({"params": p}, h, v))(open_params, h, visual))
+    np.testing.assert_allclose(got, want, atol=1e-5)
