@@ -88,6 +88,8 @@ class Finding:
     vetoes: regular expressions that, found in the same clause, cancel a weak mention (a
         thyroid nodule is not a lung nodule, a density increase in the fat planes is no lung
         opacity).
+    anchors: lower-case substrings one of which every match of the patterns contains; a
+        sentence holding none is skipped without running the regular expressions (speed).
     """
 
     index: int
@@ -100,12 +102,15 @@ class Finding:
     patterns: tuple[str, ...] = ()
     weak_patterns: tuple[str, ...] = ()
     vetoes: tuple[str, ...] = ()
+    anchors: tuple[str, ...] = ()
 
 
 _CALCIFIC = r"(?:calcif\w*|atherom\w*|atheroscl\w*|calcified\s+plaques?)"
-_AORTIC_OR_ARTERIAL = (r"(?:aort\w*|carotid|subclavian|brachiocephalic|innominate|iliac|vertebral|"
-                       r"(?<!coronary\s)arter(?:y|ies|ial)|vascular|vessels?|"
-                       r"arch)")
+# Arteries whose calcified plaques count here (the aortic valve, and the coronary arteries,
+# which are their own class, do not).
+_NOT_CORONARY = r"(?<!coronary\s)(?<!pulmonary\s)(?<!descending\s)(?<!circumflex\s)"
+_AORTIC_OR_ARTERIAL = (r"(?:aort(?:a|ic|as)\b(?!\s+valve)|carotid|subclavian|brachiocephalic|innominate|iliac|"
+                       + _NOT_CORONARY + r"arter(?:y|ies|ial)|" + _NOT_CORONARY + r"vascular|vessels?|arch)")
 _THICK = r"(?:thicken\w*|thickness\s+increas\w*|increase\w*\s+in\s+(?:the\s+)?thickness)"
 _CORONARY = r"(?:coronar\w*|\bLAD\b|\bRCA\b|left\s+anterior\s+descending|circumflex|left\s+main)"
 
@@ -138,6 +143,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"fixation\s+(?:material|plates?)", r"(?:internal\s+)?fixators?", r"cannul\w*", r"gastrostomy",
             r"\bPEG\b", r"sutures?(?:\s+lines?)?",
         ),
+        anchors=('medical', 'material', 'cathet', 'port', 'pacemak', 'pacing', 'defib', 'icd', 'stent', 'prosthe', 'sternot', 'sternal', 'clip', 'cerclage', 'tube', 'tracheostom', 'drain', 'metal', 'implant', 'coil', 'valve', 'fixat', 'cannul', 'gastrostom', 'peg', 'sutur', 'staple', 'wire', 'screw'),
     ),
     Finding(
         index=1, name="Arterial wall calcification", z_range=(0.15, 0.7), prevalence=0.28,
@@ -155,8 +161,9 @@ FINDINGS: tuple[Finding, ...] = (
         patterns=(
             r"arterial\s+wall\s+calcif\w*",
             _CALCIFIC + r"[^.;]{0,80}?\b" + _AORTIC_OR_ARTERIAL,
-            r"\b" + _AORTIC_OR_ARTERIAL + r"[^.;]{0,60}?" + _CALCIFIC,
+            r"\b" + _AORTIC_OR_ARTERIAL + r"[^.;,]{0,50}?" + _CALCIFIC,
         ),
+        anchors=('calcif', 'atherom', 'atheroscl'),
     ),
     Finding(
         index=2, name="Cardiomegaly", z_range=(0.4, 0.8), prevalence=0.11,
@@ -182,6 +189,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"(?:increase\w*|widened)\s+(?:in\s+)?(?:the\s+)?(?:cardiothoracic\s+(?:ratio|index)|\bCTR\b|"
             r"heart\s+sizes?|cardiac\s+size)",
         ),
+        anchors=('cardiomegal', 'enlarg', 'heart', 'cardiac', 'cardiothoracic', 'ctr'),
     ),
     Finding(
         index=3, name="Pericardial effusion", z_range=(0.45, 0.8), prevalence=0.08,
@@ -202,6 +210,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"pericardial\s+(?:space|recess)\s+(?:contains|shows)\s+fluid",
             r"pericardial\s+and\s+pleural\s+effusion", r"hemopericardium",
         ),
+        anchors=('pericard',),
     ),
     Finding(
         index=4, name="Coronary artery wall calcification", z_range=(0.45, 0.75), prevalence=0.22,
@@ -220,6 +229,7 @@ FINDINGS: tuple[Finding, ...] = (
             _CALCIFIC + r"[^.;]{0,80}?" + _CORONARY,
             _CORONARY + r"[^.;]{0,60}?" + _CALCIFIC,
         ),
+        anchors=('calcif', 'atherom', 'atheroscl'),
     ),
     Finding(
         index=5, name="Hiatal hernia", z_range=(0.75, 1.0), prevalence=0.16,
@@ -239,6 +249,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"(?:stomach|gastric\s+fundus|fundus)\s+(?:\w+\s+){0,3}herniat\w*",
             r"herniat\w*\s+(?:\w+\s+){0,3}(?:stomach|gastric)",
         ),
+        anchors=('hiat', 'herni'),
     ),
     Finding(
         index=6, name="Lymphadenopathy", z_range=(0.2, 0.65), prevalence=0.34,
@@ -260,6 +271,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"lymph\s*nod(?:e|es|al)\b(?!\s+stations?)",
             r"(?:enlarged|pathological(?:ly)?(?:\s+enlarged)?|bulky|conglomerate)\s+(?:\w+\s+){0,3}nodes\b",
         ),
+        anchors=('lymph', 'adenopath', 'lap', 'node'),
     ),
     Finding(
         index=7, name="Emphysema", z_range=(0.0, 0.5), prevalence=0.23,
@@ -279,6 +291,7 @@ FINDINGS: tuple[Finding, ...] = (
         weak_patterns=(r"emphysem\w*",),
         vetoes=(r"subcutaneous", r"\bskin\b", r"soft\s+tissue", r"mediastinal\s+emphysem\w*",
                 r"muscle", r"axilla\w*"),
+        anchors=('bull', 'emphysem'),
     ),
     Finding(
         index=8, name="Atelectasis", z_range=(0.5, 1.0), prevalence=0.28,
@@ -296,6 +309,7 @@ FINDINGS: tuple[Finding, ...] = (
         # Fibroatelectasis is a scar (fibrotic sequela), not an atelectasis.
         patterns=(r"(?<!fibro)(?<!fibro\s)(?<!fibro-)atelecta\w*", r"\bcollapsed?\s+(?:of\s+the\s+)?(?:\w+\s+){0,2}(?:lobe|lung|segment)",
                   r"(?:lobe|lung|segment)\s+(?:is\s+)?collapsed?"),
+        anchors=('atelecta', 'collaps'),
     ),
     Finding(
         index=9, name="Lung nodule", z_range=(0.0, 1.0), prevalence=0.45,
@@ -317,6 +331,7 @@ FINDINGS: tuple[Finding, ...] = (
         vetoes=(r"thyroid", r"adrenal", r"liver", r"hepatic", r"kidney", r"renal", r"breast",
                 r"spleen", r"splenic", r"pancrea\w*", r"schmorl", r"subcutaneous", r"mediastin\w*",
                 r"trache\w*", r"fatty\s+tissue", r"mesenter\w*", r"\bbones?\b", r"vertebra\w*"),
+        anchors=('nodul', 'mass'),
     ),
     Finding(
         index=10, name="Lung opacity", z_range=(0.0, 1.0), prevalence=0.30,
@@ -341,6 +356,7 @@ FINDINGS: tuple[Finding, ...] = (
                 r"soft\s+tissue", r"subcutaneous", r"cutaneous", r"vertebra\w*", r"\bbones?\b", r"osteo\w*",
                 r"breast", r"sternum", r"metallic", r"liver", r"kidney", r"spleen", r"consolidat\w*",
                 r"calcif\w*", r"nodul\w*"),
+        anchors=('opacit', 'glass', 'opaque', 'densit'),
     ),
     Finding(
         index=11, name="Pulmonary fibrotic sequela", z_range=(0.0, 1.0), prevalence=0.27,
@@ -363,6 +379,7 @@ FINDINGS: tuple[Finding, ...] = (
         vetoes=(r"fibroid", r"fibroadenom\w*", r"fibromatosis", r"\bribs?\b", r"humer\w*", r"kidneys?",
                 r"renal", r"spleen", r"liver", r"\bbones?\b", r"fracture", r"vertebra\w*", r"honeycomb\w*",
                 r"interstitial\s+lung\s+disease", r"idiopathic", r"elevation"),
+        anchors=('band', 'fibro', 'sequel', 'scar'),
     ),
     Finding(
         index=12, name="Pleural effusion", z_range=(0.6, 1.0), prevalence=0.15,
@@ -387,6 +404,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"hydrothora\w*", r"hemothora\w*", r"empyema",
             r"pleural\s+(?:space|cavity|cavities|spaces)\s+(?:contains?|shows?)\s+fluid",
         ),
+        anchors=('pleural', 'effusion', 'thora', 'empyema'),
     ),
     Finding(
         index=13, name="Mosaic attenuation pattern", z_range=(0.1, 1.0), prevalence=0.08,
@@ -402,6 +420,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Mosaic attenuation pattern is present.",
         patterns=(r"mosaic\w*", r"air[\s-]+trapping"),
+        anchors=('mosaic', 'trapping'),
     ),
     Finding(
         index=14, name="Peribronchial thickening", z_range=(0.2, 1.0), prevalence=0.09,
@@ -424,6 +443,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"increase\w*\s+(?:in\s+)?(?:the\s+)?peribronch\w*\s+(?:wall\s+)?thickness",
             r"peribronchial\s+cuffing",
         ),
+        anchors=('peribronch',),
     ),
     Finding(
         index=15, name="Consolidation", z_range=(0.3, 1.0), prevalence=0.16,
@@ -439,6 +459,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Consolidation is present.",
         patterns=(r"consolidat\w*", r"air\s+bronchogram\w*"),
+        anchors=('consolidat', 'bronchogram'),
     ),
     Finding(
         index=16, name="Bronchiectasis", z_range=(0.3, 1.0), prevalence=0.10,
@@ -455,6 +476,7 @@ FINDINGS: tuple[Finding, ...] = (
         fallback_sentence="Bronchiectasis is present.",
         patterns=(r"bronchiectas\w*", r"bronchiectatic", r"bronchiolectas\w*",
                   r"(?:dilated|dilatation\s+of\s+the)\s+bronch\w*"),
+        anchors=('bronchiecta', 'bronchiolecta', 'dilat'),
     ),
     Finding(
         index=17, name="Interlobular septal thickening", z_range=(0.2, 1.0), prevalence=0.08,
@@ -476,6 +498,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"increase\w*\s+(?:in\s+)?(?:the\s+)?(?:interlob\w+\s+)?septal\s+thickness",
         ),
         vetoes=(r"interatrial", r"interventricular", r"nasal\s+sept\w*"),
+        anchors=('sept',),
     ),
 )
 
@@ -522,18 +545,20 @@ def fill_slots(template: str, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------------------
 # Sentence splitting, negation and uncertainty.
 
-# A period ends a sentence unless it sits between digits (3.5 mm) or follows a common
-# abbreviation; newlines and bullet markers end sentences too.
-_SENTENCE_END = re.compile(r"(?<=[.!?])(?<!\b(?:[Ee]g|[Ii]e|[Vv]s|[Dd]r)\.)\s+|\n+|\s+-\s+(?=[A-Z])")
+# Sentence ends: ". ", "? ", "! ", a line break or a bullet; a period inside a number (3.5 mm)
+# is not followed by a space and does not split. Plain string operations: 10x a regex split.
+_BREAKS = (("? ", "?\n"), ("! ", "!\n"), (". ", ".\n"), ("\u2022", "\n"), ("\u00b7 ", "\n"), ("\r", "\n"))
+# Cheap substring test before the clause regex: most sentences have no clause break at all.
+_CLAUSE_WORDS = (";", ":", "but", "however", "though", "whereas", "while", "yet", "except", "apart",
+                 "other than", "besides")
 _CLAUSE_END = re.compile(
-    r";|:\s|,?\s+\b(?:but|however|although|though|whereas|while|yet|except|apart\s+from|other\s+than|besides)\b",
+    r";|:\s|\b(?:but|however|although|though|whereas|while|yet|except|apart\s+from|other\s+than|besides)\b",
     re.IGNORECASE)
 # Negation cues before a mention. "no" must be a word of its own ("no." abbreviations aside).
 _PRE_NEGATION = re.compile(
     r"\b(?:no|not|without|absence\s+of|absent|free\s+of|negative\s+for|neither|nor|none|"
     r"never|rather\s+than|instead\s+of|rule\s+out|ruled\s+out|exclude|excluded|unlikely|"
-    r"resolution\s+of|disappear\w*\s+of|regression\s+of\s+(?:the\s+)?previous(?:ly)?)\b",
-    re.IGNORECASE)
+    r"resolution\s+of|disappear\w*\s+of|regression\s+of\s+(?:the\s+)?previous(?:ly)?)\b")
 # Negation after a mention in the same clause ("... was not observed", "... are absent").
 _POST_NEGATION = re.compile(
     r"\b(?:(?:is|are|was|were|has\s+been|have\s+been)\s+)?(?:not|no\s+longer|never)\s+"
@@ -542,44 +567,64 @@ _POST_NEGATION = re.compile(
     r"considered|enlarged|thickened|increased|dilated|calcified|significant)\b|"
     r"\b(?:is|are|was|were)\s+(?:absent|excluded|ruled\s+out|unlikely)\b|"
     r"\b(?:has|have)\s+(?:completely\s+)?(?:resolved|disappeared|regressed\s+completely)\b|"
-    r"\b(?:completely\s+)?(?:resolved|disappeared)\b",
-    re.IGNORECASE)
+    r"\b(?:completely\s+)?(?:resolved|disappeared)\b")
 # "... was not seen in the previous examination" dates the finding, it does not negate it.
 _PRIOR_STUDY = re.compile(r"\s*(?:in|on|at|compared\s+to|compared\s+with)\s+(?:the\s+|his\s+|her\s+|its\s+)?"
-                          r"(?:\w+\s+){0,2}(?:previous|prior|old|earlier|last)\b", re.IGNORECASE)
+                          r"(?:\w+\s+){0,2}(?:previous|prior|old|earlier|last)\b")
 # Words that end the scope of a preceding negation cue inside a clause.
 _SCOPE_BREAK = re.compile(
     r"\b(?:but|however|although|though|except|whereas|which|there\s+(?:is|are)|"
-    r"is\s+seen|are\s+seen|was\s+seen|were\s+seen|observed|noted|detected|present)\b",
-    re.IGNORECASE)
+    r"is\s+seen|are\s+seen|was\s+seen|were\s+seen|observed|noted|detected|present)\b")
 # Hedges that lean negative: a mention under them is not asserted.
 _NEGATIVE_HEDGE = re.compile(
     r"\b(?:unlikely|to\s+rule\s+out|to\s+exclude|not\s+(?:typical|suggestive|consistent)|"
-    r"in\s+the\s+absence\s+of|if\s+(?:any|present)|no\s+evidence)\b",
-    re.IGNORECASE)
+    r"in\s+the\s+absence\s+of|if\s+(?:any|present)|no\s+evidence)\b")
 
-_NEVER = r"(?!x)x"  # a pattern that matches nothing, for a class without strong patterns
-_PATTERNS: tuple[re.Pattern, ...] = tuple(
-    re.compile("|".join(f"(?:{p})" for p in f.patterns) or _NEVER, re.IGNORECASE) for f in FINDINGS)
-_WEAK_PATTERNS: tuple[re.Pattern | None, ...] = tuple(
-    re.compile("|".join(f"(?:{p})" for p in f.weak_patterns), re.IGNORECASE) if f.weak_patterns else None
-    for f in FINDINGS)
-_VETOES: tuple[re.Pattern | None, ...] = tuple(
-    re.compile("|".join(f"(?:{p})" for p in f.vetoes), re.IGNORECASE) if f.vetoes else None
-    for f in FINDINGS)
-# One alternation of every class pattern: most report sentences describe normal anatomy and
-# are rejected by a single search.
-_ANY_MENTION = re.compile(
-    "|".join(f"(?:{p})" for f in FINDINGS for p in f.patterns + f.weak_patterns), re.IGNORECASE)
+
+def _compile_each(patterns: Iterable[str]) -> tuple[re.Pattern, ...]:
+    """Each pattern compiled on its own, lower-cased, for matching lower-cased text: a literal
+    prefix lets `re` skip ahead, which an IGNORECASE alternation of dozens of patterns cannot."""
+    return tuple(re.compile(p.lower()) for p in patterns)
+
+
+def _compile_any(patterns: Sequence[str]) -> re.Pattern | None:
+    return re.compile("|".join(f"(?:{p})" for p in patterns).lower()) if patterns else None
+
+
+_PATTERNS: tuple[tuple[re.Pattern, ...], ...] = tuple(_compile_each(f.patterns) for f in FINDINGS)
+_WEAK_PATTERNS: tuple[tuple[re.Pattern, ...], ...] = tuple(_compile_each(f.weak_patterns) for f in FINDINGS)
+_VETOES: tuple[re.Pattern | None, ...] = tuple(_compile_any(f.vetoes) for f in FINDINGS)
+# Anchor -> classes it may announce. A report's anchors are found once with C-level substring
+# tests; each sentence is then tested only for those, and a sentence holding none (most
+# sentences describe normal anatomy) costs no regular expression at all.
+_ANCHOR_CLASSES: dict[str, frozenset[int]] = {
+    anchor: frozenset(f.index for f in FINDINGS if anchor in f.anchors)
+    for anchor in sorted({a for f in FINDINGS for a in f.anchors})}
+_ALL_ANCHORS: tuple[str, ...] = tuple(_ANCHOR_CLASSES)
+
+
+def _candidates(lowered: str, anchors: Sequence[str] = _ALL_ANCHORS) -> set[int]:
+    """Classes whose anchors occur in the lower-cased text: the only ones worth a regex search."""
+    found: set[int] = set()
+    for anchor in anchors:
+        if anchor in lowered:
+            found |= _ANCHOR_CLASSES[anchor]
+    return found
 
 
 def split_sentences(text: str) -> list[str]:
     """Report text -> stripped, non-empty sentences (decimals like 3.5 mm are not split)."""
-    return [s.strip() for s in _SENTENCE_END.split(text) if s and s.strip(" .\t\r")]
+    for old, new in _BREAKS:
+        if old in text:
+            text = text.replace(old, new)
+    return [s for s in (line.strip() for line in text.split("\n")) if s.strip(" .\t\"'")]
 
 
 def split_clauses(sentence: str) -> list[str]:
     """A sentence -> clauses at ';', ':' and contrastive conjunctions (negation scope ends there)."""
+    lowered = sentence.lower()
+    if not any(word in lowered for word in _CLAUSE_WORDS):
+        return [sentence]
     return [c for c in _CLAUSE_END.split(sentence) if c and c.strip()]
 
 
@@ -595,11 +640,14 @@ def _is_negated(clause: str, start: int, end: int) -> bool:
 
 
 def _mentions(index: int, clause: str) -> Iterable[re.Match]:
-    """Matches of class `index` in the clause: strong ones, then weak ones unless vetoed."""
-    yield from _PATTERNS[index].finditer(clause)
-    weak, veto = _WEAK_PATTERNS[index], _VETOES[index]
-    if weak is not None and not (veto is not None and veto.search(clause)):
-        yield from weak.finditer(clause)
+    """Matches of class `index` in the lower-cased clause: strong ones, then weak ones unless
+    a veto is in the clause."""
+    for pattern in _PATTERNS[index]:
+        yield from pattern.finditer(clause)
+    veto = _VETOES[index]
+    if _WEAK_PATTERNS[index] and not (veto is not None and veto.search(clause)):
+        for pattern in _WEAK_PATTERNS[index]:
+            yield from pattern.finditer(clause)
 
 
 def _is_questioned(clause: str, end: int) -> bool:
@@ -614,29 +662,44 @@ def _class_asserted(index: int, clause: str) -> bool:
 
 def sentence_mentions(sentence: str) -> frozenset[int]:
     """Class indices the sentence MENTIONS at all, asserted or negated."""
-    if not _ANY_MENTION.search(sentence):
-        return frozenset()
-    return frozenset(i for i in range(NUM_CLASSES)
-                     if any(True for _ in _mentions(i, sentence)))
+    lowered = sentence.lower()
+    return frozenset(i for i in _candidates(lowered) if any(True for _ in _mentions(i, lowered)))
+
+
+def _asserted_in(lowered: str, candidates: Iterable[int]) -> set[int]:
+    """Candidate classes asserted in a lower-cased sentence, clause by clause."""
+    present: set[int] = set()
+    for clause in split_clauses(lowered):
+        if _NEGATIVE_HEDGE.search(clause):
+            continue
+        present.update(i for i in candidates if i not in present and _class_asserted(i, clause))
+    return present
 
 
 def sentence_findings(sentence: str) -> frozenset[int]:
     """Class indices the sentence ASSERTS present (negation- and uncertainty-aware)."""
-    if not _ANY_MENTION.search(sentence):
-        return frozenset()
-    present = set()
-    for clause in split_clauses(sentence):
-        if _NEGATIVE_HEDGE.search(clause) or not _ANY_MENTION.search(clause):
-            continue
-        present.update(i for i in range(NUM_CLASSES) if _class_asserted(i, clause))
-    return frozenset(present)
+    lowered = sentence.lower()
+    candidates = _candidates(lowered)
+    return frozenset(_asserted_in(lowered, candidates)) if candidates else frozenset()
+
+
+def sentence_findings_exhaustive(sentence: str) -> frozenset[int]:
+    """`sentence_findings` without the anchor prefilter (slow; checks that anchors lose nothing)."""
+    return frozenset(_asserted_in(sentence.lower(), range(NUM_CLASSES)))
 
 
 def report_findings(text: str) -> frozenset[int]:
-    """Class indices asserted present anywhere in a report."""
+    """Class indices asserted present anywhere in a report (the union over its sentences)."""
+    lowered = text.lower()
+    anchors = [a for a in _ALL_ANCHORS if a in lowered]
     present: set[int] = set()
+    if not anchors:
+        return frozenset()
     for sentence in split_sentences(text):
-        present |= sentence_findings(sentence)
+        sentence = sentence.lower()
+        candidates = _candidates(sentence, anchors) - present
+        if candidates:
+            present |= _asserted_in(sentence, candidates)
     return frozenset(present)
 
 
