@@ -432,7 +432,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         negative_sentences=(
             "No peribronchial thickening is seen.",
-            "The bronchial walls are not thickened.",
+            "The peribronchial interstitium is not thickened.",
         ),
         fallback_sentence="Peribronchial thickening is present.",
         # CT-RATE keeps this to the peribronchial sheath; thickening of the bronchial wall alone
@@ -442,6 +442,7 @@ FINDINGS: tuple[Finding, ...] = (
             _THICK + r"\s+(?:\w+\s+){0,3}(?:of|in|along)\s+(?:the\s+)?(?:\w+\s+)?peribronch\w*",
             r"increase\w*\s+(?:in\s+)?(?:the\s+)?peribronch\w*\s+(?:wall\s+)?thickness",
             r"peribronchial\s+cuffing",
+            r"peribronch\w*\s+(?:\w+\s+){0,2}(?:is|are|was|were|appears?)\s+(?:\w+\s+)?thicken\w*",
         ),
         anchors=('peribronch',),
     ),

@@ -1,0 +1,197 @@
+"""The 18 CT-RATE classes: names/order, per-class data, and the negation-aware lexicon.
+
+All report text here is written for these tests (never taken from the licensed CT-RATE file).
+"""
+
+import itertools
+import random
+import re
+
+import pytest
+
+from kervljepa_jax import findings as F
+
+CT_RATE_ORDER = (
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema",
+    "Atelectasis", "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+)
+IDX = {name: i for i, name in enumerate(CT_RATE_ORDER)}
+
+
+def _all_fillings(template):
+    """Every combination of slot fillers for a template (they are few)."""
+    slots = re.findall(r"\{(\w+)\}", template)
+    for combo in itertools.product(*(F.SLOT_FILLERS[s] for s in slots)):
+        text = template
+        for slot, filler in zip(slots, combo):
+            text = text.replace("{" + slot + "}", filler, 1)
+        yield text[0].upper() + text[1:]
+
+
+def test_class_names_and_order_are_ct_rate():
+    assert F.CLASS_NAMES == CT_RATE_ORDER
+    assert F.NUM_CLASSES == 18 == len(F.FINDINGS)
+    assert [f.name for f in F.FINDINGS] == list(CT_RATE_ORDER)
+    assert [f.index for f in F.FINDINGS] == list(range(18))
+
+
+def test_per_class_data_is_well_formed():
+    for f in F.FINDINGS:
+        lo, hi = f.z_range
+        assert 0.0 <= lo < hi <= 1.0, f.name
+        assert 0.0 < f.prevalence < 0.6, f.name
+        assert len(f.positive_sentences) >= 4 and len(f.negative_sentences) >= 2, f.name
+        assert f.patterns or f.weak_patterns, f.name
+        assert f.anchors and all(a == a.lower() for a in f.anchors), f.name
+    assert 0.3 <= F.NORMAL_FRACTION <= 0.45
+
+
+def test_anatomical_z_ranges_follow_the_chest():
+    z = {f.name: f.z_range for f in F.FINDINGS}
+    assert z["Hiatal hernia"][0] >= 0.6            # at the diaphragm, low in the volume
+    assert z["Emphysema"][1] <= 0.6                # upper-lobe predominant
+    assert z["Pleural effusion"][0] >= 0.5         # dependent, basal
+    lo, hi = z["Cardiomegaly"]
+    assert 0.3 <= lo and hi <= 0.9                 # mid-lower chest
+
+
+def test_co_occurrence_pairs_and_matrix():
+    seen = set()
+    for i, j, lift in F.CO_OCCURRENCE:
+        assert 0 <= i < 18 and 0 <= j < 18 and i != j and lift > 1.0
+        assert frozenset((i, j)) not in seen
+        seen.add(frozenset((i, j)))
+    pairs = {frozenset((i, j)) for i, j, _ in F.CO_OCCURRENCE}
+    for a, b in [("Coronary artery wall calcification", "Arterial wall calcification"),
+                 ("Atelectasis", "Pleural effusion"), ("Consolidation", "Lung opacity")]:
+        assert frozenset((IDX[a], IDX[b])) in pairs
+    matrix = F.co_occurrence_matrix()
+    assert all(matrix[i][j] == matrix[j][i] for i in range(18) for j in range(18))
+    assert all(matrix[i][i] == 1.0 for i in range(18))
+
+
+@pytest.mark.parametrize("finding", F.FINDINGS, ids=lambda f: f.name)
+def test_positive_sentences_assert_their_class_with_every_filler(finding):
+    for template in finding.positive_sentences:
+        assert set(re.findall(r"\{(\w+)\}", template)) <= set(F.SLOT_FILLERS), template
+        for sentence in _all_fillings(template):
+            assert finding.index in F.sentence_findings(sentence), sentence
+
+
+@pytest.mark.parametrize("finding", F.FINDINGS, ids=lambda f: f.name)
+def test_negative_sentences_assert_nothing_but_mention_their_class(finding):
+    for sentence in finding.negative_sentences:
+        assert F.sentence_findings(sentence) == frozenset(), sentence
+        assert finding.index in F.sentence_mentions(sentence), sentence
+
+
+@pytest.mark.parametrize("finding", F.FINDINGS, ids=lambda f: f.name)
+def test_fallback_sentence_asserts_exactly_its_class(finding):
+    assert F.sentence_findings(finding.fallback_sentence) == {finding.index}
+
+
+def test_normal_sentence_asserts_nothing():
+    assert F.sentence_findings(F.NORMAL_SENTENCE) == frozenset()
+
+
+def test_fill_slots_leaves_no_slot_and_capitalises_a_leading_one():
+    rng = random.Random(0)
+    for f in F.FINDINGS:
+        for template in f.positive_sentences:
+            text = F.fill_slots(template, rng)
+            assert "{" not in text and "}" not in text
+            assert text[0].isupper()
+
+
+# Sentence -> classes asserted. Negation, scope, hedges and the CT-RATE labelling conventions
+# this labeler follows (documented in kervljepa_jax/findings.py).
+CASES = [
+    # plain negation and its scope
+    ("No pleural effusion.", set()),
+    ("Minimal bilateral pleural effusion.", {"Pleural effusion"}),
+    ("No pleural or pericardial effusion was detected.", set()),
+    ("Pleural and pericardial effusion are present.", {"Pleural effusion", "Pericardial effusion"}),
+    ("Pericardial effusion was not observed.", set()),
+    ("There is no nodule, but linear atelectasis is seen in the left lower lobe.", {"Atelectasis"}),
+    ("The heart is not enlarged.", set()),
+    ("Heart size is normal and the cardiothoracic ratio is increased.", {"Cardiomegaly"}),
+    ("There is no evidence of hiatal hernia.", set()),
+    ("Emphysema is absent.", set()),
+    ("The previously described pleural effusion has resolved.", set()),
+    # "not seen before" dates a finding, it does not negate it
+    ("A 5 mm nodule that was not seen in the previous examination is present in the right upper lobe.",
+     {"Lung nodule"}),
+    # uncertainty: positive-leaning hedges count, negative-leaning ones and "?" differentials do not
+    ("Findings suspicious for consolidation in the left lower lobe.", {"Consolidation"}),
+    ("Ground-glass opacities, probably infectious, in both lower lobes.", {"Lung opacity"}),
+    ("Consolidation is unlikely.", set()),
+    ("A soft tissue density at the right hilum (lymph node?).", set()),
+    # CT-RATE conventions
+    ("A few lymph nodes that do not reach pathological size are seen in the mediastinum.",
+     {"Lymphadenopathy"}),
+    ("No pathologically enlarged lymph node was detected.", set()),
+    ("A 6 mm nodule is seen in the left lobe of the thyroid gland.", set()),
+    ("Nodular ground-glass opacities in both lungs.", {"Lung opacity"}),
+    ("Fibroatelectatic bands in the lingula.", {"Pulmonary fibrotic sequela"}),
+    ("Calcified plaques in the aortic arch and the coronary arteries.",
+     {"Arterial wall calcification", "Coronary artery wall calcification"}),
+    ("Coronary artery calcification is present.", {"Coronary artery wall calcification"}),
+    ("Calcification of the aortic valve leaflets.", set()),
+    ("Subcutaneous emphysema in the left chest wall after the operation.", set()),
+    ("Increased density in the perirenal fat planes.", set()),
+    ("A patchy density increase in the right lower lobe.", {"Lung opacity"}),
+    ("A small amount of fluid around the spleen.", set()),
+    ("Bilateral effusion with adjacent compressive atelectasis.", {"Pleural effusion", "Atelectasis"}),
+    ("A port catheter ends at the cavoatrial junction.", {"Medical material"}),
+    ("This is consistent with the reported history.", set()),
+]
+
+
+@pytest.mark.parametrize("sentence,expected", CASES, ids=[c[0][:40] for c in CASES])
+def test_sentence_findings_cases(sentence, expected):
+    assert F.sentence_findings(sentence) == {IDX[name] for name in expected}
+
+
+def test_report_findings_is_the_union_over_sentences_and_keeps_scope_per_sentence():
+    report = ("Trachea and both main bronchi are open. No pleural effusion. "
+              "Subsegmental atelectasis in the right lower lobe.\n"
+              "Mediastinal lymph nodes measuring up to 14 mm in short axis. No nodule was detected.")
+    assert F.report_findings(report) == {IDX["Atelectasis"], IDX["Lymphadenopathy"]}
+    assert F.report_findings("") == frozenset()
+
+
+def test_split_sentences_keeps_decimals_and_splits_bullets_and_lines():
+    text = "A 3.5 mm nodule. No mass.\nEffusion? Yes! \u2022 First point \u2022 second point"
+    assert F.split_sentences(text) == ["A 3.5 mm nodule.", "No mass.", "Effusion?", "Yes!",
+                                       "First point", "second point"]
+
+
+def test_split_clauses_at_contrastive_conjunctions_any_case():
+    assert F.split_clauses("No effusion; atelectasis") == ["No effusion", " atelectasis"]
+    assert len(F.split_clauses("No nodule But atelectasis")) == 2
+    assert F.split_clauses("Atelectasis in both lungs.") == ["Atelectasis in both lungs."]
+
+
+def test_sentence_mentions_include_negated_classes():
+    assert F.sentence_mentions("No pleural effusion.") == {IDX["Pleural effusion"]}
+    assert F.sentence_findings("No pleural effusion.") == frozenset()
+
+
+def test_anchor_prefilter_loses_nothing():
+    """The anchors only skip work: with or without them the same classes come out."""
+    sentences = [s for f in F.FINDINGS for t in f.positive_sentences for s in _all_fillings(t)]
+    sentences += [s for f in F.FINDINGS for s in f.negative_sentences + (f.fallback_sentence,)]
+    sentences += [c[0] for c in CASES]
+    for sentence in sentences:
+        assert F.sentence_findings(sentence) == F.sentence_findings_exhaustive(sentence), sentence
+
+
+def test_label_vector_round_trip_and_length_check():
+    labels = F.labels_from_indices({2, 9})
+    assert len(labels) == 18 and labels[2] == labels[9] == 1 and sum(labels) == 2
+    assert F.indices_from_labels(labels) == {2, 9}
+    with pytest.raises(ValueError, match="17 entries"):
+        F.indices_from_labels([0] * 17)
