@@ -135,7 +135,9 @@ class RadBertLabeler:
             raise LabelError(f"{classifier_path}: classifier expects hidden size {weight.shape[1]}, "
                              f"the encoder in {encoder_dir} has {self.encoder.config.hidden_size}")
         self.weight, self.bias = weight.float(), bias.float()
-        self.batch_size, self.max_length, self.threshold = batch_size, max_length, threshold
+        # RoBERTa's positions start after the padding index: 514 positions hold 512 tokens.
+        positions = getattr(self.encoder.config, "max_position_embeddings", max_length + 2) - 2
+        self.batch_size, self.max_length, self.threshold = batch_size, min(max_length, positions), threshold
         self.device = device
         self.encoder.to(device).eval()
         self.weight, self.bias = self.weight.to(device), self.bias.to(device)
