@@ -41,12 +41,14 @@ SPLIT_IDS = {"train": 0, "valid": 1}
 WORLD_SEED = 20260323
 Z_SPACINGS_MM = (0.625, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
 NUM_ANATOMY_DIRECTIONS = 8
-NUM_SHARED_DIRECTIONS = 6
 NUM_BENIGN_DIRECTIONS = 6
 # Signal scale, tuned so a linear probe on 32 zone-pooled tokens reaches macro F1 ~0.9 on a few
 # hundred volumes while a globally pooled probe stays clearly lower (tests/data/test_synthetic.py).
 LESION_AMPLITUDE = 3.5
 NOISE_STD = 1.0
+SHARED_WEIGHT = 0.9     # cosine of a zone-confined class direction with its group's shared one
+MAX_SHARED_OVERLAP = 0.1  # most z-overlap (fraction of the volume) of two classes sharing a direction
+LESION_EXTENT = (0.3, 0.8)   # lesion length as a fraction of its class z-range
 NEGATION_PROBABILITY = 0.5
 
 
@@ -244,12 +246,37 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+@functools.lru_cache(maxsize=None)
+def shared_groups() -> tuple[int, ...]:
+    """Class -> shared direction index (-1: none): pairs of classes in (almost) disjoint zones.
+
+    Two classes of a pair look almost alike (one shared direction) but sit in different parts
+    of the volume, so only WHERE the signal is tells them apart: the zones carry information
+    that a global pool loses. Pairs are picked greedily by least z-overlap.
+    """
+    classes = range(findings.NUM_CLASSES)
+    pairs = sorted((_overlap(findings.FINDINGS[i].z_range, findings.FINDINGS[j].z_range), i, j)
+                   for i in classes for j in classes if i < j)
+    assignment, used = [-1] * findings.NUM_CLASSES, set()
+    for overlap, i, j in pairs:
+        if overlap <= MAX_SHARED_OVERLAP and not {i, j} & used:
+            assignment[i] = assignment[j] = len(used) // 2
+            used |= {i, j}
+    return tuple(assignment)
+
+
 @functools.lru_cache(maxsize=8)
 def world(embed_dim: int) -> World:
     rng = np.random.default_rng([WORLD_SEED, embed_dim])
-    shared = _unit(rng.standard_normal((NUM_SHARED_DIRECTIONS, embed_dim)))
+    shared = _unit(rng.standard_normal((findings.NUM_CLASSES // 2, embed_dim)))
     own = _unit(rng.standard_normal((findings.NUM_CLASSES, embed_dim)))
-    classes = _unit(0.6 * shared[np.arange(findings.NUM_CLASSES) % NUM_SHARED_DIRECTIONS] + 0.8 * own)
+    groups = np.array(shared_groups())
+    weight = np.where(groups >= 0, SHARED_WEIGHT, 0.0)[:, None]
+    classes = _unit(weight * shared[np.maximum(groups, 0)] + np.sqrt(1 - weight**2) * own)
     return World(anatomy=rng.standard_normal((NUM_ANATOMY_DIRECTIONS, embed_dim)),
                  classes=classes,
                  benign=_unit(rng.standard_normal((NUM_BENIGN_DIRECTIONS, embed_dim))),
@@ -266,16 +293,30 @@ def _bump(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def lesion_interval(z_range: tuple[float, float], rng: np.random.Generator) -> tuple[float, float]:
     """A random sub-interval (30-80% of the class's z-range) fully inside it."""
     lo, hi = z_range
-    width = (hi - lo) * rng.uniform(0.3, 0.8)
+    width = (hi - lo) * rng.uniform(LESION_EXTENT[0], LESION_EXTENT[1])
     start = rng.uniform(lo, hi - width)
     return start, start + width
+
+
+def lesion_signal(labels: np.ndarray, num_slices: int, embed_dim: int, rng: np.random.Generator,
+                  signal_strength: float = 1.0) -> np.ndarray:
+    """[N, D] sum over positive classes of a bump along u_c inside the class's z-range."""
+    classes = world(embed_dim).classes
+    u = np.linspace(0.0, 1.0, num_slices)                      # fraction of the volume, apex -> base
+    amplitude = LESION_AMPLITUDE * signal_strength * np.sqrt(embed_dim) / np.sqrt(32.0)
+    signal = np.zeros((num_slices, embed_dim))
+    for c in np.flatnonzero(labels):
+        lo, hi = lesion_interval(findings.FINDINGS[c].z_range, rng)
+        strength = amplitude * rng.uniform(0.5, 1.5)            # weak and strong lesions
+        signal += strength * np.outer(_bump(u, lo, hi), classes[c])
+    return signal
 
 
 def make_slices(labels: np.ndarray, num_slices: int, embed_dim: int, rng: np.random.Generator,
                 signal_strength: float = 1.0) -> np.ndarray:
     """[N, D] float32 slice embeddings for a volume with these labels."""
     w = world(embed_dim)
-    u = np.linspace(0.0, 1.0, num_slices)                      # fraction of the volume, apex -> base
+    u = np.linspace(0.0, 1.0, num_slices)
     start, end = rng.uniform(-0.05, 0.05), rng.uniform(0.95, 1.05)
     t = start + (end - start) * u                              # anatomical position (coverage jitter)
     centers = np.linspace(0.0, 1.0, NUM_ANATOMY_DIRECTIONS)
@@ -286,11 +327,7 @@ def make_slices(labels: np.ndarray, num_slices: int, embed_dim: int, rng: np.ran
         lo = rng.uniform(0, 0.8)
         x += rng.uniform(0.5, 1.5) * np.outer(_bump(u, lo, lo + rng.uniform(0.05, 0.2)),
                                               w.benign[rng.integers(len(w.benign))])
-    amplitude = LESION_AMPLITUDE * signal_strength * np.sqrt(embed_dim) / np.sqrt(32.0)
-    for c in np.flatnonzero(labels):
-        lo, hi = lesion_interval(findings.FINDINGS[c].z_range, rng)
-        strength = amplitude * rng.uniform(0.5, 1.5)
-        x += strength * np.outer(_bump(u, lo, hi), w.classes[c])
+    x += lesion_signal(labels, num_slices, embed_dim, rng, signal_strength)
     x += rng.normal(0.0, NOISE_STD, x.shape)
     return x.astype(np.float32)
 
