@@ -21,12 +21,26 @@ from sklearn import metrics as skm
 from kervljepa_jax import findings
 
 
+def _check_binary(array: np.ndarray, what: str) -> None:
+    # A probability array passed as predictions would otherwise be floored to all-0 by astype.
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{what} must hold 0/1 (or bool) values; threshold scores first "
+                         f"(found e.g. {array[~np.isin(array, (0, 1))].flat[0]!r})")
+
+
 def _check(y_true: np.ndarray, other: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Same [N, C] shape, N > 0, y_true 0/1; `other` 0/1 too unless it is "scores" (then finite)."""
     y_true, other = np.asarray(y_true), np.asarray(other)
     if y_true.ndim != 2 or other.shape != y_true.shape:
         raise ValueError(f"y_true {y_true.shape} and {what} {other.shape} must both be [N, C]")
     if y_true.shape[0] == 0:
         raise ValueError("no samples to score")
+    _check_binary(y_true, "y_true")
+    if what == "scores":
+        if not np.isfinite(other).all():
+            raise ValueError(f"scores hold {int((~np.isfinite(other)).sum())} NaN/inf values")
+    else:
+        _check_binary(other, what)
     return y_true.astype(np.int8), other
 
 
