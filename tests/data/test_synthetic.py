@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from kervljepa_jax import findings
-from kervljepa_jax.data import default_data_config, records, synthetic
+from kervljepa_jax.data import ctrate, default_data_config, records, synthetic
 
 
 def config(**overrides):
@@ -171,18 +171,44 @@ def _ridge_f1(train, valid, which, average="macro"):
     return f1(valid[2], fit(x, y, lam)(valid[which]), average)
 
 
-def test_learnable_from_zones_and_not_trivial():
-    c = config(num_train=600, num_valid=300, min_synthetic_slices=80, max_synthetic_slices=240)
-    train = _features(synthetic.SyntheticSource(c, "train"))
-    valid = _features(synthetic.SyntheticSource(c, "valid"))
+@pytest.fixture(scope="module")
+def probe_data():
+    c = config(num_train=1500, num_valid=300, min_synthetic_slices=80, max_synthetic_slices=240)
+    return _features(synthetic.SyntheticSource(c, "train")), _features(synthetic.SyntheticSource(c, "valid"))
+
+
+def test_learnable_from_zones_and_not_trivial(probe_data):
+    train, valid = probe_data
     zone_f1, global_f1 = _ridge_f1(train, valid, 0, None), _ridge_f1(train, valid, 1, None)
-    assert zone_f1.mean() >= 0.75, zone_f1          # a linear read-out of the 32 zones already gets far
+    assert zone_f1.mean() >= 0.8, zone_f1           # a linear read-out of the 32 zones already gets far
     assert zone_f1.mean() < 0.95, zone_f1           # not trivial: noise and weak lesions cost
-    assert global_f1.mean() < zone_f1.mean() - 0.05, (zone_f1, global_f1)   # pooling loses the zones
-    # Classes sharing a direction are told apart by where they are: a global pool confuses them.
-    paired = np.array(synthetic.shared_groups()) >= 0
-    assert paired.sum() >= 4
-    assert global_f1[paired].mean() < zone_f1[paired].mean() - 0.1, (zone_f1[paired], global_f1[paired])
+    assert global_f1.mean() < zone_f1.mean() - 0.1, (zone_f1, global_f1)   # pooling loses the zones
+    # Classes sharing a direction, or with look-alikes elsewhere, are told apart by where they are.
+    zonal = np.isin(np.arange(findings.NUM_CLASSES), synthetic.LOOKALIKE_CLASSES)
+    zonal |= np.array(synthetic.shared_groups()) >= 0
+    assert zonal.sum() >= 8
+    assert global_f1[zonal].mean() < zone_f1[zonal].mean() - 0.12, (zone_f1[zonal], global_f1[zonal])
+
+
+def test_lookalikes_stay_outside_their_class_z_range():
+    rng = np.random.default_rng(3)
+    drawn = [synthetic.lookalikes(rng) for _ in range(2000)]
+    assert 0.35 < np.mean([len(d) > 0 for d in drawn]) < 0.43     # Poisson(0.5): P(>= 1) = 0.39
+    classes = set()
+    for c, start, end, strength in (x for d in drawn for x in d):
+        lo, hi = findings.FINDINGS[c].z_range
+        assert 0 <= start < end <= 1 and 0.5 <= strength <= 1.5
+        assert end <= lo - synthetic.LOOKALIKE_GAP or start >= hi + synthetic.LOOKALIKE_GAP, (c, start, end)
+        classes.add(c)
+    assert classes == set(synthetic.LOOKALIKE_CLASSES) and len(classes) >= 8
+    # The signal follows the drawn intervals: zero outside them.
+    u = np.linspace(0, 1, 300)
+    state = np.random.default_rng(5)                  # a seed that draws two
+    signal = synthetic.lookalike_signal(300, 32, np.random.default_rng(5))
+    inside = np.zeros(300, bool)
+    for _, start, end, _ in synthetic.lookalikes(state):
+        inside |= (u >= start) & (u <= end)
+    assert inside.any() and np.all(signal[~inside] == 0)
 
 
 def test_signal_strength_scales_difficulty():
@@ -208,6 +234,17 @@ def test_write_layout_and_cli(tmp_path):
         assert len(files) == n and all(f.endswith(".npy") for f in files)
         x = np.load(os.path.join(out, "embeddings", split, files[0]))
         assert x.dtype == np.float16 and x.shape[1] == 8 and 5 <= x.shape[0] <= 9
+    # The CT-RATE source reads it back as the synthetic source's records (float16 on disk).
+    ct = ctrate.CtRateSource(config(source="ctrate", root=out, embed_dim=8, max_slices=9), "train")
+    synth = synthetic.SyntheticSource(config(seed=4, embed_dim=8, max_slices=9, num_train=3,
+                                             min_synthetic_slices=5, max_synthetic_slices=9), "train")
+    assert len(ct) == 3
+    for i in range(3):
+        a, b = ct[i], synth[i]
+        assert a["volume_name"] == b["volume_name"] and a["report"] == b["report"]
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        np.testing.assert_array_equal(a["slices"], b["slices"].astype(np.float16).astype(np.float32))
+        np.testing.assert_allclose(a["z_mm"], b["z_mm"], rtol=1e-6)
     missing = subprocess.run([sys.executable, "-m", "kervljepa_jax.data.synthetic"], capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode != 0 and "--out" in missing.stderr
