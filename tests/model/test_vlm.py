@@ -1,0 +1,161 @@
+"""The composed VLM: param layout, graft, fresh == base LLM, decode == full forward, ablations, 3B counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kervljepa_jax.model import llama as llama_lib
+from kervljepa_jax.model import lora as lora_lib
+from kervljepa_jax.model import vlm as vlm_lib
+
+VIS = 5          # the <|visual_region|> id in the tiny vocabulary
+K = 4            # visual tokens in these tests
+CFG = vlm_lib.make_config("tiny", visual_token_id=VIS, d_visual=32, num_visual_tokens=K,
+                          lora=lora_lib.LoraConfig(rank=4, alpha=8.0), vocab_size=256, injection_layers=(0, 2))
+MODEL = vlm_lib.VLM(CFG)
+B, N, T = 3, 10, 12
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    slices = rng.standard_normal((B, N, 32)).astype(np.float32)
+    z = np.cumsum(np.full((B, N), 1.5), axis=1).astype(np.float32)
+    valid = np.arange(N)[None] < np.array([[10], [7], [3]])
+    ids = rng.integers(10, 256, (B, T))
+    ids[:, 1:1 + K] = VIS                                     # prompt: <bos> <vis>*K text...
+    return jnp.asarray(slices), jnp.asarray(z), jnp.asarray(valid), jnp.asarray(ids, jnp.int32)
+
+
+INPUTS = _inputs()
+
+
+@pytest.fixture(scope="module")
+def variables():
+    return vlm_lib.init(CFG, jax.random.key(0))
+
+
+def _with_gates(variables, value):
+    params = dict(variables["params"])
+    for l in CFG.llm.injection_layers:
+        params[f"xattn_{l}"] = {**params[f"xattn_{l}"], "gate": jnp.asarray(value, jnp.float32)}
+    lora = lambda p, x: x + 0.05 if p[-1].key == "lora_B" else x  # noqa: E731  (LoRA active too)
+    params = jax.tree_util.tree_map_with_path(lora, params)
+    return {**variables, "params": params}
+
+
+def test_param_layout(variables):
+    top = set(variables["params"])
+    assert top == {"compressor", "predictor", "jepa_head", "visual_classifier", "llm_classifier", "log_temperature",
+                   "llm", "projector_0", "projector_2", "xattn_0", "xattn_2"}
+    assert set(variables["calibration"]) == {"calibrator"}
+    counts = vlm_lib.count_bridge_tensors(variables["params"])
+    assert counts == {"projector": 4, "xattn": 14, "lora": 4 * 7 * 2}
+
+
+def test_graft_places_tokens_in_order_and_is_differentiable():
+    embeds = jnp.zeros((2, 6, 3))
+    ids = jnp.array([[1, VIS, VIS, 2, 3, 4], [VIS, 1, VIS, 2, 3, 4]])
+    visual = jnp.arange(2 * 2 * 3, dtype=jnp.float32).reshape(2, 2, 3) + 1
+    out = vlm_lib.graft(embeds, ids, visual, VIS)
+    np.testing.assert_array_equal(out[0, 1:3], visual[0])
+    np.testing.assert_array_equal(out[1, 0], visual[1, 0])
+    np.testing.assert_array_equal(out[1, 2], visual[1, 1])
+    assert float(jnp.abs(out[0, 3:]).sum()) == 0.0
+    grad = jax.grad(lambda v: vlm_lib.graft(embeds, ids, v, VIS).sum())(visual)
+    np.testing.assert_array_equal(grad, np.ones_like(visual))   # each token used exactly once
+
+
+def test_fresh_vlm_equals_base_llm_on_grafted_embeddings(variables):
+    slices, z, valid, ids = INPUTS
+    out = jax.jit(lambda v: MODEL.apply(v, slices, z, valid, ids))(variables)
+    base = llama_lib.Llama(CFG.llm)
+    calibrated = out.visual.calibrated
+    embeds = vlm_lib.graft(base.apply({"params": variables["params"]["llm"]}, ids, method="embed"), ids,
+                           calibrated, VIS)
+    ref = base.apply({"params": variables["params"]["llm"]}, inputs_embeds=embeds)
+    np.testing.assert_allclose(out.logits, ref.logits, atol=1e-5)
+    assert out.llm_cls_logits.shape == (B, 18) and out.visual.z_visual.shape == (B, CFG.bridge.jepa_dim)
+    assert out.visual.z_tokens.shape == (B, K, CFG.bridge.jepa_dim) and out.visual.cls_logits.shape == (B, 18)
+    assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def _decode_logits(variables, slices, z, valid, ids, prompt_len, with_context=True):
+    """Prefill the first prompt_len tokens, then feed the rest one by one; logits at every position."""
+    def run(v):
+        cache = llama_lib.init_cache(CFG.llm, B, T)
+        logits, cache, context = MODEL.apply(v, slices, z, valid, ids[:, :prompt_len],
+                                             jnp.ones((B, prompt_len), bool), cache, method="prefill")
+        steps = [logits]
+        for t in range(prompt_len, T):
+            logits, cache = MODEL.apply(v, ids[:, t:t + 1], cache, context if with_context else None,
+                                        method="extend")
+            steps.append(logits)
+        return jnp.stack(steps, axis=1)
+    return jax.jit(run)(variables)
+
+
+def test_token_by_token_decoding_equals_full_forward_with_open_gates(variables):
+    """The adapters must fire at every decode step: with non-zero gates, a decoder that dropped the
+    visual context after the prefill would give different logits (checked below)."""
+    v = _with_gates(variables, 0.7)
+    slices, z, valid, ids = INPUTS
+    full = MODEL.apply(v, slices, z, valid, ids).logits
+    prompt_len = 1 + K + 1
+    stepwise = _decode_logits(v, slices, z, valid, ids, prompt_len)
+    np.testing.assert_allclose(stepwise, full[:, prompt_len - 1:], atol=2e-5)
+    # The same check fails for the paper's bug (no visual context in the decode steps).
+    buggy = _decode_logits(v, slices, z, valid, ids, prompt_len, with_context=False)
+    assert float(jnp.abs(buggy[:, 1:] - full[:, prompt_len:]).max()) > 1e-3
+
+
+def test_ablations(variables):
+    slices, z, valid, ids = INPUTS
+    outs = {mode: MODEL.apply(variables, slices, z, valid, visual_mode=mode).visual.calibrated
+            for mode in vlm_lib.VISUAL_MODES}
+    assert float(jnp.abs(outs["zero"]).max()) == 0.0
+    np.testing.assert_array_equal(outs["shuffle"], jnp.roll(outs["normal"], 1, axis=0))
+    np.testing.assert_allclose(jnp.linalg.norm(outs["noise"], axis=-1), jnp.linalg.norm(outs["normal"], axis=-1),
+                               rtol=1e-5)
+    cos = jnp.sum(outs["noise"] * outs["normal"], -1) / (jnp.linalg.norm(outs["noise"], axis=-1)
+                                                         * jnp.linalg.norm(outs["normal"], axis=-1))
+    assert float(jnp.abs(cos).mean()) < 0.3
+    with pytest.raises(ValueError, match="visual_mode"):
+        vlm_lib.ablate(outs["normal"], "blur")
+
+
+def test_gradients_reach_the_compressor_through_the_graft(variables):
+    slices, z, valid, ids = INPUTS
+    v = _with_gates(variables, 0.0)
+
+    def loss(params):
+        return MODEL.apply({**v, "params": params}, slices, z, valid, ids).logits[:, -1].sum()
+    grads = jax.jit(jax.grad(loss))(v["params"])
+    assert float(jnp.abs(grads["compressor"]["queries"]).sum()) > 0
+    assert float(jnp.abs(grads["predictor"]["linear"]["kernel"]).sum()) > 0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="visual_token_id"):
+        vlm_lib.make_config("tiny", visual_token_id=5000)
+    good = vlm_lib.make_config("tiny", visual_token_id=3)
+    with pytest.raises(ValueError, match="inconsistent sizes"):
+        vlm_lib.VLMConfig(llm=good.llm, compressor=good.compressor, bridge=good.bridge, xattn=good.xattn,
+                          visual_token_id=3, num_visual_tokens=16)
+
+
+def test_3b_preset_bridge_counts_by_abstract_init():
+    """27 bridge tensors (3 x (7 adapter + 2 projector)) and 392 LoRA tensors on the 3B preset."""
+    cfg = vlm_lib.make_config("llama3_2_3b", visual_token_id=128256, vocab_size=128257,
+                              lora=lora_lib.LoraConfig(rank=16, alpha=32.0))
+    ids = jax.ShapeDtypeStruct((1, 34), jnp.int32)
+    slices = jax.ShapeDtypeStruct((1, 8, 1024), jnp.float32)
+    abstract = jax.eval_shape(vlm_lib.VLM(cfg).init, jax.random.key(0), slices,
+                              jax.ShapeDtypeStruct((1, 8), jnp.float32), jax.ShapeDtypeStruct((1, 8), bool), ids)
+    params = nn.unbox(abstract)["params"]
+    counts = vlm_lib.count_bridge_tensors(params)
+    assert counts == {"projector": 6, "xattn": 21, "lora": 392}
+    assert params["xattn_7"]["q_proj"]["kernel"].shape == (3072, 24, 128)
+    assert params["predictor"]["linear"]["kernel"].shape == (1024, 3072)
+    assert params["jepa_head"]["linear2"]["kernel"].shape == (1024, 256)
