@@ -1,0 +1,2 @@
+"""Training machinery: phase configs (config), trainable masks (phases), the optimizer (optim),
+Orbax checkpoints and the warm bridge (checkpoint)."""
