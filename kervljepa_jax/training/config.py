@@ -172,10 +172,14 @@ def apply_profile(config: ml_collections.ConfigDict, phase: int, arg: str | None
 
 
 def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """config[a][b][c] = value for key 'a.b.c'; the field must exist (a typo must not add a new one)."""
     *parents, leaf = key.split(".")
     node = config
-    for name in parents:
-        node = node[name]
+    for name in parents + [leaf]:
+        if name not in node:
+            raise KeyError(f"profile override {key!r}: the config has no field {name!r}; fix the table in {__file__}")
+        if name != leaf:
+            node = node[name]
     node[leaf] = value
 
 

@@ -1,0 +1,288 @@
+"""Orbax checkpoints of one curriculum phase, resume, phase hand-over, and the warm bridge.
+
+Layout: `WORKDIR/phase{N}/checkpoints/{step}/` with the items
+
+    params     StandardSave   the full param tree (every phase saves the whole VLM)
+    opt_state  StandardSave   the phase optimizer's state (optional)
+    meta       JSON           step, phase, rng key data, calibrator alpha, the best-metric rule
+    host       JSON           host-side state: data iterator, plateau / early stopping, epoch, ...
+    config     JSON           the phase config
+
+Kept: the latest `keep` steps and the best `keep_best` by `best_metric` (saved with `metrics=`).
+
+    ckpt = PhaseCheckpointer.from_config(workdir, config)
+    restored = ckpt.restore_latest(params_target, opt_state_target)      # resume, or None
+    ckpt.save(step, params=..., opt_state=..., rng=..., alpha=..., host=..., config=config,
+              metrics={"val_gen_f1": f1} or None)
+    prev = PhaseCheckpointer(workdir, phase - 1).restore_best(params_target)   # hand-over
+    params, n = restore_bridge(path, params)                                   # warm bridge
+
+Targets may be concrete arrays or `jax.ShapeDtypeStruct`s with shardings (`abstract_target`):
+arrays are restored straight onto those shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+from kervljepa_jax.model import vlm
+from kervljepa_jax.training import phases
+
+PARAMS, OPT_STATE, META, HOST, CONFIG = "params", "opt_state", "meta", "host", "config"
+
+
+class Restored(NamedTuple):
+    step: int
+    params: Any
+    opt_state: Any        # None when not asked for
+    rng: Any              # a typed key (or raw uint32 key data, as saved); None if none was saved
+    alpha: float | None   # calibrator alpha
+    host: dict
+    config: dict
+    meta: dict
+
+
+def phase_directory(workdir: str | pathlib.Path, phase: int) -> pathlib.Path:
+    return pathlib.Path(workdir) / f"phase{phase}" / "checkpoints"
+
+
+def abstract_target(tree: Any, shardings: Any = None) -> Any:
+    """ShapeDtypeStructs of `tree` (arrays or structs), with `shardings` (a matching tree) if given."""
+    if shardings is None:
+        return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _rng_to_json(rng: Any) -> dict | None:
+    if rng is None:
+        return None
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return {"data": np.asarray(jax.random.key_data(rng)).tolist(), "impl": str(jax.random.key_impl(rng))}
+    return {"data": np.asarray(rng).tolist(), "impl": None}
+
+
+def _rng_from_json(payload: dict | None) -> Any:
+    if payload is None:
+        return None
+    data = np.asarray(payload["data"], np.uint32)
+    return data if payload["impl"] is None else jax.random.wrap_key_data(data, impl=payload["impl"])
+
+
+def _config_json(config: Any) -> dict:
+    if config is None:
+        return {}
+    if hasattr(config, "to_json_best_effort"):
+        return json.loads(config.to_json_best_effort())
+    return json.loads(json.dumps(config))
+
+
+class PhaseCheckpointer:
+    """An Orbax CheckpointManager for `WORKDIR/phase{N}/checkpoints`, keeping the latest and the best."""
+
+    def __init__(self, workdir: str | pathlib.Path, phase: int, *, keep: int = 2, keep_best: int = 1,
+                 best_metric: str = "val_macro_f1", best_mode: str = "max", every_steps: int = 0,
+                 async_save: bool = True, read_only: bool = False, directory: str | pathlib.Path | None = None):
+        if best_mode not in ("max", "min"):
+            raise ValueError(f"checkpoint.best_mode={best_mode!r}: use 'max' or 'min'")
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep={keep}: keep at least the latest checkpoint (>= 1)")
+        self.phase, self.best_metric, self.best_mode = phase, best_metric, best_mode
+        self.every_steps = int(every_steps)
+        self.directory = pathlib.Path(directory) if directory is not None else phase_directory(workdir, phase)
+        # Latest `keep` plus best `keep_best`; a step saved without metrics survives only as a latest.
+        policy = preservation.AnyPreservationPolicy([
+            preservation.LatestN(n=keep),
+            preservation.BestN(get_metric_fn=self._metric, reverse=best_mode == "min", n=keep_best,
+                               keep_checkpoints_without_metrics=False)])
+        options = ocp.CheckpointManagerOptions(
+            best_fn=self._metric, best_mode=best_mode, preservation_policy=policy, create=not read_only,
+            read_only=read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    @classmethod
+    def from_config(cls, workdir: str | pathlib.Path, config: Any, phase: int | None = None,
+                    **kwargs) -> "PhaseCheckpointer":
+        c = config.checkpoint
+        return cls(workdir, config.phase if phase is None else phase, keep=c.keep, keep_best=c.keep_best,
+                   best_metric=c.best_metric, best_mode=c.best_mode, every_steps=c.every_steps,
+                   async_save=c.async_save, **kwargs)
+
+    def _metric(self, metrics: dict) -> float:
+        if self.best_metric not in metrics:
+            raise KeyError(f"checkpoint metrics {sorted(metrics)} lack checkpoint.best_metric={self.best_metric!r}")
+        return float(metrics[self.best_metric])
+
+    # -------------------------------------------------------------------------------- save
+
+    def should_save(self, step: int) -> bool:
+        """True every `every_steps` optimizer steps (0 = never; save at evaluations and phase end)."""
+        return self.every_steps > 0 and step > 0 and step % self.every_steps == 0
+
+    def save(self, step: int, *, params: Any, opt_state: Any = None, rng: Any = None, alpha: float | None = None,
+             host: dict | None = None, config: Any = None, metrics: dict | None = None, force: bool = True) -> bool:
+        """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate."""
+        if metrics is not None:
+            metrics = {k: float(v) for k, v in metrics.items()}
+            self._metric(metrics)
+        meta = {"step": int(step), "phase": self.phase, "rng": _rng_to_json(rng),
+                "alpha": None if alpha is None else float(alpha),
+                "best_metric": self.best_metric, "best_mode": self.best_mode}
+        items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta),
+                 HOST: ocp.args.JsonSave(host or {}), CONFIG: ocp.args.JsonSave(_config_json(config))}
+        if opt_state is not None:
+            items[OPT_STATE] = ocp.args.StandardSave(opt_state)
+        return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
+
+    # -------------------------------------------------------------------------------- query
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The best step by `best_metric`; None when no saved step has metrics."""
+        return self.manager.best_step() if any(self.manager.metrics(s) for s in self.all_steps()) else None
+
+    def metrics(self, step: int) -> dict | None:
+        return self.manager.metrics(step)
+
+    # -------------------------------------------------------------------------------- restore
+
+    def restore(self, step: int, params_target: Any, opt_state_target: Any = None) -> Restored:
+        """Restore `step` onto the targets' shapes, dtypes and shardings; opt_state only if a target is given."""
+        self.manager.wait_until_finished()
+        items = {PARAMS: ocp.args.StandardRestore(abstract_target(params_target)), META: ocp.args.JsonRestore(),
+                 HOST: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
+        if opt_state_target is not None:
+            items[OPT_STATE] = ocp.args.StandardRestore(abstract_target(opt_state_target))
+        out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+        meta = dict(out[META])
+        return Restored(step=int(step), params=out[PARAMS], opt_state=out.get(OPT_STATE) if opt_state_target is not None
+                        else None, rng=_rng_from_json(meta.get("rng")), alpha=meta.get("alpha"),
+                        host=dict(out[HOST] or {}), config=dict(out[CONFIG] or {}), meta=meta)
+
+    def restore_latest(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
+        """Resume: the latest step, or None in a fresh workdir."""
+        step = self.latest_step()
+        return None if step is None else self.restore(step, params_target, opt_state_target)
+
+    def restore_best(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
+        """The best step (the latest if no step has metrics), or None if there is none."""
+        step = self.best_step()
+        if step is None:
+            step = self.latest_step()
+        return None if step is None else self.restore(step, params_target, opt_state_target)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> "PhaseCheckpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints by path: --init_from, --warm_bridge_from
+# ------------------------------------------------------------------------------------------------
+
+def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """A step directory from: a step dir, its params/ item, a checkpoints/ dir or a phase dir
+    (-> its best step, else latest)."""
+    path = pathlib.Path(path)
+    if path.name == PARAMS and path.is_dir():
+        path = path.parent
+    if (path / PARAMS).is_dir():
+        return path
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    steps = sorted((int(p.name), p) for p in path.glob("*") if p.is_dir() and p.name.isdigit()) \
+        if path.is_dir() else []
+    if not steps:
+        raise FileNotFoundError(f"checkpoint path {path}: no checkpoint there (want a phase dir, its checkpoints/ "
+                                "dir, or a step dir holding params/)")
+    meta = _read_json(steps[-1][1] / META)
+    reader = PhaseCheckpointer(None, meta.get("phase", 0), directory=path, read_only=True, async_save=False,
+                               best_metric=meta.get("best_metric", "val_macro_f1"),
+                               best_mode=meta.get("best_mode", "max"))
+    step = reader.best_step()
+    reader.close()
+    return path / str(steps[-1][0] if step is None else step)
+
+
+def _read_json(item_dir: pathlib.Path) -> dict:
+    """A JsonSave item read back without a manager ({} when absent)."""
+    files = [f for f in item_dir.glob("*") if f.is_file() and not f.name.startswith("_")] if item_dir.is_dir() else []
+    return json.loads(files[0].read_text()) if files else {}
+
+
+def restore_params(path: str | pathlib.Path, params_target: Any) -> tuple[Any, dict]:
+    """(params, meta) of the checkpoint at `path` (see `resolve_step_dir`), onto the target (--init_from)."""
+    step_dir = resolve_step_dir(path)
+    params = ocp.StandardCheckpointer().restore(step_dir / PARAMS, abstract_target(params_target))
+    return params, _read_json(step_dir / META)
+
+
+def _stored_shapes(params_dir: pathlib.Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return {path: (tuple(m.shape), m.dtype) for path, m in flat.items()}
+
+
+def bridge_paths(params: Any) -> list[str]:
+    """The warm bridge in `params`: projectors, cross-attention adapters, every LoRA tensor."""
+    return vlm.select(params, vlm.BRIDGE_PATTERNS)
+
+
+def count_tensors(params: Any) -> int:
+    """Bridge tensors as the paper counts them: a scanned [L, ...] LoRA leaf is L tensors (3B: 27 + 392)."""
+    return sum(vlm.count_bridge_tensors(params).values())
+
+
+def restore_bridge(path: str | pathlib.Path, params: Any) -> tuple[Any, int]:
+    """Overwrite exactly the bridge leaves of `params` with those of the phase-3 checkpoint at `path`.
+
+    Partial Orbax restore onto the leaves' own shardings; fails with one line if the checkpoint
+    lacks a bridge tensor or stores it with another shape. Returns (params, per-layer tensor count).
+    """
+    step_dir = resolve_step_dir(path)
+    wanted = bridge_paths(params)
+    if not wanted:
+        raise ValueError("warm bridge: the model has no projector_*/xattn_*/lora_[AB] parameters to restore")
+    stored = _stored_shapes(step_dir / PARAMS)
+    flat = {p: leaf for p, leaf in zip(phases.leaf_paths(params), jax.tree.leaves(params))}
+    missing = [p for p in wanted if p not in stored]
+    if missing:
+        raise ValueError(f"warm bridge: {step_dir} lacks {len(missing)} bridge tensor(s), first {missing[0]!r}; "
+                         "--warm_bridge_from must be a phase-3 checkpoint of the same model preset and LoRA config")
+    bad = [(p, stored[p][0], tuple(flat[p].shape)) for p in wanted if stored[p][0] != tuple(flat[p].shape)]
+    if bad:
+        p, got, want = bad[0]
+        raise ValueError(f"warm bridge: {len(bad)} shape mismatch(es) in {step_dir}, first {p!r}: checkpoint {got} "
+                         f"vs model {want}; use a phase-3 checkpoint of the same preset and LoRA rank")
+    target = traverse_util.unflatten_dict({tuple(p.split("/")): flat[p] for p in wanted})
+    abstract = abstract_target(target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        step_dir / PARAMS, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+    new = traverse_util.flatten_dict(restored, sep="/")
+    merged = phases.map_with_path(lambda p, leaf: new.get(p, leaf), params)
+    count = count_tensors(restored)
+    logging.info("warm bridge: restored %d tensors (%s) from %s", count, vlm.count_bridge_tensors(restored), step_dir)
+    return merged, count
+

@@ -1,0 +1,102 @@
+"""configs/phase{1..4}.py: the paper's numbers, the embedded profile, the CLI overrides, and the
+trainable tables against the real VLM's param tree (abstract, tiny and 3B)."""
+
+import jax
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from kervljepa_jax.model import lora as lora_lib
+from kervljepa_jax.model import vlm
+from kervljepa_jax.training import config as config_lib
+from kervljepa_jax.training import phases
+
+PAPER_EPOCHS, PAPER_BATCH, PAPER_LR = (20, 30, 50, 30), (32, 512, 8, 8), (5e-5, 3e-5, 2e-5, 5e-7)
+LOSS_WEIGHTS = {1: dict(bce=1.5, mil=1.0, orth=1.0, mmd=0.5), 2: dict(infonce=1.0, mmd=0.5),
+                3: dict(lm=1.0, focal=1.0, jepa=1.0, llm_cls=3.0), 4: dict(lm=1.0, focal=1.0)}
+
+
+@pytest.mark.parametrize("phase", config_lib.PHASES)
+def test_paper_profile(phase):
+    c = config_lib.load_phase_config(phase, "paper")
+    i = phase - 1
+    assert (c.phase, c.profile, c.model.preset, c.data.source) == (phase, "paper", "llama3_2_3b", "ctrate")
+    assert (c.train.epochs, c.train.batch_size, c.train.lr) == (PAPER_EPOCHS[i], PAPER_BATCH[i], PAPER_LR[i])
+    assert c.data.batch_size == c.train.batch_size
+    assert c.train.schedule == ("cosine" if phase == 1 else "constant")
+    assert c.loss_weights.to_dict() == LOSS_WEIGHTS[phase]
+    assert (c.model.lora.rank, c.model.lora.alpha) == (16, 32.0)
+    assert c.lora_freeze_epoch == (6 if phase == 3 else 0)
+    assert c.plateau.enabled == (phase == 3) and c.projector_lr_scale.enabled == (phase == 3)
+    assert (c.plateau.patience, c.plateau.factor, c.plateau.metric) == (3, 0.5, "val_gen_f1")
+    assert (c.projector_lr_scale.min, c.projector_lr_scale.max) == (1.0, 30.0)
+    assert c.early_stop.patience == (8 if phase == 2 else 0)
+    assert c.ewc.lam == (100.0 if phase == 4 else 0.0)
+    assert c.data.text_mode == ("raw" if phase == 4 else "positive_findings")
+    assert c.eval.max_new_tokens == 384 and c.eval.temperature == 0.6 and c.eval.top_p == 0.9
+
+
+@pytest.mark.parametrize("phase", config_lib.PHASES)
+def test_default_profile_is_the_embedded_table(phase):
+    c = config_lib.load_phase_config(phase)
+    assert c.profile == "default" and c.model.preset == "tiny" and c.data.source == "synthetic"
+    for key, column in config_lib.EMBEDDED.items():
+        node = c
+        for name in key.split("."):
+            node = node[name]
+        assert node == column[phase - 1], key
+    # The rest is the paper's phase, e.g. its loss weights and trainable table.
+    assert c.loss_weights.to_dict() == LOSS_WEIGHTS[phase]
+    assert list(c.trainable) == list(config_lib.load_phase_config(phase, "paper").trainable)
+
+
+def test_lora_variant_and_bad_args():
+    c = config_lib.load_phase_config(3, "paper,lora=card")
+    assert (c.model.lora.rank, c.model.lora.alpha, c.profile) == (64, 128.0, "paper")
+    assert config_lib.load_phase_config(3, "lora=card").profile == "default"
+    for bad in ("papers", "paper,lora=huge"):
+        with pytest.raises(ValueError, match="config arg") as err:
+            config_lib.load_phase_config(1, bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(FileNotFoundError, match="phase=5"):
+        config_lib.load_phase_config(5)
+    with pytest.raises(KeyError, match="no field 'epoch'"):
+        config_lib._set_dotted(config_lib.base_config(), "train.epoch", 3)
+
+
+def test_command_line_overrides_through_config_flags():
+    """What `python -m kervljepa_jax.train --config=configs/phase3.py:paper --config.x=...` sees."""
+    argv = ["train", f"--config={config_lib.CONFIGS_DIR / 'phase3.py'}:paper", "--config.train.batch_size=16",
+            "--config.train.max_steps=5", "--config.model.preset=tiny", "--config.data.source=synthetic",
+            "--config.model.lora.rank=64"]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)   # overrides are read from argv
+    fv(argv)
+    c = fv.config
+    assert (c.phase, c.train.batch_size, c.data.batch_size, c.train.max_steps) == (3, 16, 16, 5)
+    assert (c.model.preset, c.data.source, c.model.lora.rank, c.train.lr) == ("tiny", "synthetic", 64, 2e-5)
+    # Visual sizes follow the data block.
+    c.data.embed_dim = 256
+    assert c.model.d_visual == 256
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama3_2_3b"])
+def test_trainable_tables_match_the_vlm(preset):
+    cfg = vlm.make_config(preset, visual_token_id=0, lora=lora_lib.LoraConfig(rank=16, alpha=32.0))
+    params = jax.eval_shape(lambda key: vlm.init(cfg, key), jax.random.key(0))["params"]
+    trained = {}
+    for phase in config_lib.PHASES:
+        c = config_lib.load_phase_config(phase)
+        labels = phases.trainable_labels(params, c.trainable, phase)
+        trained[phase] = {p for p, label in zip(phases.leaf_paths(params), jax.tree.leaves(labels))
+                          if label == phases.TRAINABLE}
+    is_lora = lambda p: p.endswith(("/lora_A", "/lora_B"))  # noqa: E731
+    tops = {phase: {p.split("/")[0] for p in paths} for phase, paths in trained.items()}
+    assert tops[1] == {"compressor", "visual_classifier", "jepa_head"}
+    assert tops[2] == {"compressor", "predictor", "jepa_head", "log_temperature"}
+    injection = cfg.llm.injection_layers
+    assert tops[3] == {"predictor", "llm", "llm_classifier", "jepa_head"} | {f"xattn_{l}" for l in injection} \
+        | {f"projector_{l}" for l in injection}
+    assert all(is_lora(p) for p in trained[3] if p.startswith("llm/"))      # the base LLM stays frozen
+    assert trained[4] == {p for p in phases.leaf_paths(params) if is_lora(p)}
+    assert sum(1 for p in trained[3] if is_lora(p)) == 14 * len(cfg.llm.segments)

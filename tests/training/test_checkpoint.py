@@ -1,0 +1,166 @@
+"""Orbax phase checkpoints: round trip, best vs latest, resume, shardings, --init_from, warm bridge."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kervljepa_jax.model import lora as lora_lib
+from kervljepa_jax.model import vlm
+from kervljepa_jax.training import checkpoint, optim, phases
+from kervljepa_jax.training import config as config_lib
+from tests.training import bridge_count, toy_params
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return config_lib.load_phase_config(3)
+
+
+@pytest.fixture(scope="module")
+def trained(config):
+    """Toy params and the phase-3 optimizer state after one step."""
+    params = toy_params()
+    labels = phases.trainable_labels(params, config.trainable, config.phase)
+    tx = optim.make_optimizer(config, params, labels, steps_per_epoch=10)
+    trainable, frozen = phases.split_params(params, labels)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    updates, opt_state = jax.jit(tx.update)(grads, tx.init(trainable), trainable)
+    return phases.merge_params(optax.apply_updates(trainable, updates), frozen), optim.set_lr_scale(opt_state, 0.5)
+
+
+def _checkpointer(tmp_path, phase=3, **kw):
+    kw = {"keep": 1, "keep_best": 1, "best_metric": "val_gen_f1", "async_save": False, **kw}
+    return checkpoint.PhaseCheckpointer(tmp_path, phase, **kw)
+
+
+def test_round_trip_restores_everything(tmp_path, config, trained):
+    params, opt_state = trained
+    rng = jax.random.key(7)
+    host = {"data": {"epoch": 2, "grain": "{\"pos\": 5}"}, "plateau": {"scale": 0.5, "best": 0.4, "num_bad": 1}}
+    with _checkpointer(tmp_path) as ckpt:
+        ckpt.save(12, params=params, opt_state=opt_state, rng=rng, alpha=1.25, host=host, config=config,
+                  metrics={"val_gen_f1": 0.4})
+    assert (tmp_path / "phase3" / "checkpoints" / "12").is_dir()
+    with _checkpointer(tmp_path) as ckpt:            # a new process resuming
+        out = ckpt.restore_latest(checkpoint.abstract_target(params), checkpoint.abstract_target(opt_state))
+    assert out.step == 12 and out.alpha == 1.25 and out.host == host
+    _assert_trees_equal(out.params, params)
+    _assert_trees_equal(out.opt_state, opt_state)
+    assert optim.lr_scale(out.opt_state) == 0.5
+    np.testing.assert_array_equal(jax.random.key_data(out.rng), jax.random.key_data(rng))
+    assert out.config == config.to_dict() and out.config["train"]["batch_size"] == config.train.batch_size
+    # Restored without an optimizer target, the optimizer state is not read.
+    with _checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(12, params).opt_state is None
+
+
+def test_best_and_latest_are_kept(tmp_path, trained):
+    params, _ = trained
+    f1s = {1: 0.2, 2: 0.6, 3: None, 4: 0.5, 5: None}
+    with _checkpointer(tmp_path) as ckpt:
+        for step, f1 in f1s.items():
+            scaled = jax.tree.map(lambda x: x * step, params)
+            ckpt.save(step, params=scaled, metrics=None if f1 is None else {"val_gen_f1": f1})
+        assert ckpt.all_steps() == [2, 5] and ckpt.best_step() == 2 and ckpt.latest_step() == 5
+        _assert_trees_equal(ckpt.restore_best(params).params, jax.tree.map(lambda x: x * 2, params))
+        with pytest.raises(KeyError, match="best_metric='val_gen_f1'"):
+            ckpt.save(6, params=params, metrics={"val_loss": 1.0})
+    with _checkpointer(tmp_path, phase=2, best_metric="val_loss", best_mode="min", keep=2) as ckpt:
+        for step, loss in {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5}.items():
+            ckpt.save(step, params=params, metrics={"val_loss": loss})
+        assert ckpt.all_steps() == [2, 3, 4] and ckpt.best_step() == 2
+
+
+def test_fresh_workdir_and_no_metrics(tmp_path, trained):
+    params, _ = trained
+    with _checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() is None and ckpt.restore_latest(params) is None and ckpt.restore_best(params) is None
+        ckpt.save(3, params=params)
+        assert ckpt.best_step() is None and ckpt.restore_best(params).step == 3     # best falls back to latest
+        assert [ckpt.should_save(s) for s in (0, 5)] == [False, False]
+    every = checkpoint.PhaseCheckpointer(tmp_path, 4, every_steps=5, async_save=False)
+    assert [every.should_save(s) for s in (0, 4, 5, 10)] == [False, False, True, True]
+    every.close()
+
+
+def test_restore_onto_shardings(tmp_path, trained):
+    params, _ = trained
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+    def sharding(x):
+        spec = PartitionSpec(*([None] * (x.ndim - 1) + ["fsdp"])) if x.ndim and x.shape[-1] % 4 == 0 else PartitionSpec()
+        return NamedSharding(mesh, spec)
+    shardings = jax.tree.map(sharding, params)
+    with _checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+        out = ckpt.restore(1, checkpoint.abstract_target(params, shardings))
+    _assert_trees_equal(out.params, params)
+    jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+                 out.params, shardings)
+    assert out.params["compressor"]["queries"].sharding.spec == PartitionSpec(None, "fsdp")
+
+
+def test_init_from_path(tmp_path, trained):
+    params, _ = trained
+    with _checkpointer(tmp_path, phase=1, best_metric="val_macro_f1") as ckpt:
+        ckpt.save(4, params=params, alpha=2.0, metrics={"val_macro_f1": 0.7})
+        ckpt.save(8, params=jax.tree.map(jnp.zeros_like, params), alpha=3.0, metrics={"val_macro_f1": 0.1})
+    target = toy_params(seed=5)
+    for path in (tmp_path / "phase1", tmp_path / "phase1" / "checkpoints"):    # -> the best step
+        restored, meta = checkpoint.restore_params(path, target)
+        _assert_trees_equal(restored, params)
+        assert meta["alpha"] == 2.0 and meta["step"] == 4
+    restored, meta = checkpoint.restore_params(tmp_path / "phase1" / "checkpoints" / "8", target)
+    assert meta["step"] == 8 and not np.any(np.asarray(restored["projector_1"]["kernel"]))
+    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+        checkpoint.restore_params(tmp_path / "nowhere", target)
+
+
+@pytest.fixture(scope="module")
+def phase3_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("warm")
+    with _checkpointer(root) as ckpt:
+        ckpt.save(30, params=toy_params(seed=0), metrics={"val_gen_f1": 0.5})
+    return root
+
+
+def test_warm_bridge_overwrites_exactly_the_bridge(phase3_dir):
+    source, target = toy_params(seed=0), toy_params(seed=1)
+    for path in (phase3_dir / "phase3", phase3_dir / "phase3" / "checkpoints" / "30",
+                 phase3_dir / "phase3" / "checkpoints" / "30" / "params"):
+        merged, count = checkpoint.restore_bridge(path, target)
+        assert count == bridge_count() == 9 + 14 * 4
+        n_bridge = 0
+        for p, new, old, src in zip(phases.leaf_paths(target), jax.tree.leaves(merged), jax.tree.leaves(target),
+                                    jax.tree.leaves(source)):
+            is_bridge = p.startswith(("projector_", "xattn_")) or p.endswith(("lora_A", "lora_B"))
+            n_bridge += is_bridge
+            np.testing.assert_array_equal(np.asarray(new), np.asarray(src if is_bridge else old), err_msg=p)
+        assert n_bridge == 9 + 2 * 7 * 2 == len(checkpoint.bridge_paths(target))
+
+
+def test_warm_bridge_fails_loudly(phase3_dir):
+    with pytest.raises(ValueError) as err:
+        checkpoint.restore_bridge(phase3_dir / "phase3", toy_params(rank=3))
+    msg = str(err.value)
+    assert "\n" not in msg and "shape mismatch" in msg and "lora_A" in msg and "(2, 6, 2)" in msg and "(2, 6, 3)" in msg
+    with pytest.raises(ValueError, match=r"lacks 9 bridge tensor\(s\), first 'projector_2/bias'") as err:
+        checkpoint.restore_bridge(phase3_dir / "phase3", toy_params(injection=(1, 2)))
+    assert "\n" not in str(err.value)
+
+
+def test_warm_bridge_count_for_the_3b_preset():
+    """The paper's 27 bridge components + 392 LoRA tensors, on the real VLM's abstract 3B tree."""
+    cfg = vlm.make_config("llama3_2_3b", visual_token_id=0, lora=lora_lib.LoraConfig(rank=16, alpha=32.0))
+    params = jax.eval_shape(lambda key: vlm.init(cfg, key), jax.random.key(0))["params"]
+    assert vlm.count_bridge_tensors(params) == {"projector": 6, "xattn": 21, "lora": 392}
+    assert checkpoint.count_tensors(params) == 27 + 392 == 419
+    # Leaves: 3 x (2 + 7) bridge + 4 scanned segments x 7 projections x (A, B).
+    assert len(checkpoint.bridge_paths(params)) == 27 + 4 * 14
