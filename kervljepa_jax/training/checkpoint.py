@@ -62,12 +62,19 @@ def abstract_target(tree: Any, shardings: Any = None) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _host_value(x: Any) -> np.ndarray:
+    """A replicated value on this host (also for arrays spread over several processes)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return np.asarray(x)
+
+
 def _rng_to_json(rng: Any) -> dict | None:
     if rng is None:
         return None
     if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return {"data": np.asarray(jax.random.key_data(rng)).tolist(), "impl": str(jax.random.key_impl(rng))}
-    return {"data": np.asarray(rng).tolist(), "impl": None}
+        return {"data": _host_value(jax.random.key_data(rng)).tolist(), "impl": str(jax.random.key_impl(rng))}
+    return {"data": _host_value(rng).tolist(), "impl": None}
 
 
 def _rng_from_json(payload: dict | None) -> Any:
@@ -131,10 +138,10 @@ class PhaseCheckpointer:
              host: dict | None = None, config: Any = None, metrics: dict | None = None, force: bool = True) -> bool:
         """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate."""
         if metrics is not None:
-            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics = {k: float(_host_value(v)) for k, v in metrics.items()}
             self._metric(metrics)
         meta = {"step": int(step), "phase": self.phase, "rng": _rng_to_json(rng),
-                "alpha": None if alpha is None else float(alpha),
+                "alpha": None if alpha is None else float(_host_value(alpha)),
                 "best_metric": self.best_metric, "best_mode": self.best_mode}
         items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta),
                  HOST: ocp.args.JsonSave(host or {}), CONFIG: ocp.args.JsonSave(_config_json(config))}
@@ -168,9 +175,9 @@ class PhaseCheckpointer:
             items[OPT_STATE] = ocp.args.StandardRestore(abstract_target(opt_state_target))
         out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
         meta = dict(out[META])
-        return Restored(step=int(step), params=out[PARAMS], opt_state=out.get(OPT_STATE) if opt_state_target is not None
-                        else None, rng=_rng_from_json(meta.get("rng")), alpha=meta.get("alpha"),
-                        host=dict(out[HOST] or {}), config=dict(out[CONFIG] or {}), meta=meta)
+        opt_state = out[OPT_STATE] if opt_state_target is not None else None
+        return Restored(step=int(step), params=out[PARAMS], opt_state=opt_state, rng=_rng_from_json(meta.get("rng")),
+                        alpha=meta.get("alpha"), host=dict(out[HOST] or {}), config=dict(out[CONFIG] or {}), meta=meta)
 
     def restore_latest(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
         """Resume: the latest step, or None in a fresh workdir."""
@@ -257,10 +264,12 @@ def count_tensors(params: Any) -> int:
 def restore_bridge(path: str | pathlib.Path, params: Any) -> tuple[Any, int]:
     """Overwrite exactly the bridge leaves of `params` with those of the phase-3 checkpoint at `path`.
 
-    Partial Orbax restore onto the leaves' own shardings; fails with one line if the checkpoint
-    lacks a bridge tensor or stores it with another shape. Returns (params, per-layer tensor count).
+    `path`: anything `resolve_step_dir` takes, or a workdir holding phase3/. Partial Orbax restore
+    onto the leaves' own shardings; fails with one line if the checkpoint lacks a bridge tensor or
+    stores it with another shape. Returns (params, per-layer tensor count).
     """
-    step_dir = resolve_step_dir(path)
+    path = pathlib.Path(path)
+    step_dir = resolve_step_dir(path / "phase3" if (path / "phase3").is_dir() else path)
     wanted = bridge_paths(params)
     if not wanted:
         raise ValueError("warm bridge: the model has no projector_*/xattn_*/lora_[AB] parameters to restore")

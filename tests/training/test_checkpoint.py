@@ -133,7 +133,7 @@ def phase3_dir(tmp_path_factory):
 
 def test_warm_bridge_overwrites_exactly_the_bridge(phase3_dir):
     source, target = toy_params(seed=0), toy_params(seed=1)
-    for path in (phase3_dir / "phase3", phase3_dir / "phase3" / "checkpoints" / "30",
+    for path in (phase3_dir, phase3_dir / "phase3", phase3_dir / "phase3" / "checkpoints" / "30",
                  phase3_dir / "phase3" / "checkpoints" / "30" / "params"):
         merged, count = checkpoint.restore_bridge(path, target)
         assert count == bridge_count() == 9 + 14 * 4

@@ -44,11 +44,12 @@ def params():
 def phase3(params):
     c = _config(3)
     labels = phases.trainable_labels(params, c.trainable, c.phase)
-    return c, labels, optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
+    tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
+    return c, labels, tx, jax.jit(tx.update)     # one jitted update for the module: compile once per tree shape
 
 
 def test_optimizer_groups(params, phase3):
-    _, labels, _ = phase3
+    _, labels, _, _ = phase3
     groups = _by_path(optim.optimizer_labels(params, labels))
     assert groups["llm/model/layers_0_1/self_attn/q_proj/lora_A"] == optim.LORA
     assert groups["projector_1/kernel"] == optim.PROJECTOR
@@ -58,7 +59,7 @@ def test_optimizer_groups(params, phase3):
 
 
 def test_frozen_leaves_get_zero_updates_and_no_state(params, phase3):
-    _, labels, tx = phase3
+    _, labels, tx, update = phase3
     state = tx.init(params)
     trainable_elems = sum(int(np.size(x)) for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
                           if label == phases.TRAINABLE)
@@ -66,7 +67,7 @@ def test_frozen_leaves_get_zero_updates_and_no_state(params, phase3):
     # Adam's two moments per trainable element, plus a few scalars (counts, lr, lr_scale, flags).
     assert 2 * trainable_elems <= _elements(state) < 2 * trainable_elems + 32
     assert frozen_elems > 1000            # so a frozen moment would have shown up above
-    updates, _ = jax.jit(tx.update)(_grads(params), state, params)
+    updates, _ = update(_grads(params), state, params)
     for path, u in _by_path(updates).items():
         label = _by_path(labels)[path]
         assert (label == phases.FROZEN) == (not np.any(np.asarray(u))), path
@@ -75,7 +76,7 @@ def test_frozen_leaves_get_zero_updates_and_no_state(params, phase3):
     state_t = tx.init(trainable)
     assert jax.tree.structure(state_t) == jax.tree.structure(state)
     grads_t, _ = phases.split_params(_grads(params), labels)
-    updates_t, _ = jax.jit(tx.update)(grads_t, state_t, trainable)
+    updates_t, _ = update(grads_t, state_t, trainable)
     assert len(jax.tree.leaves(updates_t)) == len(jax.tree.leaves(trainable))
     for path, u in _by_path(updates_t).items():
         np.testing.assert_allclose(u, _by_path(updates)[path], rtol=1e-6, atol=1e-12)
@@ -151,11 +152,10 @@ def test_schedules():
 
 
 def test_plateau_halves_after_patience_without_recompiling(params, phase3):
-    _, labels, tx = phase3
+    _, labels, tx, update = phase3
     plateau = optim.ReduceLROnPlateau(patience=3, factor=0.5, mode="max")
     reduced = [plateau.step(f1) for f1 in (0.30, 0.40, 0.40, 0.39, 0.40, 0.38)]
     assert reduced == [False, False, False, False, False, True] and plateau.scale == 0.5
-    update = jax.jit(tx.update)
     grads = _grads(params)
     _, state = update(grads, tx.init(params), params)       # as in a loop: the state a step returned
     compiled = update._cache_size()
@@ -190,24 +190,23 @@ def test_early_stopping():
 
 
 def test_nonfinite_step_is_skipped_and_counted(params, phase3):
-    _, labels, tx = phase3
+    _, labels, tx, update = phase3
     trainable, _ = phases.split_params(params, labels)
     state = tx.init(trainable)
     grads = phases.split_params(_grads(params), labels)[0]
     bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan) if g.ndim else jnp.nan * g, grads)
-    updates, state = jax.jit(tx.update)(bad, state, trainable)
+    updates, state = update(bad, state, trainable)
     assert not any(np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
     assert optim.skipped_steps(state) == 1
-    updates, state = jax.jit(tx.update)(grads, state, trainable)
+    updates, state = update(grads, state, trainable)
     assert optim.skipped_steps(state) == 1 and any(np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
     assert optim.learning_rate(state) == pytest.approx(1e-2)
 
 
 def test_lora_freeze_keeps_the_other_groups_state(params, phase3):
-    c, labels, tx = phase3
+    c, labels, tx, update = phase3
     trainable, _ = phases.split_params(params, labels)
     state = tx.init(trainable)
-    update = jax.jit(tx.update)
     for step in range(2):
         updates, state = update(phases.split_params(_grads(params, seed=step), labels)[0], state, trainable)
         trainable = optax.apply_updates(trainable, updates)
