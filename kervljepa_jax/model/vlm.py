@@ -144,8 +144,10 @@ def graft(embeds: Array, input_ids: Array, visual: Array, visual_token_id: int) 
     A mask-based scatter (gather + where), differentiable in `visual`; the batch builder
     guarantees exactly K placeholders per row (data/text.check_visual_placeholders).
     """
-    is_visual = input_ids == visual_token_id                                       # [B, T]
-    rank = jnp.clip(jnp.cumsum(is_visual, axis=1) - 1, 0, visual.shape[1] - 1)     # k of each position
+    rank = jnp.cumsum(input_ids == visual_token_id, axis=1) - 1                    # k of each position
+    # Only the first K placeholders are slots; a stray later one (never in a built batch) stays text.
+    is_visual = (input_ids == visual_token_id) & (rank < visual.shape[1])          # [B, T]
+    rank = jnp.clip(rank, 0, visual.shape[1] - 1)
     gathered = jnp.take_along_axis(visual.astype(embeds.dtype), rank[..., None], axis=1)  # [B, T, D]
     return jnp.where(is_visual[..., None], gathered, embeds)
 
@@ -226,13 +228,17 @@ class VLM(nn.Module):
         context = self.visual_context(calibrated)
         out = self.llm(inputs_embeds=self._embed(input_ids, calibrated), attention_mask=attention_mask,
                        cache=cache, adapter_context=context)
-        return out.logits[:, -1], out.cache, context
+        return self._no_placeholder(out.logits[:, -1]), out.cache, context
 
     def extend(self, token: Array, cache: dict[str, Any],
                context: tuple[Array, ...]) -> tuple[Array, dict[str, Any]]:
         """One step: token [B, 1] -> (logits [B, V], cache); the adapters see `context` again."""
         out = self.llm(token, cache=cache, adapter_context=context)
-        return out.logits[:, -1], out.cache
+        return self._no_placeholder(out.logits[:, -1]), out.cache
+
+    def _no_placeholder(self, logits: Array) -> Array:
+        """Decoding never emits `<|visual_region|>`: it is an input slot, not a word."""
+        return logits.at[:, self.cfg.visual_token_id].set(-jnp.inf)
 
     def text_hidden_states(self, input_ids: Array, attention_mask: Array) -> tuple[Array, ...]:
         """The LLM alone on text (no visual context, adapters idle): hidden states of every layer."""
