@@ -52,6 +52,8 @@ PAPER_SETUP = {
 # keeps the paper's ratio, 40x below phase 3). The only place the embedded run's numbers live.
 EMBEDDED = {
     "model.preset":                  ("tiny",) * 4,
+    "model.whiten_layer":            (-1,) * 4,                   # the tiny LLM's middle layer
+    "data.max_slices":               (240,) * 4,                  # the synthetic volumes' maximum
     "data.source":                   ("synthetic",) * 4,
     "data.num_train":                (512,) * 4,                  # same split in every phase
     "data.num_valid":                (64,) * 4,
@@ -83,6 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.d_visual = c.data.get_ref("embed_dim")
     c.model.num_visual_tokens = c.data.get_ref("num_visual_tokens")
     c.model.jepa_dim = 256             # whitened text space (capped at the LLM width by vlm.make_config)
+    c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
+    # Phase 0 (no llm_path): the tiny decoder is LM-pretrained on the training reports, standing in
+    # for a pretrained Llama, and saved as a HF folder in WORKDIR/base_llm.
+    c.model.pretrain_steps = 600
+    c.model.pretrain_batch_size = 32
+    c.model.pretrain_seq_len = 192
+    c.model.pretrain_lr = 3e-3
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1

@@ -1,0 +1,141 @@
+"""One training step per phase: the phase's losses (paper eq. 9-13) over one VLM forward.
+
+    phase 1  1.5 BCE(cls) + 1.0 MIL + 1.0 orth(V') + 0.5 MMD-IMQ(z_tokens, condition texts)
+    phase 2  InfoNCE(z_v, report text; learned tau, negatives = the global batch) + 0.5 MMD
+    phase 3  LM + focal(LLM-cls) + JEPA(z_v, report text) + 3.0 BCE(LLM-cls)
+    phase 4  LM + focal(LLM-cls)                    (EWC is in the optimizer, training/optim.py)
+
+Text targets (condition texts, the report text) are embedded by the frozen base LLM without
+LoRA (mean over the tokens of hidden layer `whiten.layer`) and whitened with the PCA fitted by
+`kervljepa_jax.whiten`; they are constants of the step (stop_gradient).
+Decision the paper leaves open: the focal loss of eq. 12-13 is on the LLM-visual classifier's
+logits (the only classification head that LoRA, the one trainable part of phase 4, can move);
+LLM-cls is the pos-weighted BCE on the same logits.
+
+The step differentiates only the trainable half of the params (training/phases.split_params);
+frozen weights enter as an argument, cost no weight gradient and hold no optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kervljepa_jax import losses
+from kervljepa_jax.model import llama as llama_lib
+from kervljepa_jax.model import vlm as vlm_lib
+from kervljepa_jax.training import phases
+
+Array = jax.Array
+
+
+def base_llm_params(params: Any) -> Any:
+    """The LLM's params without LoRA tensors (the frozen text encoder)."""
+    def strip(tree):
+        if isinstance(tree, dict):
+            return {k: strip(v) for k, v in tree.items() if k not in ("lora_A", "lora_B")}
+        return tree
+    return strip(params["llm"])
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEncoder:
+    """Mean-pooled hidden states of one LLM layer, optionally whitened: texts -> [M, D_w]."""
+
+    llm: llama_lib.LlamaConfig
+    layer: int
+
+    def __call__(self, llm_params: Any, ids: Array, mask: Array, whitening: dict[str, Array] | None) -> Array:
+        model = llama_lib.Llama(self.llm.replace(lora=None))
+        hidden = model.apply({"params": llm_params}, ids, attention_mask=mask, output_hidden_states=True,
+                             return_logits=False).hidden_states[self.layer]
+        weights = mask.astype(jnp.float32)[..., None]
+        pooled = (hidden.astype(jnp.float32) * weights).sum(-2) / jnp.maximum(weights.sum(-2), 1.0)
+        if whitening is None:
+            return pooled
+        return (pooled - whitening["mean"]) @ whitening["projection"]
+
+
+def _texts(encoder: TextEncoder, params: Any, ids: Array, mask: Array, whitening) -> Array:
+    flat = encoder(base_llm_params(params), ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1]),
+                   whitening)
+    return jax.lax.stop_gradient(flat.reshape(*ids.shape[:-1], flat.shape[-1]))
+
+
+def condition_mask(batch: dict[str, Array]) -> Array:
+    """[B, C, Tc] token mask of the per-condition texts."""
+    tc = batch["condition_ids"].shape[-1]
+    return jnp.arange(tc) < batch["condition_lengths"][..., None]
+
+
+def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: Any, calibration: Any,
+                 batch: dict[str, Array], rng: Array, consts: dict[str, Any]) -> dict[str, Array]:
+    """The named loss terms of `phase` (unweighted)."""
+    variables = {"params": params, "calibration": calibration}
+    rngs = {"dropout": rng}
+    labels = batch["labels"].astype(jnp.float32)
+    whitening, pos_weight = consts["whitening"], consts["pos_weight"]
+    if phase in (1, 2):
+        out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], rngs=rngs)
+    else:
+        out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], batch["input_ids"],
+                          batch["attention_mask"], batch["loss_mask"], rngs=rngs)
+    visual = out.visual
+    terms = {}
+    if phase == 1:
+        terms["bce"] = losses.bce_with_logits(visual.cls_logits, labels, pos_weight)
+        terms["mil"] = losses.bce_with_logits(visual.mil_logits, labels, pos_weight)
+        terms["orth"] = losses.orthogonality_loss(visual.tokens)
+    if phase in (1, 2):
+        cond = _texts(encoder, params, batch["condition_ids"], condition_mask(batch), whitening)
+        terms["mmd"] = losses.mmd_imq_loss(visual.z_tokens, cond, batch["condition_valid"])
+    if phase == 2:
+        target = _texts(encoder, params, batch["target_ids"], batch["target_mask"], whitening)
+        terms["infonce"] = losses.info_nce_loss(visual.z_visual, target, params["log_temperature"])
+    if phase in (3, 4):
+        terms["lm"] = losses.lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+        terms["focal"] = losses.focal_loss(out.llm_cls_logits, labels)
+    if phase == 3:
+        target = _texts(encoder, params, batch["target_ids"], batch["target_mask"], whitening)
+        terms["jepa"] = losses.jepa_loss(visual.z_visual, target)
+        terms["llm_cls"] = losses.llm_visual_cls_loss(out.llm_cls_logits, labels, pos_weight)
+    return terms
+
+
+def weighted_total(terms: dict[str, Array], weights: dict[str, float]) -> Array:
+    missing = sorted(set(terms) - set(weights))
+    if missing:
+        raise ValueError(f"config.loss_weights has no weight for {missing}; set --config.loss_weights.<name>")
+    return sum(weights[k] * v for k, v in terms.items())
+
+
+def make_train_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, tx: optax.GradientTransformation,
+                    weights: dict[str, float]) -> Callable:
+    """(trainable, frozen, opt_state, calibration, batch, rng, consts) -> (trainable, opt_state, metrics)."""
+
+    def step(trainable, frozen, opt_state, calibration, batch, rng, consts):
+        def loss_fn(t):
+            terms = phase_losses(phase, model, encoder, phases.merge_params(t, frozen), calibration, batch, rng,
+                                 consts)
+            return weighted_total(terms, weights), terms
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **terms}
+        return trainable, opt_state, metrics
+
+    return step
+
+
+def make_eval_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, weights: dict[str, float]) -> Callable:
+    """(params, calibration, batch, consts) -> metrics (+ visual-classifier logits for phase 1 F1)."""
+
+    def step(params, calibration, batch, consts):
+        terms = phase_losses(phase, model, encoder, params, calibration, batch, jax.random.key(0), consts)
+        return {"loss": weighted_total(terms, weights), **terms}
+
+    return step
