@@ -287,6 +287,18 @@ class Run:
         self.encoder = step_lib.TextEncoder(self.llm_cfg, self.whiten_layer)
         self.whitening = None
         self.pos_weight = None
+        self.configs: dict[int, Any] = {}
+        # Where every param lives on the mesh: the logical axis names of an abstract init.
+        abstract = jax.eval_shape(lambda key: vlm_lib.VLM(self.vcfg).init(
+            key, jnp.zeros((1, 4, self.vcfg.compressor.d_visual)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool),
+            jnp.full((1, self.vcfg.num_visual_tokens), self.vcfg.visual_token_id, jnp.int32)), jax.random.key(0))
+        self.param_shardings = sharding.named_shardings(abstract, self.mesh)["params"]
+        self.replicated = sharding.replicated(self.mesh)
+
+    def place(self, variables: dict) -> dict:
+        """Params onto their shardings, the calibration replicated."""
+        return {"params": sharding.shard_params(variables["params"], self.param_shardings),
+                "calibration": jax.device_put(variables["calibration"], self.replicated)}
 
     def pipeline(self, config, split: str, shuffle: bool | None = None) -> pipeline_lib.Pipeline:
         data = ml_collections.ConfigDict(config.data.to_dict())
@@ -327,7 +339,7 @@ class Run:
         self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32), "projection": jnp.asarray(w.projection, jnp.float32)}
 
     def consts(self) -> dict:
-        return {"whitening": self.whitening, "pos_weight": self.pos_weight}
+        return jax.device_put({"whitening": self.whitening, "pos_weight": self.pos_weight}, self.replicated)
 
 
 # ----------------------------------------------------------------------------- one phase
@@ -343,7 +355,8 @@ def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
         alpha = meta.get("alpha")
         return bridge_lib.with_alpha({**template, "params": params}, alpha or 1.0, vlm_lib.CALIBRATOR_PATH)
     if phase > 1:
-        prev = ckpt_lib.PhaseCheckpointer(run.workdir, phase - 1, read_only=True)
+        prev_config = run.configs.get(phase - 1) or config_lib.load_phase_config(phase - 1, config.profile)
+        prev = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, prev_config, phase - 1, read_only=True)
         restored = prev.restore_best(template["params"])
         prev.close()
         if restored is None:
@@ -396,19 +409,20 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         params, n = ckpt_lib.restore_bridge(warm_bridge_from, variables["params"])
         variables = {**variables, "params": params}
         logging.info("warm bridge: restored %d tensors from %s", n, warm_bridge_from)
+    variables = run.place(variables)
     labels = phases.trainable_labels(variables["params"], config.trainable, phase)
     logging.info("phase %d trainable set:\n%s", phase, phases.trainable_table(variables["params"], labels,
                                                                               config.trainable))
     trainable, frozen = phases.split_params(variables["params"], labels)
     tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
-    opt_state = tx.init(trainable)
+    opt_state = jax.jit(tx.init)(trainable)
     rng = jax.random.key(int(config.train.seed) + 100 * phase)
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase)
     step, epoch, iterator_state, plateau = 0, 0, None, optim.ReduceLROnPlateau.from_config(config.plateau)
     best = {}
     restored = ckpt.restore_latest(variables["params"], opt_state)
     if restored is not None:
-        trainable, frozen = phases.split_params(restored.params, labels)
+        trainable, frozen = phases.split_params(run.place({**variables, "params": restored.params})["params"], labels)
         opt_state, step, rng = restored.opt_state, restored.step, restored.rng or rng
         variables = bridge_lib.with_alpha(variables, restored.alpha or alpha_of(variables), vlm_lib.CALIBRATOR_PATH)
         epoch, iterator_state = restored.host.get("epoch", 0), restored.host.get("iterator")
@@ -493,11 +507,11 @@ def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -
     model = vlm_lib.VLM(run.vcfg)
     first = next(iter(run.pipeline(config, "train", shuffle=False).epoch(0)))
     template = fresh_params(run.vcfg, run.llm_params, first, run.text_rows, 0)
-    ckpt = ckpt_lib.PhaseCheckpointer(run.workdir, phase, read_only=True)
+    ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase, read_only=True)
     restored = ckpt.restore_best(template["params"])
     ckpt.close()
-    variables = bridge_lib.with_alpha({**template, "params": restored.params}, restored.alpha or 1.0,
-                                      vlm_lib.CALIBRATOR_PATH)
+    variables = run.place(bridge_lib.with_alpha({**template, "params": restored.params}, restored.alpha or 1.0,
+                                                vlm_lib.CALIBRATOR_PATH))
     pipe = run.pipeline(config, "valid", shuffle=False)
     batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
     out: dict[str, Any] = {}
@@ -527,14 +541,16 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
     configs = {p: explicit_config if explicit_config is not None else phase_config(p, arg, overrides)
                for p in phases_to_run}
     run = Run(configs[phases_to_run[0]], workdir)
+    run.configs = configs
     report: dict[str, Any] = {}
     t0 = time.time()
     for p in phases_to_run:
         config = configs[p]
         config.data.workdir = workdir
-        result = train_phase(run, config, p, init_from if p == phases_to_run[0] else "",
-                             warm_bridge_from if p == 3 else "")
-        evaluation = final_evaluation(run, config, p, evaluate.ABLATIONS if p in GENERATING_PHASES else ())
+        with sharding.use_mesh(run.mesh):  # logical constraints resolve on the mesh while tracing
+            result = train_phase(run, config, p, init_from if p == phases_to_run[0] else "",
+                                 warm_bridge_from if p == 3 else "")
+            evaluation = final_evaluation(run, config, p, evaluate.ABLATIONS if p in GENERATING_PHASES else ())
         report[f"phase{p}"] = {**evaluation, "wall_seconds": result["wall_seconds"], "steps": result["steps"]}
         logging.info("phase %d done: %s", p, json.dumps({k: v for k, v in report[f'phase{p}'].items()
                                                           if not isinstance(v, dict)}))
