@@ -218,17 +218,22 @@ class CtRateSource:
         return len(self._entries)
 
     def __getitem__(self, index: int) -> dict:
+        return self.get(index)
+
+    def get(self, index: int, slot: np.ndarray | None = None) -> dict:
+        """Record `index`; with slot [N_max, D], a .npy is read straight into slot[:N] (the caller's
+        batch row) and record['slices'] is that view: no intermediate array, no extra copy."""
         entry = self._entries[index]
         try:
-            return self._load(index, entry)
+            return self._load(index, entry, slot)
         except records.DataError as e:
             if not self.skip_bad_records:
                 raise
             return records.bad_record(index, entry["volume_name"], str(e))
 
-    def _load(self, index: int, entry: dict) -> dict:
+    def _load(self, index: int, entry: dict, slot: np.ndarray | None) -> dict:
         context = f"{entry['path']} (row {entry['row']} of {self.reports_csv})"
-        slices, z_mm = read_embeddings(entry["path"], context)
+        slices, z_mm = read_embeddings(entry["path"], context, slot)
         if z_mm is None:
             if entry["z_spacing"] is None:
                 raise records.DataError(f"{context}: no z_mm in the file and no metadata_csv for ZSpacing; "
@@ -244,8 +249,51 @@ class CtRateSource:
         return f"CtRateSource(split={self.split!r}, n={len(self)}, reports={self.reports_csv!r})"
 
 
-def read_embeddings(path: str, context: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """[N, D] embeddings and optional [N] z_mm from .npy / .npz; unreadable files are DataErrors."""
+_NPY_MAGIC = b"\x93NUMPY"
+_NPY_HEADERS: dict[bytes, tuple] = {}   # header bytes -> (shape, fortran_order, dtype); few distinct N
+
+
+def _npy_layout(f) -> tuple | None:
+    """(shape, fortran_order, dtype) of an open .npy, the file left at its data; None for a
+    format version this fast path does not read (np.load then does)."""
+    prefix = f.read(8)
+    if len(prefix) < 8 or prefix[:6] != _NPY_MAGIC:
+        raise ValueError("not a .npy file (bad magic)")
+    version = (prefix[6], prefix[7])
+    if version not in ((1, 0), (2, 0)):
+        return None
+    size_bytes = f.read(2 if version == (1, 0) else 4)
+    header = f.read(int.from_bytes(size_bytes, "little"))
+    layout = _NPY_HEADERS.get(header)
+    if layout is None:    # parse it once (numpy's safe literal parser), then reuse
+        f.seek(0)
+        np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        layout = _NPY_HEADERS.setdefault(header, read_header(f))
+    return layout
+
+
+def read_npy(path: str, slot: np.ndarray | None = None) -> np.ndarray:
+    """[N, D] array of a .npy file, read with one readinto straight into slot[:N] when the file
+    fits it (C order, slot's dtype and width, N <= len(slot)); otherwise a new array."""
+    with open(path, "rb") as f:
+        layout = _npy_layout(f)
+        if layout is None or layout[1] or layout[2].hasobject:
+            return np.load(path, allow_pickle=False)
+        shape, _, dtype = layout
+        fits = (slot is not None and len(shape) == 2 and dtype == slot.dtype and shape[1] == slot.shape[1]
+                and shape[0] <= slot.shape[0])
+        out = slot[: shape[0]] if fits else np.empty(shape, dtype)
+        if out.nbytes and f.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise EOFError(f"file ends before the {out.nbytes} data bytes of a {shape} {dtype} array")
+        return out
+
+
+def read_embeddings(path: str, context: str, slot: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """[N, D] embeddings and optional [N] z_mm from .npy / .npz; unreadable files are DataErrors.
+
+    A .npy is read into `slot` when given and it fits (see `read_npy`).
+    """
     try:
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as archive:
@@ -254,7 +302,7 @@ def read_embeddings(path: str, context: str) -> tuple[np.ndarray, np.ndarray | N
                 slices = archive["embeddings"]
                 z_mm = archive["z_mm"].astype(np.float32) if "z_mm" in archive.files else None
             return slices, z_mm
-        return np.load(path, allow_pickle=False), None
+        return read_npy(path, slot), None
     except records.DataError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:

@@ -1,27 +1,53 @@
 """grain input pipeline: records -> padded examples -> batches -> global arrays on the mesh.
 
+Use (what the trainer does):
+  tok = make_tokenizer(config.data)                        # HF folder, or the cached synthetic BPE
+  data = Pipeline(config.data, "train", tok, mesh)         # mesh=None: host numpy batches
+  for epoch in range(start, epochs):
+      it = data.epoch(epoch)  (or data.restore(saved_state) to resume mid-epoch)
+      for batch in it: ...;  saved_state = it.get_state()  # JSON-able, store with the checkpoint
+
 Per epoch, a grain `DataLoader` reads this process's shard (`jax.process_index()` of
-`jax.process_count()`) of the source in an order shuffled from (seed, epoch). Records are
-turned into fixed-shape examples in grain's reader threads (and `num_workers` processes):
-  slices [N_max, D]  z_mm [N_max]  valid [N_max] bool  num_slices []  labels [C]
-  input_ids / loss_mask / attention_mask [T]      chat sequence, loss on the assistant turn
-  condition_ids [C, Tc]  condition_lengths [C]  condition_valid [C]   per-condition texts (MMD)
-  target_ids [T]  target_mask [T]                  positive-findings-only text (InfoNCE)
-Batches add a leading [B]; `meta` carries the host-side strings (volume names, responses).
-The iterator state (epoch + grain position + the epoch's counts) goes into the checkpoint, so
-a resumed run continues mid-epoch with exactly the batches it would have seen.
+`jax.process_count()`, or the `process_index`/`process_count` given) of the source in an order
+shuffled from (seed, epoch). Records become fixed-shape examples in grain's reader threads (and
+`num_workers` worker processes). A batch is a dict; B = data.batch_size (global), N = max_slices,
+D = embed_dim, C = 18 classes, T = max_tokens, Tc = max_condition_tokens:
+  slices            [B, N, D]  slice_dtype   zero past num_slices (volumes over N: subsampled or error)
+  z_mm              [B, N]     float32       physical z of each slice (mm), 0 past num_slices
+  valid             [B, N]     bool          slice i < num_slices
+  num_slices        [B]        int32
+  labels            [B, C]     int32         0/1
+  input_ids         [B, T]     int32         chat: prompt (32 <|visual_region|>) + response + <|eot_id|>, padded
+  loss_mask         [B, T]     bool          response tokens and the closing <|eot_id|> only
+  attention_mask    [B, T]     bool          not padding
+  condition_ids     [B, C, Tc] int32         per-condition texts (MMD / InfoNCE targets), padded
+  condition_lengths [B, C]     int32         0 for absent classes
+  condition_valid   [B, C]     bool          = labels
+  target_ids        [B, T]     int32         positive-findings-only text, no template (contrastive target)
+  target_mask       [B, T]     bool
+  meta              dict of host lists [B]: volume_name, response (the text trained on),
+                    condition_texts ([C] strings)
+With a mesh, every array is a global jax.Array with [B] on the logical 'batch' axis (mesh axes
+data x fsdp), the rest replicated; `batch_spec(config)` gives the per-example shapes and dtypes.
+The iterator state (epoch + grain position + the epoch's counts) goes into the checkpoint, so a
+resumed run continues mid-epoch with exactly the batches it would have seen. Skipped bad records,
+subsampled volumes, truncated texts and dropped remainders are counted and logged at epoch end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
+import threading
 from typing import Any, Iterator
 
 import flax.linen as nn
 import grain
 import jax
 import numpy as np
+from absl import flags
 from jax.sharding import Mesh, PartitionSpec
 
 from kervljepa_jax import findings, sharding
@@ -66,25 +92,50 @@ def make_tokenizer(config):
     return tokenizers.build_tokenizer(config, corpus, key)
 
 
-def pad_slices(slices: np.ndarray, z_mm: np.ndarray, max_slices: int, dtype: np.dtype):
-    """[N, D], [N] -> [N_max, D] (dtype), [N_max] float32, [N_max] bool; zeros past N."""
-    n, d = slices.shape
-    if n == max_slices and slices.dtype == dtype:
-        padded = slices
-    else:
-        padded = np.zeros((max_slices, d), dtype)
-        padded[:n] = slices
+def slice_masks(z_mm: np.ndarray, max_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n] z -> [N_max] float32 z (0 past n) and [N_max] bool valid."""
+    n = len(z_mm)
     z = np.zeros(max_slices, np.float32)
     z[:n] = z_mm
     valid = np.zeros(max_slices, bool)
     valid[:n] = True
-    return padded, z, valid
+    return z, valid
+
+
+def stack_slices(slices: list[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """[n_b, D] each -> out [B, N_max, D], zeros past n_b. Rows the source already read into
+    place (see `ChunkSource`) are not copied again; the rest are copied once."""
+    for b, x in enumerate(slices):
+        n = x.shape[0]
+        if not (x.ctypes.data == out[b].ctypes.data and x.dtype == out.dtype):
+            out[b, :n] = x
+        out[b, n:] = 0
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeText:
+    """The epoch-independent text work of one volume, done once per Pipeline (`text_cache`).
+
+    The lexicon pass over the report and the tokenisation of its sentences and per-condition
+    texts are pure functions of (report, labels); per epoch only the class order of the
+    positive-findings text changes, and its ids are joined from `sentence_ids`.
+    """
+    segments: dict                      # positive class -> its report sentences (or fallback)
+    condition_texts: list               # [C] strings, "" for absent classes
+    condition_rows: dict                # positive class -> ([Tc] int32 padded ids, length, cut)
+    sentence_ids: dict | None           # text.sentence_token_table of the positive sentences
+    report_ids: list | None             # raw mode: the Findings_EN ids
 
 
 class ExampleBuilder:
-    """Record -> fixed-shape example (numpy + a few host strings); one per epoch (its rng stream)."""
+    """Record -> example (numpy + a few host strings); one per epoch (its rng stream).
 
-    def __init__(self, config, tokenizer, split: str, epoch: int):
+    Every array has its batch shape except `slices`, kept [n, D] as the source read it (possibly
+    a view of the batch row it was read into): `collate` pads it in the batch.
+    """
+
+    def __init__(self, config, tokenizer, split: str, epoch: int, text_cache: dict | None = None):
         self.max_slices = int(config.max_slices)
         self.slice_dtype = np.dtype(config.slice_dtype)
         self.text_mode = config.text_mode
@@ -100,38 +151,77 @@ class ExampleBuilder:
             raise records.DataError(f"data.max_tokens={self.max_tokens} leaves no room for a response after "
                                     f"the {len(self.prompt_ids)}-token prompt; raise max_tokens")
         self.rng_key = (int(config.seed), SPLITS.index(split), int(epoch))
+        self.text_cache = text_cache
+
+    def volume_text(self, record: dict) -> VolumeText:
+        key = int(record["index"])
+        cached = self.text_cache.get(key) if self.text_cache is not None else None
+        if cached is not None:
+            return cached
+        segments = text.class_segments(record["report"], record["labels"])
+        conditions = text.condition_texts_from_segments(segments)
+        batch = [conditions[c] for c in segments] + ([record["report"]] if self.text_mode == "raw" else [])
+        encoded = text.encode_texts(self.tokenizer, batch)
+        rows = {c: text.pad_ids(ids, self.max_condition_tokens, self.ids["pad"])
+                for c, ids in zip(segments, encoded)}
+        sentences = [s for c in segments for s in segments[c]] or [findings.NORMAL_SENTENCE]
+        table = text.sentence_token_table(self.tokenizer, sentences)
+        volume = VolumeText(segments, conditions, rows, table,
+                            report_ids=encoded[-1] if self.text_mode == "raw" else None)
+        # A report holding the literal placeholder text would add placeholders to the chat.
+        texts_ids = [i for pair in (table or {}).values() for i in pair] + [volume.report_ids or []]
+        if table is None or any(self.ids["visual"] in ids for ids in texts_ids):
+            self._check_placeholder_free(record, volume)
+        if self.text_cache is not None:
+            self.text_cache[key] = volume      # a race only repeats the same work
+        return volume
+
+    def _check_placeholder_free(self, record: dict, volume: VolumeText) -> None:
+        texts = [record["report"]] if self.text_mode == "raw" else []
+        texts += [s for c in volume.segments for s in volume.segments[c]]
+        for ids in text.encode_texts(self.tokenizer, texts):
+            if self.ids["visual"] in ids:
+                raise records.DataError(f"volume {record['volume_name']}: the report contains the "
+                                        f"{text.VISUAL_TOKEN} token text; remove it from the report")
+
+    def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, list[int]]:
+        """This epoch's positive-findings text (class order from (seed, epoch, index)) and its ids."""
+        rng = (np.random.default_rng([*self.rng_key, int(record["index"])]) if len(volume.segments) > 1
+               else None)
+        sentences = text.ordered_sentences(volume.segments, rng)
+        if volume.sentence_ids is not None:
+            return " ".join(sentences), text.joined_ids(sentences, volume.sentence_ids)
+        response = " ".join(sentences)
+        return response, text.encode_texts(self.tokenizer, [response])[0]
 
     def __call__(self, record: dict) -> dict:
-        rng = np.random.default_rng([*self.rng_key, int(record["index"])])
         labels = np.asarray(record["labels"], np.int32)
         n = record["slices"].shape[0]
-        slices, z_mm, valid = pad_slices(record["slices"], record["z_mm"], self.max_slices, self.slice_dtype)
-        response = text.response_text(record["report"], labels, self.text_mode, rng)
-        chat, response_cut = text.encode_chat(self.tokenizer, self.prompt_ids, response, self.max_tokens,
+        z_mm, valid = slice_masks(record["z_mm"], self.max_slices)
+        volume = self.volume_text(record)
+        target, target_ids = self.positive_findings(volume, record)
+        if self.text_mode == "raw":
+            response, response_ids = record["report"], volume.report_ids
+        else:
+            response, response_ids = target, target_ids
+        chat, response_cut = text.chat_arrays(self.prompt_ids, response_ids, self.max_tokens,
                                               self.ids["pad"], self.ids["eot"])
-        text.check_visual_placeholders(chat["input_ids"], self.ids["visual"], self.num_visual_tokens,
-                                       f"volume {record['volume_name']}")
-        conditions = text.condition_texts(record["report"], labels)
-        cond_ids, cond_lengths, cond_cut = [], [], 0
-        for condition in conditions:
-            ids, length, cut = text.encode_padded(self.tokenizer, condition, self.max_condition_tokens,
-                                                  self.ids["pad"])
-            cond_ids.append(ids)
-            cond_lengths.append(length)
-            cond_cut += cut
-        target = response if self.text_mode == "positive_findings" else text.positive_findings_text(
-            record["report"], labels, rng)
-        target_ids, target_length, target_cut = text.encode_padded(self.tokenizer, target, self.max_tokens,
-                                                                   self.ids["pad"])
+        condition_ids = np.full((findings.NUM_CLASSES, self.max_condition_tokens), self.ids["pad"], np.int32)
+        condition_lengths = np.zeros(findings.NUM_CLASSES, np.int32)
+        for c, (row, length, _) in volume.condition_rows.items():
+            condition_ids[c], condition_lengths[c] = row, length
+        target_ids, target_length, target_cut = text.pad_ids(target_ids, self.max_tokens, self.ids["pad"])
         return {
-            "slices": slices, "z_mm": z_mm, "valid": valid, "num_slices": np.int32(n), "labels": labels,
+            "slices": record["slices"], "z_mm": z_mm, "valid": valid, "num_slices": np.int32(n), "labels": labels,
             **chat,
-            "condition_ids": np.stack(cond_ids), "condition_lengths": np.asarray(cond_lengths, np.int32),
+            "condition_ids": condition_ids, "condition_lengths": condition_lengths,
             "condition_valid": labels.astype(bool),
             "target_ids": target_ids, "target_mask": np.arange(self.max_tokens) < target_length,
-            "volume_name": record["volume_name"], "response": response, "condition_texts": conditions,
+            "volume_name": record["volume_name"], "response": response,
+            "condition_texts": volume.condition_texts,
             _EVENTS_KEY: {"subsampled_slices": int(bool(record.get("subsampled"))),
-                          "truncated_responses": int(response_cut), "truncated_condition_texts": cond_cut,
+                          "truncated_responses": int(response_cut),
+                          "truncated_condition_texts": sum(cut for _, _, cut in volume.condition_rows.values()),
                           "truncated_targets": int(target_cut)},
         }
 
@@ -149,7 +239,14 @@ class ExampleSource:
         return len(self.source)
 
     def __getitem__(self, index: int) -> dict:
-        record = self.source[index]
+        return self.get(index)
+
+    def get(self, index: int, slot: np.ndarray | None = None) -> dict:
+        """Example `index`; a source with `get(index, slot)` may read its slices into slot."""
+        if slot is not None and hasattr(self.source, "get"):
+            record = self.source.get(index, slot)
+        else:
+            record = self.source[index]
         if records.is_bad(record):
             return record
         try:
@@ -163,12 +260,112 @@ class ExampleSource:
         return f"ExampleSource({self.source!r})"
 
 
-def collate(examples: list[dict]) -> dict:
-    """Stack examples into a batch: arrays get a leading [B]; strings go to batch['meta']."""
+def collate(examples: list[dict], slice_dtype=np.float16, slices_out: np.ndarray | None = None) -> dict:
+    """Stack examples into a batch: arrays get a leading [B] (slices padded to N_max here, into
+    `slices_out` [B, N_max, D] when given); strings go to batch['meta']."""
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]
-             if k not in META_KEYS and k != _EVENTS_KEY}
+             if k not in META_KEYS and k not in (_EVENTS_KEY, "slices")}
+    if slices_out is None:
+        slices_out = np.empty((len(examples), batch["valid"].shape[1], examples[0]["slices"].shape[1]),
+                              np.dtype(slice_dtype))
+    batch["slices"] = stack_slices([e["slices"] for e in examples], slices_out)
     batch["meta"] = {k: [e[k] for e in examples] for k in META_KEYS}
     return batch
+
+
+def num_rows(batch: dict) -> int:
+    return len(batch["meta"]["volume_name"]) if batch else 0
+
+
+def split_rows(parts: list[dict], k: int) -> tuple[dict, list[dict]]:
+    """The first k rows of consecutive partial batches, and the rest (rare: after skipped records)."""
+    if len(parts) == 1 and num_rows(parts[0]) == k:
+        return parts[0], []
+    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "meta"}
+    joined["meta"] = {key: [v for p in parts for v in p["meta"][key]] for key in META_KEYS}
+    head = {key: v[:k] for key, v in joined.items() if key != "meta"}
+    head["meta"] = {key: v[:k] for key, v in joined["meta"].items()}
+    if num_rows(joined) == k:
+        return head, []
+    rest = {key: v[k:] for key, v in joined.items() if key != "meta"}
+    rest["meta"] = {key: v[k:] for key, v in joined["meta"].items()}
+    return head, [rest]
+
+
+class BufferPool:
+    """Batch slice buffers [B, N_max, D], reused once nothing outside the pool refers to them.
+
+    Fresh memory costs a page fault per 4 KiB on first write (in a VM about as much as reading
+    the data from the page cache), so the loader recycles its batch buffers, and the page cache
+    copy goes into memory that is already mapped. A buffer counts as free when only the pool
+    holds it: any batch, view or in-flight device transfer of it keeps a reference, so a buffer
+    is never handed out while its data can still be read. Not pickled: each grain worker
+    process starts its own (empty) pool.
+    """
+
+    # Reference counts are exact only with the GIL; without it the pool always allocates.
+    _ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)() and sys.implementation.name == "cpython"
+
+    def __init__(self, max_buffers: int):
+        self.max_buffers = max_buffers
+        self._buffers: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with self._lock:
+            for buffer in self._buffers:
+                # 3 references: the list, `buffer` and getrefcount's argument (no enumerate: its
+                # reused result tuple would hold a fourth).
+                if sys.getrefcount(buffer) == 3 and buffer.shape == shape and buffer.dtype == dtype:
+                    return buffer
+            buffer = np.empty(shape, dtype)
+            if self._ENABLED and len(self._buffers) < self.max_buffers:
+                self._buffers.append(buffer)
+            return buffer
+
+    def __getstate__(self) -> dict:
+        return {"max_buffers": self.max_buffers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_buffers"])
+
+
+class ChunkSource:
+    """grain data source over one epoch's shard: element j is the collated batch of the examples
+    at order[j*K:(j+1)*K] (K = the local batch size), with its skipped records and events.
+
+    One grain element per batch, not per volume: grain's per-element cost (~0.2 ms) would
+    otherwise be most of a volume's loading time, and the collation runs in the reader threads.
+    """
+
+    def __init__(self, examples: ExampleSource, order: np.ndarray, chunk: int, slice_shape: tuple[int, int],
+                 slice_dtype: str, pool: BufferPool | None = None):
+        self.examples, self.order, self.chunk = examples, order, chunk
+        self.slice_shape, self.slice_dtype = tuple(slice_shape), np.dtype(slice_dtype)
+        self.pool = pool if pool is not None else BufferPool(0)
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.chunk)
+
+    def __getitem__(self, j: int) -> dict:
+        indices = self.order[j * self.chunk:(j + 1) * self.chunk]
+        # The batch's slices, allocated first so that sources read each volume into its row.
+        slices = self.pool.take((len(indices), *self.slice_shape), self.slice_dtype)
+        good, skipped, events = [], [], {}
+        for index in indices:
+            example = self.examples.get(int(index), slices[len(good)])
+            if records.is_bad(example):
+                skipped.append(example[records.BAD_KEY])
+                continue
+            for event, n in example[_EVENTS_KEY].items():
+                if n:
+                    events[event] = events.get(event, 0) + n
+            good.append(example)
+        batch = collate(good, self.slice_dtype, slices[: len(good)]) if good else {}
+        return {"batch": batch, "skipped": skipped, "events": events}
+
+    def __repr__(self) -> str:
+        return f"ChunkSource({self.examples!r}, records={len(self.order)}, chunk={self.chunk})"
 
 
 def batch_sharding(mesh: Mesh, ndim: int, rules=sharding.AXIS_RULES):
@@ -189,7 +386,12 @@ def to_global(batch: dict, mesh: Mesh) -> dict:
 
 
 class BatchIterator:
-    """One epoch of batches over this process's shard; checkpointable mid-epoch."""
+    """One epoch of batches over this process's shard; checkpointable mid-epoch.
+
+    grain yields one collated chunk per local batch; after skipped records a batch is made of
+    the rows of consecutive chunks. Rows left over after a batch always come from the last
+    chunk read, so the position is (grain state before that chunk, rows of it already used).
+    """
 
     def __init__(self, pipeline: "Pipeline", epoch: int, state: dict | None = None):
         self.pipeline, self.epoch = pipeline, epoch
@@ -197,11 +399,40 @@ class BatchIterator:
         self.report.skipped.extend(pipeline.index_skips)
         self._loader = pipeline.grain_loader(epoch)
         self._it = iter(self._loader)
+        self._pending: list[dict] = []        # partial batches not yet emitted, in order
+        self._last = (self._grain_state(), 0)  # (grain state before the last chunk with rows, its rows)
         self._done = False
         if state is not None:
-            self._it.set_state(state["grain"].encode())
-            self.report.skipped.extend(state["skipped"])
-            self.report.counts.update(state["counts"])
+            self._resume(state)
+
+    def _grain_state(self) -> str:
+        return self._it.get_state().decode()
+
+    def _resume(self, state: dict) -> None:
+        self._it.set_state(state["grain"].encode())
+        self.report.skipped.extend(state["skipped"])
+        self.report.counts.update(state["counts"])
+        used = int(state.get("rows_used", 0))
+        if used:    # re-read the partly used chunk; its skips and events are already counted
+            chunk = next(self._it)["batch"]
+            self._last = (state["grain"], num_rows(chunk))
+            self._pending = split_rows([chunk], used)[1]
+
+    def _read_chunk(self) -> bool:
+        """Append the next chunk's rows to the pending ones; False at the end of the epoch."""
+        before = self._grain_state()
+        try:
+            chunk = next(self._it)
+        except StopIteration:
+            return False
+        for message in chunk["skipped"]:
+            self.report.skip(message)
+        for event, n in chunk["events"].items():
+            self.report.count(event, n)
+        if chunk["batch"]:
+            self._pending.append(chunk["batch"])
+            self._last = (before, num_rows(chunk["batch"]))
+        return True
 
     def __iter__(self) -> Iterator[dict]:
         return self
@@ -209,31 +440,28 @@ class BatchIterator:
     def __next__(self) -> dict:
         if self._done:
             raise StopIteration
-        examples: list[dict] = []
-        while len(examples) < self.pipeline.local_batch_size:
-            try:
-                example = next(self._it)
-            except StopIteration:
-                return self._finish(examples)
-            if records.is_bad(example):
-                self.report.skip(example[records.BAD_KEY])
-                continue
-            for event, n in example[_EVENTS_KEY].items():
-                if n:
-                    self.report.count(event, n)
-            examples.append(example)
-        self.report.count("examples", len(examples))
-        return self.pipeline.finalize(collate(examples))
+        size = self.pipeline.local_batch_size
+        while sum(map(num_rows, self._pending)) < size:
+            if not self._read_chunk():
+                return self._finish()
+        batch, self._pending = split_rows(self._pending, size)
+        self.report.count("examples", size)
+        return self.pipeline.finalize(batch)
 
-    def _finish(self, examples: list[dict]) -> dict:
+    def _finish(self) -> dict:
         self._done = True
-        if examples and not self.pipeline.config.drop_remainder:
-            self.report.count("examples", len(examples))
-            batch = self.pipeline.finalize(collate(examples))
-        else:
-            if examples:
-                self.report.count("dropped_remainder", len(examples))
-            batch = None
+        rows = sum(map(num_rows, self._pending))
+        batch = None
+        if rows and not self.pipeline.config.drop_remainder:
+            self.report.count("examples", rows)
+            batch = self.pipeline.finalize(split_rows(self._pending, rows)[0])
+        elif rows:
+            self.report.count("dropped_remainder", rows)
+        self._pending = []
+        # Equal shards: the last len % process_count records of the shuffled order go unread.
+        shard_rest = len(self.pipeline.source) % self.pipeline.process_count
+        if shard_rest:
+            self.report.count("dropped_shard_remainder", shard_rest)
         self.report.log(self.epoch, self.pipeline.split)
         if batch is None:
             raise StopIteration
@@ -241,8 +469,9 @@ class BatchIterator:
 
     def get_state(self) -> dict:
         """JSON-serialisable position: save it with the checkpoint."""
-        return {"split": self.pipeline.split, "epoch": self.epoch,
-                "grain": self._it.get_state().decode(),
+        left = sum(map(num_rows, self._pending))
+        grain_state, rows_used = (self._last[0], self._last[1] - left) if left else (self._grain_state(), 0)
+        return {"split": self.pipeline.split, "epoch": self.epoch, "grain": grain_state, "rows_used": rows_used,
                 "skipped": list(self.report.skipped[len(self.pipeline.index_skips):]),
                 "counts": dict(self.report.counts)}
 
@@ -264,22 +493,41 @@ class Pipeline:
         self.source = make_source(config, split)
         self.tokenizer = tokenizer if tokenizer is not None else make_tokenizer(config)
         self.index_skips = list(getattr(self.source, "index_skips", []))
+        # Epoch-independent text per volume, filled as volumes are first read. Only for in-process
+        # readers: worker processes could not hand their work back, so they redo it each epoch.
+        use_cache = config.get("cache_text", True) and int(config.num_workers) == 0
+        self.text_cache: dict[int, VolumeText] | None = {} if use_cache else None
+        # Enough for every chunk in flight (prefetch) plus the batches the trainer holds.
+        self.buffer_pool = BufferPool(4 * max(1, int(config.read_threads)) + 8)
         # Fail at construction, not in a reader thread, on a template without the placeholders.
         ExampleBuilder(config, self.tokenizer, split, 0)
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This process's record indices for an epoch: a (seed, epoch) permutation of all records,
+        cut to a multiple of process_count and dealt round-robin to the processes."""
+        n = len(self.source)
+        order = (np.random.default_rng([int(self.config.seed), int(epoch)]).permutation(n)
+                 if self.config.shuffle else np.arange(n))
+        return order[: n - n % self.process_count][self.process_index::self.process_count]
+
     def grain_loader(self, epoch: int) -> grain.DataLoader:
-        sampler = grain.samplers.IndexSampler(
-            num_records=len(self.source),
-            shard_options=grain.sharding.ShardOptions(
-                shard_index=self.process_index, shard_count=self.process_count, drop_remainder=True),
-            shuffle=bool(self.config.shuffle), num_epochs=1,
-            seed=int(np.random.SeedSequence([int(self.config.seed), int(epoch)]).generate_state(1)[0] >> 1))
-        examples = ExampleSource(self.source, ExampleBuilder(self.config, self.tokenizer, self.split, epoch),
+        text_cache = self.text_cache if int(self.config.num_workers) == 0 else None
+        examples = ExampleSource(self.source, ExampleBuilder(self.config, self.tokenizer, self.split, epoch,
+                                                             text_cache),
                                  bool(self.config.skip_bad_records))
+        chunks = ChunkSource(examples, self.epoch_order(epoch), self.local_batch_size,
+                             (int(self.config.max_slices), int(self.config.embed_dim)), self.config.slice_dtype,
+                             self.buffer_pool)
+        if self.config.num_workers > 0 and not flags.FLAGS.is_parsed():
+            # grain's worker processes read absl flags; outside app.run (notebooks, tests) none
+            # were parsed, so take the defaults rather than fail in the first worker.
+            flags.FLAGS.mark_as_parsed()
+        threads = max(1, int(self.config.read_threads))
         return grain.DataLoader(
-            data_source=examples, sampler=sampler, operations=(), worker_count=int(self.config.num_workers),
-            read_options=grain.ReadOptions(num_threads=max(1, int(self.config.read_threads)),
-                                           prefetch_buffer_size=max(8, 4 * self.local_batch_size)))
+            data_source=chunks, worker_count=int(self.config.num_workers),
+            sampler=grain.samplers.IndexSampler(num_records=len(chunks), shard_options=grain.sharding.NoSharding(),
+                                                shuffle=False, num_epochs=1),
+            read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
 
     def finalize(self, batch: dict) -> dict:
         return to_global(batch, self.mesh) if self.mesh is not None else batch

@@ -406,6 +406,7 @@ class SyntheticSource:
         self.signal_strength = float(config.signal_strength)
         self.limits = records.SliceLimits(self.embed_dim, config.max_slices, config.over_max_slices)
         self.slice_dtype = np.dtype(config.slice_dtype)
+        self.skip_bad_records = bool(config.skip_bad_records)
         self.length = int(config.num_train if split == "train" else config.num_valid)
 
     def __len__(self) -> int:
@@ -421,7 +422,12 @@ class SyntheticSource:
         slices = make_slices(volume["labels"], n, self.embed_dim, rng, self.signal_strength)
         z_mm = np.arange(n, dtype=np.float32) * np.float32(spacing)
         name = volume_name(self.split, index)
-        slices, z_mm, subsampled = records.check_slices(slices, z_mm, self.limits, f"synthetic {name}")
+        try:    # only the over-max "error" policy can fail here
+            slices, z_mm, subsampled = records.check_slices(slices, z_mm, self.limits, f"synthetic {name}")
+        except records.DataError as e:
+            if not self.skip_bad_records:
+                raise
+            return records.bad_record(index, name, str(e))
         return {"volume_name": name, "index": index, "slices": slices.astype(self.slice_dtype),
                 "z_mm": z_mm, "labels": volume["labels"], "report": volume["report"],
                 "impression": volume["impression"], "z_spacing": spacing, "subsampled": subsampled}

@@ -42,22 +42,37 @@ def class_segments(report: str, labels: Sequence[int]) -> dict[int, list[str]]:
     return segments
 
 
-def positive_findings_text(report: str, labels: Sequence[int], rng: np.random.Generator) -> str:
-    """Positive-class segments in a random class order; a sentence shared by classes appears once."""
-    segments = class_segments(report, labels)
+def ordered_sentences(segments: dict[int, list[str]], rng: np.random.Generator | None) -> list[str]:
+    """Sentences of the segments in a random class order, each once; [NORMAL_SENTENCE] for none.
+
+    rng may be None when there is at most one class (nothing to order).
+    """
     if not segments:
-        return findings.NORMAL_SENTENCE
-    order = rng.permutation(sorted(segments))
+        return [findings.NORMAL_SENTENCE]
+    order = sorted(segments) if len(segments) == 1 else rng.permutation(sorted(segments))
     out: list[str] = []
     for c in order:
         out.extend(s for s in segments[int(c)] if s not in out)
-    return " ".join(out)
+    return out
+
+
+def positive_findings_from_segments(segments: dict[int, list[str]], rng: np.random.Generator | None) -> str:
+    """Segments (from `class_segments`) in a random class order; a sentence shared by classes once."""
+    return " ".join(ordered_sentences(segments, rng))
+
+
+def positive_findings_text(report: str, labels: Sequence[int], rng: np.random.Generator) -> str:
+    """Positive-class segments in a random class order; a normal volume gets NORMAL_SENTENCE."""
+    return positive_findings_from_segments(class_segments(report, labels), rng)
+
+
+def condition_texts_from_segments(segments: dict[int, list[str]]) -> list[str]:
+    return [" ".join(segments[c]) if c in segments else "" for c in range(findings.NUM_CLASSES)]
 
 
 def condition_texts(report: str, labels: Sequence[int]) -> list[str]:
     """[C] per-condition texts: the class's segment when positive, "" when absent."""
-    segments = class_segments(report, labels)
-    return [" ".join(segments[c]) if c in segments else "" for c in range(findings.NUM_CLASSES)]
+    return condition_texts_from_segments(class_segments(report, labels))
 
 
 def response_text(report: str, labels: Sequence[int], mode: str, rng: np.random.Generator) -> str:
@@ -94,9 +109,49 @@ def encode_prompt(tokenizer, num_visual_tokens: int) -> np.ndarray:
     return ids
 
 
-def encode_chat(tokenizer, prompt_ids: np.ndarray, response: str, max_tokens: int,
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of plain texts (no special tokens added), in one call to the Rust tokenizer.
+
+    Same ids as `tokenizer.encode(t, add_special_tokens=False)` per text, without its per-call
+    Python overhead (the loader encodes ~20 texts per volume).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return [tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
+    return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def sentence_token_table(tokenizer, sentences: Sequence[str]) -> dict[str, tuple[list[int], list[int]]] | None:
+    """{sentence: (ids when first, ids of " " + sentence)} such that joining them equals encoding
+    the " "-joined text, checked on every ordered pair (first and middle positions); None when a
+    join does not (that tokenizer merges across sentences: encode the joined text instead).
+
+    Byte-level BPEs (GPT-2, Llama 3) pre-split before " word", so the check passes and a shuffled
+    positive-findings text costs a list concatenation per epoch instead of a tokenizer call.
+    """
+    unique = list(dict.fromkeys(sentences))
+    pairs = [(a, b) for a in unique for b in unique if a != b]
+    k = len(unique)
+    encoded = encode_texts(tokenizer, [*unique, *(" " + s for s in unique), *(f"{a} {b}" for a, b in pairs),
+                                       *(f" {a} {b}" for a, b in pairs)])
+    table = {s: (encoded[i], encoded[k + i]) for i, s in enumerate(unique)}
+    for (a, b), first, middle in zip(pairs, encoded[2 * k: 2 * k + len(pairs)], encoded[2 * k + len(pairs):]):
+        if table[a][0] + table[b][1] != first or table[a][1] + table[b][1] != middle:
+            return None
+    return table
+
+
+def joined_ids(sentences: Sequence[str], table: dict[str, tuple[list[int], list[int]]]) -> list[int]:
+    """Ids of " ".join(sentences) from a `sentence_token_table`."""
+    ids = list(table[sentences[0]][0])
+    for sentence in sentences[1:]:
+        ids.extend(table[sentence][1])
+    return ids
+
+
+def chat_arrays(prompt_ids: np.ndarray, response_ids: Sequence[int], max_tokens: int,
                 pad_id: int, eot_id: int) -> tuple[dict[str, np.ndarray], bool]:
-    """Prompt + response + <|eot_id|>, right-padded to max_tokens.
+    """Prompt + response ids + <|eot_id|>, right-padded to max_tokens.
 
     Returns ({input_ids, loss_mask, attention_mask: [T]}, truncated). A response that does not
     fit is cut (and then has no closing <|eot_id|>); the caller counts those.
@@ -105,7 +160,7 @@ def encode_chat(tokenizer, prompt_ids: np.ndarray, response: str, max_tokens: in
     if room < 2:
         raise records.DataError(f"data.max_tokens={max_tokens} leaves no room for a response after the "
                                 f"{len(prompt_ids)}-token prompt; raise max_tokens")
-    response_ids = tokenizer.encode(response, add_special_tokens=False) + [eot_id]
+    response_ids = [*response_ids, eot_id]
     truncated = len(response_ids) > room
     response_ids = response_ids[:room]
     n = len(prompt_ids) + len(response_ids)
@@ -119,11 +174,21 @@ def encode_chat(tokenizer, prompt_ids: np.ndarray, response: str, max_tokens: in
     return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}, truncated
 
 
-def encode_padded(tokenizer, text: str, max_len: int, pad_id: int) -> tuple[np.ndarray, int, bool]:
-    """A plain text (no template) as [max_len] ids, its length and whether it was cut."""
-    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+def encode_chat(tokenizer, prompt_ids: np.ndarray, response: str, max_tokens: int,
+                pad_id: int, eot_id: int) -> tuple[dict[str, np.ndarray], bool]:
+    """`chat_arrays` of a response string."""
+    return chat_arrays(prompt_ids, encode_texts(tokenizer, [response])[0], max_tokens, pad_id, eot_id)
+
+
+def pad_ids(ids: Sequence[int], max_len: int, pad_id: int) -> tuple[np.ndarray, int, bool]:
+    """Ids as [max_len] int32 (cut or right-padded), their kept length and whether they were cut."""
     truncated = len(ids) > max_len
     ids = ids[:max_len]
     out = np.full(max_len, pad_id, np.int32)
     out[: len(ids)] = ids
     return out, len(ids), truncated
+
+
+def encode_padded(tokenizer, text: str, max_len: int, pad_id: int) -> tuple[np.ndarray, int, bool]:
+    """A plain text (no template) as [max_len] ids, its length and whether it was cut."""
+    return pad_ids(encode_texts(tokenizer, [text])[0] if text else [], max_len, pad_id)

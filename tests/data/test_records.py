@@ -51,6 +51,15 @@ def test_float16_exponent_check_matches_isfinite():
         assert records.all_finite(chunk) == bool(np.isfinite(chunk).all())
 
 
+def test_float16_check_on_every_bit_pattern():
+    patterns = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    got = [records.all_finite(np.array([[0.0, p], [1.0, -2.0]], np.float16)) for p in patterns]
+    np.testing.assert_array_equal(got, np.isfinite(patterns))
+    strided = np.zeros((4, 6), np.float16)
+    strided[1, 1] = np.inf
+    assert records.all_finite(strided[::2, ::2]) and not records.all_finite(strided[1::2, 1::2])
+
+
 def test_wrong_width_zero_slices_and_bad_shapes():
     _one_line_error(lambda: records.check_slices(_slices(d=7), None, LIMITS, "a.npy"), "a.npy", "width 7")
     _one_line_error(lambda: records.check_slices(_slices(n=0), None, LIMITS, "b.npy"), "b.npy", "0 slices")
