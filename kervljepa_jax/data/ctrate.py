@@ -164,6 +164,9 @@ class CtRateSource:
         self.metadata_csv = resolve(root, config.metadata_csv[split]) if config.metadata_csv[split] else ""
         self.embeddings_dir = resolve(root, config.embeddings_dir[split])
         self.index_skips: list[str] = []    # rows dropped while indexing (skip_bad_records), re-reported per epoch
+        # index -> (size, mtime_ns) of the .npy whose slices were last found finite: the NaN/Inf scan
+        # (a pass over the data) runs once per file and again only if the file changes.
+        self._scanned: dict[int, tuple[int, int]] = {}
         self._entries = self._build_index(split)
         if self.index_skips:
             logging.warning("data[%s]: %d CSV rows skipped while indexing (skip_bad_records=True); "
@@ -233,13 +236,16 @@ class CtRateSource:
 
     def _load(self, index: int, entry: dict, slot: np.ndarray | None) -> dict:
         context = f"{entry['path']} (row {entry['row']} of {self.reports_csv})"
-        slices, z_mm = read_embeddings(entry["path"], context, slot)
+        slices, z_mm, stamp = read_embeddings(entry["path"], context, slot)
         if z_mm is None:
             if entry["z_spacing"] is None:
                 raise records.DataError(f"{context}: no z_mm in the file and no metadata_csv for ZSpacing; "
                                         "set --config.data.metadata_csv or store z_mm")
             z_mm = np.arange(slices.shape[0], dtype=np.float32) * np.float32(entry["z_spacing"])
-        slices, z_mm, subsampled = records.check_slices(slices, z_mm, self.limits, context)
+        scanned = stamp is not None and self._scanned.get(index) == stamp
+        slices, z_mm, subsampled = records.check_slices(slices, z_mm, self.limits, context, check_finite=not scanned)
+        if stamp is not None:
+            self._scanned[index] = stamp
         return {"volume_name": entry["volume_name"], "index": index,
                 "slices": slices.astype(self.slice_dtype, copy=False),
                 "z_mm": z_mm.astype(np.float32, copy=False), "labels": entry["labels"],
@@ -273,26 +279,29 @@ def _npy_layout(f) -> tuple | None:
     return layout
 
 
-def read_npy(path: str, slot: np.ndarray | None = None) -> np.ndarray:
+def read_npy(path: str, slot: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     """[N, D] array of a .npy file, read with one readinto straight into slot[:N] when the file
-    fits it (C order, slot's dtype and width, N <= len(slot)); otherwise a new array."""
+    fits it (C order, slot's dtype and width, N <= len(slot)); otherwise a new array. Also the
+    file's (size, mtime_ns) as it was read."""
     with open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        stamp = (info.st_size, info.st_mtime_ns)
         layout = _npy_layout(f)
         if layout is None or layout[1] or layout[2].hasobject:
-            return np.load(path, allow_pickle=False)
+            return np.load(path, allow_pickle=False), stamp
         shape, _, dtype = layout
         fits = (slot is not None and len(shape) == 2 and dtype == slot.dtype and shape[1] == slot.shape[1]
                 and shape[0] <= slot.shape[0])
         out = slot[: shape[0]] if fits else np.empty(shape, dtype)
         if out.nbytes and f.readinto(memoryview(out).cast("B")) != out.nbytes:
             raise EOFError(f"file ends before the {out.nbytes} data bytes of a {shape} {dtype} array")
-        return out
+        return out, stamp
 
 
-def read_embeddings(path: str, context: str, slot: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """[N, D] embeddings and optional [N] z_mm from .npy / .npz; unreadable files are DataErrors.
-
-    A .npy is read into `slot` when given and it fits (see `read_npy`).
+def read_embeddings(path: str, context: str,
+                    slot: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int] | None]:
+    """[N, D] embeddings, optional [N] z_mm and (for .npy) the file's (size, mtime_ns) from .npy /
+    .npz; unreadable files are DataErrors. A .npy is read into `slot` when it fits (`read_npy`).
     """
     try:
         if path.endswith(".npz"):
@@ -301,8 +310,9 @@ def read_embeddings(path: str, context: str, slot: np.ndarray | None = None) -> 
                     raise records.DataError(f"{context}: .npz has no 'embeddings' array (has {archive.files})")
                 slices = archive["embeddings"]
                 z_mm = archive["z_mm"].astype(np.float32) if "z_mm" in archive.files else None
-            return slices, z_mm
-        return read_npy(path, slot), None
+            return slices, z_mm, None
+        slices, stamp = read_npy(path, slot)
+        return slices, None, stamp
     except records.DataError:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:

@@ -76,10 +76,11 @@ def subsample_indices(n: int, max_slices: int) -> np.ndarray:
 
 
 def check_slices(slices: Any, z_mm: np.ndarray | None, limits: SliceLimits,
-                 context: str) -> tuple[np.ndarray, np.ndarray | None, bool]:
+                 context: str, check_finite: bool = True) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """Validate [N, D] slices (+ optional z_mm [N]); apply the over-max policy.
 
     Returns (slices, z_mm, subsampled). Raises DataError naming `context` on any defect.
+    check_finite=False skips the NaN/Inf scan of the slices (for a file already scanned, unchanged).
     """
     if not isinstance(slices, np.ndarray) or slices.dtype.kind != "f":
         raise DataError(f"{context}: slice embeddings must be a float array, got "
@@ -94,7 +95,7 @@ def check_slices(slices: Any, z_mm: np.ndarray | None, limits: SliceLimits,
         raise DataError(f"{context}: 0 slices; remove the volume or re-export its embeddings")
     if z_mm is not None and z_mm.shape != (n,):
         raise DataError(f"{context}: z_mm has shape {z_mm.shape}, expected ({n},) to match the slices")
-    if not all_finite(slices):
+    if check_finite and not all_finite(slices):
         raise DataError(f"{context}: NaN/Inf in slice embeddings; re-export the volume")
     if z_mm is not None and not np.isfinite(z_mm).all():
         raise DataError(f"{context}: NaN/Inf in z_mm; re-export the volume")

@@ -42,23 +42,24 @@ def class_segments(report: str, labels: Sequence[int]) -> dict[int, list[str]]:
     return segments
 
 
-def ordered_sentences(segments: dict[int, list[str]], rng: np.random.Generator | None) -> list[str]:
-    """Sentences of the segments in a random class order, each once; [NORMAL_SENTENCE] for none.
-
-    rng may be None when there is at most one class (nothing to order).
-    """
+def ordered_sentences(segments: dict[int, list[str]], order: Sequence[int] | None = None) -> list[str]:
+    """Sentences of the segments in the given class order (default: sorted), each once;
+    [NORMAL_SENTENCE] for none."""
     if not segments:
         return [findings.NORMAL_SENTENCE]
-    order = sorted(segments) if len(segments) == 1 else rng.permutation(sorted(segments))
     out: list[str] = []
-    for c in order:
+    for c in (sorted(segments) if order is None else order):
         out.extend(s for s in segments[int(c)] if s not in out)
     return out
 
 
 def positive_findings_from_segments(segments: dict[int, list[str]], rng: np.random.Generator | None) -> str:
-    """Segments (from `class_segments`) in a random class order; a sentence shared by classes once."""
-    return " ".join(ordered_sentences(segments, rng))
+    """Segments (from `class_segments`) in a random class order; a sentence shared by classes once.
+
+    rng may be None when there is at most one class (nothing to order).
+    """
+    order = rng.permutation(sorted(segments)) if len(segments) > 1 else None
+    return " ".join(ordered_sentences(segments, order))
 
 
 def positive_findings_text(report: str, labels: Sequence[int], rng: np.random.Generator) -> str:

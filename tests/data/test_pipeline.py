@@ -2,6 +2,7 @@
 exact mid-epoch resume, worker processes, and bad records counted or raised through the loader."""
 
 import logging as std_logging
+import os
 
 import jax
 import numpy as np
@@ -189,6 +190,23 @@ def test_worker_processes_give_the_same_batches(workdir, tokenizer, epoch0):
         make(workdir, tokenizer, num_workers=-1)
 
 
+def test_recycled_batch_buffers_never_change_a_held_batch(workdir, tokenizer):
+    loader = make(workdir, tokenizer, read_threads=2)
+    held, copies = [], []
+    for epoch in (0, 1):
+        for batch in loader.epoch(epoch):
+            held.append(batch)
+            copies.append(batch["slices"].copy())
+    for batch, copy in zip(held, copies):                      # still intact after 10 more batches
+        np.testing.assert_array_equal(batch["slices"], copy)
+    del held, batch
+    seen = set()
+    for epoch in (2, 3, 4):                                    # nothing held: buffers are reused
+        for batch in loader.epoch(epoch):
+            seen.add(id(batch["slices"].base))
+    assert seen <= {id(b) for b in loader.buffer_pool._buffers} and len(seen) < 15   # 15 batches
+
+
 def test_drop_remainder_is_counted_or_kept(workdir, tokenizer):
     it = make(workdir, tokenizer, num_train=21).epoch(0)
     assert [b["slices"].shape[0] for b in it] == [8, 8]
@@ -267,6 +285,20 @@ def test_restore_after_skips_at_every_batch_boundary(ctrate_config, tokenizer, s
         assert resumed.report.as_dict() == full_it.report.as_dict()
         assert len(resumed.report.skipped) == 1 and "NaN/Inf" in resumed.report.skipped[0]
     assert any(used)                        # some cut fell inside a chunk
+
+
+def test_a_file_changed_after_its_scan_is_scanned_again(ctrate_config, tokenizer):
+    """The NaN/Inf scan runs once per unchanged file; a rewritten file is scanned again."""
+    loader = pipeline.Pipeline(ctrate_config, "train", tokenizer)
+    assert len(names(loader.epoch(0))) == 9                 # 10 rows, batch 3, remainder dropped
+    path = test_ctrate.embedding_path(ctrate_config.root, 3)
+    x = np.load(path)
+    x[1, 2] = np.inf
+    np.save(path, x)                                         # same size, new content
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(records.DataError, match="NaN/Inf"):
+        list(loader.epoch(1))
 
 
 def test_ctrate_tokenizer_is_trained_on_the_reports_and_cached(ctrate_config):
