@@ -170,7 +170,7 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
     params = jax.jit(model.init)(jax.random.key(int(config.train.seed)), jnp.zeros((1, 8), jnp.int32))
     params = __import__("flax").linen.unbox(params)["params"]
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(0, config.model.pretrain_lr, 20, steps), 0.9,
+                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, config.model.pretrain_lr, max(1, steps // 10), max(steps, 2)), 0.9,
                                  0.95, weight_decay=0.01))
     opt_state = tx.init(params)
 
@@ -205,6 +205,16 @@ def training_reports(data) -> list[str]:
     path = pipeline_lib.ctrate.resolve(data.root, data.reports_csv["train"])
     return [f["Findings_EN"] for _, f in pipeline_lib.ctrate.read_csv(path, pipeline_lib.ctrate.REPORT_COLUMNS,
                                                                        "reports_csv.train")]
+
+
+def training_texts(data) -> tuple[list[str], list[np.ndarray]]:
+    """(Findings_EN, labels) of every training volume, without reading slices."""
+    source = pipeline_lib.make_source(data, "train")
+    if data.source == "synthetic":
+        volumes = [pipeline_lib.synthetic.sample_volume_text(source.seed, "train", i) for i in range(len(source))]
+        return [v["report"] for v in volumes], [np.asarray(v["labels"]) for v in volumes]
+    entries = source._entries
+    return [e["report"] for e in entries], [np.asarray(e["labels"]) for e in entries]
 
 
 def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tuple[llama_lib.LlamaConfig, Any]:
@@ -293,6 +303,8 @@ class Run:
             key, jnp.zeros((1, 4, self.vcfg.compressor.d_visual)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool),
             jnp.full((1, self.vcfg.num_visual_tokens), self.vcfg.visual_token_id, jnp.int32)), jax.random.key(0))
         self.param_shardings = sharding.named_shardings(abstract, self.mesh)["params"]
+        self.abstract_params = ckpt_lib.abstract_target(__import__("flax").linen.unbox(abstract)["params"],
+                                                        self.param_shardings)
         self.replicated = sharding.replicated(self.mesh)
 
     def place(self, variables: dict) -> dict:
@@ -309,34 +321,46 @@ class Run:
         return pipeline_lib.Pipeline(data, split, self.tokenizer, self.mesh)
 
     def prepare_targets(self, config, params: Any) -> None:
-        """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings."""
+        """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings.
+
+        Text only (no slice is read): the per-condition texts and the positive-findings texts of
+        the training split, embedded by the frozen base LLM (layer `whiten_layer`, mean-pooled).
+        """
         if self.whitening is not None:
             return
         path = os.path.join(self.workdir, "whitening.npz")
-        pipe = self.pipeline(config, "train", shuffle=False)
-        labels, texts = [], []
-        embed = jax.jit(lambda p, ids, m: self.encoder(p, ids, m, None))
-        llm = step_lib.base_llm_params(params)
-        for batch in pipe.epoch(0):
-            labels.append(np.asarray(batch["labels"]))
-            if not os.path.isfile(path):
-                cond_mask = np.arange(batch["condition_ids"].shape[-1]) < np.asarray(batch["condition_lengths"])[..., None]
-                keep = np.asarray(batch["condition_valid"]).astype(bool)
-                ids = np.asarray(batch["condition_ids"])[keep]
-                if len(ids):
-                    texts.append(np.asarray(embed(llm, jnp.asarray(ids), jnp.asarray(cond_mask[keep]))))
-                texts.append(np.asarray(embed(llm, batch["target_ids"], batch["target_mask"])))
-        labels = np.concatenate(labels)
+        reports, labels = training_texts(config.data)
         import kervljepa_jax.losses as losses
-        self.pos_weight = jnp.asarray(losses.pos_weight_from_labels(labels))
+        self.pos_weight = jnp.asarray(losses.pos_weight_from_labels(np.stack(labels)))
         if os.path.isfile(path):
             w = whitening_lib.load(path)
         else:
-            emb = np.concatenate(texts)
+            rng = np.random.default_rng(int(config.data.seed))
+            conditions = [t for r, l in zip(reports, labels) for t in text_lib.condition_texts(r, l) if t]
+            targets = [text_lib.positive_findings_text(r, l, rng) for r, l in zip(reports, labels)]
+            params = {"llm": self.llm_params}
+            emb = np.concatenate([self.embed_texts(conditions, int(config.data.max_condition_tokens), params),
+                                  self.embed_texts(targets, int(config.data.max_tokens), params)])
             w, stats = whitening_lib.fit_and_report(emb, dim=self.vcfg.bridge.jepa_dim)
             whitening_lib.save(w, path)
             logging.info("whitening (layer %d, %d texts): %s", self.whiten_layer, len(emb), json.dumps(stats))
         self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32), "projection": jnp.asarray(w.projection, jnp.float32)}
+
+    def embed_texts(self, texts: list[str], max_len: int, params: Any, batch: int = 256) -> np.ndarray:
+        """[M, D] unwhitened text embeddings (fixed-size batches: one compilation)."""
+        pad = tokenizers.special_ids(self.tokenizer)["pad"]
+        rows = [text_lib.encode_padded(self.tokenizer, t, max_len, pad) for t in texts]
+        ids = np.stack([r[0] for r in rows])
+        mask = np.arange(max_len)[None] < np.array([r[1] for r in rows])[:, None]
+        embed = jax.jit(lambda p, i, m: self.encoder(p, i, m, None))
+        llm = step_lib.base_llm_params(params)
+        out = []
+        for start in range(0, len(ids), batch):
+            i, m = ids[start:start + batch], mask[start:start + batch]
+            n = len(i)
+            i, m = np.pad(i, ((0, batch - n), (0, 0)), constant_values=pad), np.pad(m, ((0, batch - n), (0, 0)))
+            out.append(np.asarray(embed(llm, jnp.asarray(i), jnp.asarray(m)))[:n])
+        return np.concatenate(out)
 
     def consts(self) -> dict:
         return jax.device_put({"whitening": self.whitening, "pos_weight": self.pos_weight}, self.replicated)
@@ -345,26 +369,27 @@ class Run:
 # ----------------------------------------------------------------------------- one phase
 
 
+def _restored_variables(params: Any, alpha: float | None) -> dict:
+    return {"params": params, "calibration": {"calibrator": {"alpha": jnp.asarray(alpha or 1.0, jnp.float32)}}}
+
+
 def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
     """--init_from, else the best checkpoint of phase N-1, else (phase 1) a fresh bridge."""
-    model = vlm_lib.VLM(run.vcfg)
-    first = next(iter(run.pipeline(config, "train", shuffle=False).epoch(0)))
-    template = fresh_params(run.vcfg, run.llm_params, first, run.text_rows, int(config.train.seed))
     if init_from:
-        params, meta = ckpt_lib.restore_params(init_from, template["params"])
-        alpha = meta.get("alpha")
-        return bridge_lib.with_alpha({**template, "params": params}, alpha or 1.0, vlm_lib.CALIBRATOR_PATH)
+        params, meta = ckpt_lib.restore_params(init_from, run.abstract_params)
+        return _restored_variables(params, meta.get("alpha"))
     if phase > 1:
         prev_config = run.configs.get(phase - 1) or config_lib.load_phase_config(phase - 1, config.profile)
         prev = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, prev_config, phase - 1, read_only=True)
-        restored = prev.restore_best(template["params"])
+        restored = prev.restore_best(run.abstract_params)
         prev.close()
         if restored is None:
             raise TrainError(f"phase {phase}: no checkpoint of phase {phase - 1} in {run.workdir}; run phase "
                              f"{phase - 1} first or pass --init_from=PATH")
-        return bridge_lib.with_alpha({**template, "params": restored.params}, restored.alpha or 1.0,
-                                     vlm_lib.CALIBRATOR_PATH)
-    return calibrate(model, template, first, run.text_rows)
+        return _restored_variables(restored.params, restored.alpha)
+    first = next(iter(run.pipeline(config, "train", shuffle=False).epoch(0)))
+    template = fresh_params(run.vcfg, run.llm_params, first, run.text_rows, int(config.train.seed))
+    return calibrate(vlm_lib.VLM(run.vcfg), template, first, run.text_rows)
 
 
 def sampling_config(config) -> SamplingConfig:
@@ -420,7 +445,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase)
     step, epoch, iterator_state, plateau = 0, 0, None, optim.ReduceLROnPlateau.from_config(config.plateau)
     best = {}
-    restored = ckpt.restore_latest(variables["params"], opt_state)
+    restored = ckpt.restore_latest(run.abstract_params, opt_state)
     if restored is not None:
         trainable, frozen = phases.split_params(run.place({**variables, "params": restored.params})["params"], labels)
         opt_state, step, rng = restored.opt_state, restored.step, restored.rng or rng
@@ -505,13 +530,12 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
 def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -> dict:
     """The phase's best checkpoint on the validation split: F1 (+ ablations for generating phases)."""
     model = vlm_lib.VLM(run.vcfg)
-    first = next(iter(run.pipeline(config, "train", shuffle=False).epoch(0)))
-    template = fresh_params(run.vcfg, run.llm_params, first, run.text_rows, 0)
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase, read_only=True)
-    restored = ckpt.restore_best(template["params"])
+    restored = ckpt.restore_best(run.abstract_params)
     ckpt.close()
-    variables = run.place(bridge_lib.with_alpha({**template, "params": restored.params}, restored.alpha or 1.0,
-                                                vlm_lib.CALIBRATOR_PATH))
+    if restored is None:
+        raise TrainError(f"phase {phase}: no checkpoint in {ckpt.directory}; train the phase first")
+    variables = run.place(_restored_variables(restored.params, restored.alpha))
     pipe = run.pipeline(config, "valid", shuffle=False)
     batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
     out: dict[str, Any] = {}

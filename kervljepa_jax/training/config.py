@@ -88,8 +88,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
     # Phase 0 (no llm_path): the tiny decoder is LM-pretrained on the training reports, standing in
     # for a pretrained Llama, and saved as a HF folder in WORKDIR/base_llm.
-    c.model.pretrain_steps = 600
-    c.model.pretrain_batch_size = 32
+    c.model.pretrain_steps = 200
+    c.model.pretrain_batch_size = 16
     c.model.pretrain_seq_len = 192
     c.model.pretrain_lr = 3e-3
 

@@ -1,0 +1,90 @@
+"""The curriculum CLI: config overrides, errors, a short run of every phase with resume, and (slow) the
+paper's claims in miniature on the default `--phase=all`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kervljepa_jax import train
+
+SMALL = ["--config.train.max_steps=2", "--config.model.pretrain_steps=10", "--config.data.num_train=64",
+         "--config.data.num_valid=16", "--config.eval.num_examples=8", "--config.eval.max_new_tokens=8",
+         "--config.train.log_every=1"]
+
+
+def _run(args, workdir, timeout=900):
+    cmd = [sys.executable, "-m", "kervljepa_jax.train", f"--workdir={workdir}", *args]
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}   # one device: the CLI as a user runs it
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_command_line_overrides_are_typed_and_checked():
+    pairs = train.command_line_overrides(["--phase=3", "--config.train.lr=0.5", "--config.train.epochs", "7",
+                                          "--config.data.skip_bad_records=true", "--config.trainable=['a/.*']"])
+    assert pairs == {"train.lr": "0.5", "train.epochs": "7", "data.skip_bad_records": "true",
+                     "trainable": "['a/.*']"}
+    config = train.phase_config(3, None, pairs)
+    assert config.train.lr == 0.5 and config.train.epochs == 7 and config.data.skip_bad_records is True
+    assert list(config.trainable) == ["a/.*"] and config.phase == 3
+    with pytest.raises(train.TrainError, match="train.no_such_field"):
+        train.phase_config(2, None, {"train.no_such_field": "1"})
+    with pytest.raises(train.TrainError, match="not a bool"):
+        train.phase_config(2, None, {"data.skip_bad_records": "maybe"})
+
+
+def test_missing_workdir_and_missing_previous_phase_are_one_line_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kervljepa_jax.train", "--phase=1"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "--workdir is required" in out.stderr
+    out = _run(["--phase=2", *SMALL], tmp_path / "w")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no checkpoint of phase 1" in out.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_each_phase_trains_checkpoints_and_resumes(tmp_path):
+    workdir = tmp_path / "run"
+    for phase in ("1", "2", "3", "4"):
+        out = _run([f"--phase={phase}", *SMALL], workdir)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert (workdir / f"phase{phase}" / "checkpoints").is_dir()
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert {r["phase"] for r in records} == {0, 1, 2, 3, 4}
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)          # finite, logged every step
+    # A rerun of a finished phase resumes from its latest checkpoint and trains no further step.
+    out = _run(["--phase=4", *SMALL], workdir)
+    assert out.returncode == 0 and "resumed at step 2" in out.stderr
+    assert (workdir / "phase4" / "reports.csv").is_file()
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The embedded default, exactly as the README runs it."""
+    workdir = tmp_path_factory.mktemp("default")
+    out = _run(["--phase=all"], workdir, timeout=1800)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.load(open(workdir / "report.json")), workdir
+
+
+@pytest.mark.slow
+def test_default_curriculum_writes_the_report_and_figures(default_run):
+    report, workdir = default_run
+    for phase in ("phase3", "phase4"):
+        assert set(report[phase]["ablations"]) == {"zero", "shuffle", "noise"}
+        for key in ("macro_f1", "precision", "recall", "wall_seconds"):
+            assert key in report[phase]
+    assert (workdir / "loss_curves.png").is_file() and (workdir / "ablations.png").is_file()
+
+
+@pytest.mark.slow
+def test_paper_claims_in_miniature(default_run):
+    """Generated-report F1 >= 0.8; zeroing the visual tokens removes >= 50% of it; phase 4 keeps phase 3's F1."""
+    report, _ = default_run
+    p3, p4 = report["phase3"], report["phase4"]
+    assert p3["macro_f1"] >= 0.8, p3
+    assert p3["ablations"]["zero"]["macro_f1"] <= 0.5 * p3["macro_f1"], p3
+    assert p4["macro_f1"] >= p3["macro_f1"] - 0.02, (p3, p4)
+    assert report["wall_seconds"] <= 600, report["wall_seconds"]
