@@ -17,18 +17,34 @@ MODEL = C.ZoneCompressor(CFG)
 
 @pytest.fixture(scope="module")
 def variables():
-    return jax.jit(MODEL.init)(jax.random.PRNGKey(0), jnp.zeros((1, 4, CFG.d_visual)), jnp.zeros((1, 4)),
-                               jnp.ones((1, 4), bool))
+    """Abstract boxed variables (shapes + logical names; tracing init costs no compile)."""
+    return jax.eval_shape(MODEL.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, CFG.d_visual)), jnp.zeros((1, 4)),
+                          jnp.ones((1, 4), bool))
 
 
 @pytest.fixture(scope="module")
-def params(variables):
-    return nn.unbox(variables)["params"]
+def params(torch_reference):
+    """The PyTorch reference's weights (non-zero biases, random queries), mapped to ours."""
+    return C.torch_state_dict_to_params(torch_reference.state_dict(), CFG)
 
 
-# One jitted entry per method; retraces only on a new [B, N].
-forward = jax.jit(lambda p, s, z, v: MODEL.apply({"params": p}, s, z, v))
-zone_tokens = jax.jit(lambda p, s, z, v: MODEL.apply({"params": p}, s, z, v, method="zone_tokens"))
+def _zone_tokens_and_output(module, slices, z_mm, valid):
+    tokens = module.zone_tokens(slices, z_mm, valid)
+    return tokens, module.global_layer(tokens)
+
+
+# One jitted entry for both outputs; retraces only on a new [B, N].
+_both = jax.jit(lambda p, s, z, v: MODEL.apply({"params": p}, s, z, v, method=_zone_tokens_and_output))
+
+
+def forward(p, s, z, v):
+    return _both(p, s, z, v)[1]
+
+
+def zone_tokens(p, s, z, v):
+    return _both(p, s, z, v)[0]
+
+
 train_forward = jax.jit(lambda p, s, z, v, key: MODEL.apply({"params": p}, s, z, v, deterministic=False,
                                                             rngs={"dropout": key}))
 sown_forward = jax.jit(lambda p, s, z, v: MODEL.apply({"params": p}, s, z, v, mutable=["intermediates"]))
