@@ -287,6 +287,20 @@ def test_restore_after_skips_at_every_batch_boundary(ctrate_config, tokenizer, s
     assert any(used)                        # some cut fell inside a chunk
 
 
+def test_report_with_the_placeholder_text_is_a_bad_record(ctrate_config, tokenizer):
+    def change(rows):
+        rows[2][rows[0].index("Findings_EN")] += f" {text.VISUAL_TOKEN} The heart is enlarged."
+        return rows
+    test_ctrate.edit_csv(test_ctrate.csv_path(ctrate_config.root, "reports"), change)
+    # Positive-findings text keeps only sentences of positive classes; raw text keeps them all.
+    ctrate_config.text_mode = "raw"
+    with pytest.raises(records.DataError, match=r"volume train_2_a_1.nii.gz: the report contains"):
+        list(pipeline.Pipeline(ctrate_config, "train", tokenizer).epoch(0))
+    ctrate_config.skip_bad_records = True
+    it = pipeline.Pipeline(ctrate_config, "train", tokenizer).epoch(0)
+    assert len(names(it)) == 9 and it.report.as_dict()["skipped"] == 1
+
+
 def test_a_file_changed_after_its_scan_is_scanned_again(ctrate_config, tokenizer):
     """The NaN/Inf scan runs once per unchanged file; a rewritten file is scanned again."""
     loader = pipeline.Pipeline(ctrate_config, "train", tokenizer)

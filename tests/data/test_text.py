@@ -1,5 +1,6 @@
 """Report text building and the chat template: segments, modes, conditions, placeholders, loss mask."""
 
+import itertools
 import re
 
 import numpy as np
@@ -161,3 +162,26 @@ def test_wrong_placeholder_count_is_a_one_line_error(tokenizer):
     plain = PreTrainedTokenizerFast(tokenizer_object=core)
     with pytest.raises(records.DataError, match=re.escape(f"0 {text.VISUAL_TOKEN} placeholders")):
         text.encode_prompt(plain, 32)
+
+
+def test_sentence_ids_join_exactly_or_are_refused(tokenizer):
+    sentences = [NODULE_SENTENCE, CARDIO_SENTENCE, BOTH_SENTENCE]
+    table = text.sentence_token_table(tokenizer, sentences)
+    assert table is not None                      # byte-level BPE: every join is clean
+    for order in itertools.permutations(sentences):
+        assert text.joined_ids(order, table) == tokenizer.encode(" ".join(order), add_special_tokens=False)
+    assert text.encode_texts(tokenizer, sentences) == [tokenizer.encode(x, add_special_tokens=False)
+                                                       for x in sentences]
+    # A BPE without a pre-tokenizer merges across the ". " between sentences: no table.
+    core = Tokenizer(models.BPE())
+    core.train_from_iterator([synthetic.sample_volume_text(0, "train", i)["report"] for i in range(60)],
+                             trainers.BpeTrainer(vocab_size=800, show_progress=False))
+    assert text.sentence_token_table(PreTrainedTokenizerFast(tokenizer_object=core), sentences) is None
+
+
+def test_ordered_sentences_dedups_in_class_order():
+    segments = {ATELECTASIS: [BOTH_SENTENCE], EFFUSION: [BOTH_SENTENCE, "Extra."], NODULE: [NODULE_SENTENCE]}
+    assert text.ordered_sentences(segments) == [BOTH_SENTENCE, NODULE_SENTENCE, "Extra."]
+    assert text.ordered_sentences(segments, [NODULE, EFFUSION, ATELECTASIS]) == [NODULE_SENTENCE, BOTH_SENTENCE,
+                                                                                 "Extra."]
+    assert text.ordered_sentences({}) == [findings.NORMAL_SENTENCE]
