@@ -46,7 +46,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_tokens = 256                 # chat sequence length (prompt + response), fixed
     c.max_condition_tokens = 48        # per-condition text length (MMD / InfoNCE targets)
     c.num_visual_tokens = 32
-    c.cache_text = True                # keep each volume's lexicon/tokenizer work across epochs (~1 KB each)
+    c.cache_text = True                # keep each volume's lexicon/tokenizer work across epochs (a few KB each)
     c.tokenizer_path = ""              # HF tokenizer folder; "" = BPE trained on the synthetic corpus
     c.tokenizer_vocab_size = 2048      # BPE vocab for the embedded default
     c.workdir = "/tmp/kervljepa_jax"   # where the trained BPE tokenizer is cached

@@ -49,7 +49,7 @@ import os
 import random
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import grain
@@ -133,7 +133,7 @@ class VolumeText:
     condition_texts: list               # [C] strings, "" for absent classes
     condition_rows: dict                # positive class -> ([Tc] int32 padded ids, length, cut)
     sentence_ids: dict | None           # text.sentence_token_table of the positive sentences
-    report_ids: list | None             # raw mode: the Findings_EN ids
+    report_ids: np.ndarray | None       # raw mode: the Findings_EN ids, int32
 
 
 class ExampleBuilder:
@@ -175,10 +175,11 @@ class ExampleBuilder:
         sentences = [s for c in segments for s in segments[c]] or [findings.NORMAL_SENTENCE]
         table = text.sentence_token_table(self.tokenizer, sentences)
         volume = VolumeText(segments, conditions, rows, table,
-                            report_ids=encoded[-1] if self.text_mode == "raw" else None)
+                            report_ids=np.asarray(encoded[-1], np.int32) if self.text_mode == "raw" else None)
         # A report holding the literal placeholder text would add placeholders to the chat.
-        texts_ids = [i for pair in (table or {}).values() for i in pair] + [volume.report_ids or []]
-        if table is None or any(self.ids["visual"] in ids for ids in texts_ids):
+        texts_ids = [i for pair in (table or {}).values() for i in pair]
+        texts_ids += [volume.report_ids] if volume.report_ids is not None else []
+        if table is None or any((ids == self.ids["visual"]).any() for ids in texts_ids):
             self._check_placeholder_free(record, volume)
         if self.text_cache is not None:
             self.text_cache[key] = volume      # a race only repeats the same work
@@ -192,7 +193,7 @@ class ExampleBuilder:
                 raise records.DataError(f"volume {record['volume_name']}: the report contains the "
                                         f"{text.VISUAL_TOKEN} token text; remove it from the report")
 
-    def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, list[int]]:
+    def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, Sequence[int]]:
         """This epoch's positive-findings text (class order from (seed, epoch, index)) and its ids."""
         order = None
         if len(volume.segments) > 1:

@@ -122,13 +122,13 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
 
 
-def sentence_token_table(tokenizer, sentences: Sequence[str]) -> dict[str, tuple[list[int], list[int]]] | None:
-    """{sentence: (ids when first, ids of " " + sentence)} such that joining them equals encoding
-    the " "-joined text, checked on every ordered pair (first and middle positions); None when a
-    join does not (that tokenizer merges across sentences: encode the joined text instead).
+def sentence_token_table(tokenizer, sentences: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+    """{sentence: (int32 ids when first, ids of " " + sentence)} such that joining them equals
+    encoding the " "-joined text, checked on every ordered pair (first and middle positions);
+    None when a join does not (that tokenizer merges across sentences: encode the joined text).
 
     Byte-level BPEs (GPT-2, Llama 3) pre-split before " word", so the check passes and a shuffled
-    positive-findings text costs a list concatenation per epoch instead of a tokenizer call.
+    positive-findings text costs an array concatenation per epoch instead of a tokenizer call.
     """
     unique = list(dict.fromkeys(sentences))
     pairs = [(a, b) for a in unique for b in unique if a != b]
@@ -139,40 +139,41 @@ def sentence_token_table(tokenizer, sentences: Sequence[str]) -> dict[str, tuple
     for (a, b), first, middle in zip(pairs, encoded[2 * k: 2 * k + len(pairs)], encoded[2 * k + len(pairs):]):
         if table[a][0] + table[b][1] != first or table[a][1] + table[b][1] != middle:
             return None
-    return table
+    # int32 arrays: a cache of Python int lists would cost ~36 bytes per token.
+    return {s: (np.asarray(first, np.int32), np.asarray(spaced, np.int32)) for s, (first, spaced) in table.items()}
 
 
-def joined_ids(sentences: Sequence[str], table: dict[str, tuple[list[int], list[int]]]) -> list[int]:
-    """Ids of " ".join(sentences) from a `sentence_token_table`."""
-    ids = list(table[sentences[0]][0])
-    for sentence in sentences[1:]:
-        ids.extend(table[sentence][1])
-    return ids
+def joined_ids(sentences: Sequence[str], table: dict[str, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """[L] int32 ids of " ".join(sentences) from a `sentence_token_table`."""
+    return np.concatenate([table[sentences[0]][0], *(table[s][1] for s in sentences[1:])])
 
 
-def chat_arrays(prompt_ids: np.ndarray, response_ids: Sequence[int], max_tokens: int,
+def chat_arrays(prompt_ids: np.ndarray, response_ids: Sequence[int] | np.ndarray, max_tokens: int,
                 pad_id: int, eot_id: int) -> tuple[dict[str, np.ndarray], bool]:
     """Prompt + response ids + <|eot_id|>, right-padded to max_tokens.
 
     Returns ({input_ids, loss_mask, attention_mask: [T]}, truncated). A response that does not
     fit is cut (and then has no closing <|eot_id|>); the caller counts those.
     """
-    room = max_tokens - len(prompt_ids)
+    p = len(prompt_ids)
+    room = max_tokens - p
     if room < 2:
         raise records.DataError(f"data.max_tokens={max_tokens} leaves no room for a response after the "
-                                f"{len(prompt_ids)}-token prompt; raise max_tokens")
-    response_ids = [*response_ids, eot_id]
-    truncated = len(response_ids) > room
-    response_ids = response_ids[:room]
-    n = len(prompt_ids) + len(response_ids)
+                                f"{p}-token prompt; raise max_tokens")
+    response = np.asarray(response_ids, np.int32)
+    kept = min(len(response) + 1, room)              # + <|eot_id|>, when it fits
+    body = min(len(response), kept)
     input_ids = np.full(max_tokens, pad_id, np.int32)
-    input_ids[: len(prompt_ids)] = prompt_ids
-    input_ids[len(prompt_ids): n] = response_ids
+    input_ids[:p] = prompt_ids
+    input_ids[p: p + body] = response[:body]
+    if kept > body:
+        input_ids[p + body] = eot_id
+    n = p + kept
     loss_mask = np.zeros(max_tokens, bool)
-    loss_mask[len(prompt_ids): n] = True
+    loss_mask[p:n] = True
     attention_mask = np.zeros(max_tokens, bool)
     attention_mask[:n] = True
-    return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}, truncated
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}, len(response) + 1 > room
 
 
 def encode_chat(tokenizer, prompt_ids: np.ndarray, response: str, max_tokens: int,

@@ -169,7 +169,7 @@ def test_sentence_ids_join_exactly_or_are_refused(tokenizer):
     table = text.sentence_token_table(tokenizer, sentences)
     assert table is not None                      # byte-level BPE: every join is clean
     for order in itertools.permutations(sentences):
-        assert text.joined_ids(order, table) == tokenizer.encode(" ".join(order), add_special_tokens=False)
+        assert text.joined_ids(order, table).tolist() == tokenizer.encode(" ".join(order), add_special_tokens=False)
     assert text.encode_texts(tokenizer, sentences) == [tokenizer.encode(x, add_special_tokens=False)
                                                        for x in sentences]
     # A BPE without a pre-tokenizer merges across the ". " between sentences: no table.
