@@ -298,6 +298,7 @@ class Run:
         self.whitening = None
         self.pos_weight = None
         self.configs: dict[int, Any] = {}
+        self._pipelines: dict[tuple, pipeline_lib.Pipeline] = {}
         # Where every param lives on the mesh: the logical axis names of an abstract init.
         abstract = jax.eval_shape(lambda key: vlm_lib.VLM(self.vcfg).init(
             key, jnp.zeros((1, 4, self.vcfg.compressor.d_visual)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool),
@@ -313,12 +314,16 @@ class Run:
                 "calibration": jax.device_put(variables["calibration"], self.replicated)}
 
     def pipeline(self, config, split: str, shuffle: bool | None = None) -> pipeline_lib.Pipeline:
+        """One Pipeline per (split, data config): its per-volume text cache lives across epochs."""
         data = ml_collections.ConfigDict(config.data.to_dict())
         if shuffle is not None:
             data.shuffle = shuffle
         if split != "train":
             data.drop_remainder = False
-        return pipeline_lib.Pipeline(data, split, self.tokenizer, self.mesh)
+        key = (split, data.to_json(sort_keys=True))
+        if key not in self._pipelines:
+            self._pipelines[key] = pipeline_lib.Pipeline(data, split, self.tokenizer, self.mesh)
+        return self._pipelines[key]
 
     def prepare_targets(self, config, params: Any) -> None:
         """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings.
@@ -500,7 +505,6 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
                                 "best": best})
             if step >= total:
                 break
-        iterator.report.log(epoch, "train") if hasattr(iterator, "report") else None
         epoch += 1
         variables = {**variables, "params": phases.merge_params(trainable, frozen)}
         if epoch % int(config.train.eval_every_epochs) == 0 or step >= total or epoch >= epochs:

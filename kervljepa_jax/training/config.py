@@ -54,17 +54,19 @@ EMBEDDED = {
     "model.preset":                  ("tiny",) * 4,
     "model.whiten_layer":            (-1,) * 4,                   # the tiny LLM's middle layer
     "data.max_slices":               (240,) * 4,                  # the synthetic volumes' maximum
+    "data.embed_dim":                (256,) * 4,                  # paper 1024 (LeJEPA ViT-L); 16x cheaper here
     "data.source":                   ("synthetic",) * 4,
     "data.num_train":                (512,) * 4,                  # same split in every phase
     "data.num_valid":                (64,) * 4,
     "train.epochs":                  (2, 2, 3, 1),                # paper 20, 30, 50, 30
-    "train.batch_size":              (8, 32, 8, 8),               # paper 32, 512, 8, 8
+    "train.batch_size":              (8, 16, 8, 8),               # paper 32, 512, 8, 8
     "train.lr":                      (1e-3, 5e-4, 1e-3, 2.5e-5),  # paper 5e-5, 3e-5, 2e-5, 5e-7
     "train.warmup_steps":            (10, 10, 10, 0),             # paper 0
     "train.log_every":               (10,) * 4,
     "checkpoint.every_steps":        (0,) * 4,                    # at evaluations and phase end only
     "eval.max_new_tokens":           (96,) * 4,                   # paper 384
     "eval.num_examples":             (64,) * 4,                   # paper: all
+    "train.eval_every_epochs":       (1, 1, 3, 1),                # phase 3: generation F1 at its end only
     "lora_freeze_epoch":             (0, 0, 2, 0),                # paper 6 (phase 3)
 }
 
