@@ -109,7 +109,7 @@ _CALCIFIC = r"(?:calcif\w*|atherom\w*|atheroscl\w*|calcified\s+plaques?)"
 # Arteries whose calcified plaques count here (the aortic valve, and the coronary arteries,
 # which are their own class, do not).
 _NOT_CORONARY = r"(?<!coronary\s)(?<!pulmonary\s)(?<!descending\s)(?<!circumflex\s)"
-_AORTIC_OR_ARTERIAL = (r"(?:aort(?:a|ic|as)\b(?!\s+valve)|carotid|subclavian|brachiocephalic|innominate|iliac|"
+_AORTIC_OR_ARTERIAL = (r"(?:aort(?:a|ic|as)\b(?!\s+valve)|arcus|carotid|subclavian|brachiocephalic|innominate|iliac|"
                        + _NOT_CORONARY + r"arter(?:y|ies|ial)|" + _NOT_CORONARY + r"vascular|vessels?|arch)")
 _THICK = r"(?:thicken\w*|thickness\s+increas\w*|increase\w*\s+in\s+(?:the\s+)?thickness)"
 _CORONARY = r"(?:coronar\w*|\bLAD\b|\bRCA\b|left\s+anterior\s+descending|circumflex|left\s+main)"
@@ -207,6 +207,8 @@ FINDINGS: tuple[Finding, ...] = (
         patterns=(
             r"pericardial\s+(?:\w+[\s-]+){0,2}(?:effusion|fluid)",
             r"(?:effusion|fluid)\b[^.;]{0,80}?\b(?:in|within|at)\s+(?:the\s+)?(?:\w+\s+){0,2}pericardi(?:al|um)",
+            # "... measuring 12 mm in the deepest part of the pericardial space/area"
+            r"(?:effusion|fluid)\b[^.;]{0,120}?\b(?:of|in)\s+the\s+pericardial\s+(?:space|area|cavity|sac)",
             r"pericardial\s+(?:space|recess)\s+(?:contains|shows)\s+fluid",
             r"pericardial\s+and\s+pleural\s+effusion", r"hemopericardium",
         ),
@@ -226,7 +228,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Coronary artery wall calcification is present.",
         patterns=(
-            _CALCIFIC + r"[^.;]{0,80}?" + _CORONARY,
+            _CALCIFIC + r"[^.;]{0,120}?" + _CORONARY,
             _CORONARY + r"[^.;]{0,60}?" + _CALCIFIC,
         ),
         anchors=('calcif', 'atherom', 'atheroscl'),
@@ -248,6 +250,8 @@ FINDINGS: tuple[Finding, ...] = (
             r"hiatal\s+hernia\w*", r"hiatus\s+hernia\w*", r"hernia\w*\s+(?:\w+\s+){0,4}(?:esophageal\s+|oesophageal\s+)?hiatus",
             r"(?:stomach|gastric\s+fundus|fundus)\s+(?:\w+\s+){0,3}herniat\w*",
             r"herniat\w*\s+(?:\w+\s+){0,3}(?:stomach|gastric)",
+            # A (diaphragmatic) hernia at the gastro-oesophageal junction is a hiatal one.
+            r"herni\w*[^.;]{0,80}?\b(?:esophago-?gastric|oesophago-?gastric|gastro-?o?esophageal)\s+junction",
         ),
         anchors=('hiat', 'herni'),
     ),
@@ -330,7 +334,10 @@ FINDINGS: tuple[Finding, ...] = (
                        r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)"),
         vetoes=(r"thyroid", r"adrenal", r"liver", r"hepatic", r"kidney", r"renal", r"breast",
                 r"spleen", r"splenic", r"pancrea\w*", r"schmorl", r"subcutaneous", r"mediastin\w*",
-                r"trache\w*", r"fatty\s+tissue", r"mesenter\w*", r"\bbones?\b", r"vertebra\w*"),
+                r"trache\w*", r"fatty\s+tissue", r"mesenter\w*", r"\bbones?\b", r"vertebra\w*",
+                # Lung nodules are solid or ground glass; "hypodense" describes a solid organ's
+                # lesion (thyroid, liver, kidney). A nodule OF the pleura is pleural disease.
+                r"hypodens\w*", r"(?<!sub)pleural\s+nodul\w*"),
         anchors=('nodul', 'mass'),
     ),
     Finding(
@@ -349,13 +356,14 @@ FINDINGS: tuple[Finding, ...] = (
         patterns=(r"(?<!nodular\s)(?<!acinar\s)opacit\w*", r"ground[\s-]+glass(?![\s-]+(?:density\s+)?nodul)",
                   r"frosted\s+glass", r"\bopaque\b"),
         # A density increase is a lung opacity unless it is a scar, a band or lies outside the lung.
-        weak_patterns=(r"(?:increase\w*|increased)\s+(?:in\s+)?(?:the\s+)?(?:parenchymal\s+)?densit\w*",
+        weak_patterns=(r"(?:increase\w*|increased)\s+(?:in\s+)?(?:the\s+)?(?:[\w-]+\s+){0,3}?densit\w*",
                        r"densit(?:y|ies)\s+increase\w*", r"dependent\s+densit\w*"),
         vetoes=(r"sequel\w*", r"fibro\w*", r"pleuro-?parenchymal", r"\bbands?\b", r"linear", r"atelecta\w*",
                 r"\bfat\w*", r"peri(?:renal|nephric|colonic|gastric|portal|duodenal)", r"para\w*(?:renal|duodenal)",
                 r"soft\s+tissue", r"subcutaneous", r"cutaneous", r"vertebra\w*", r"\bbones?\b", r"osteo\w*",
                 r"breast", r"sternum", r"metallic", r"liver", r"kidney", r"spleen", r"consolidat\w*",
-                r"calcif\w*", r"nodul\w*"),
+                r"calcif\w*", r"\bnodules?\b", r"micronodul\w*", r"adrenal", r"thyroid", r"splen\w*",
+                r"mediastin\w*", r"thym\w*", r"pericardi\w*", r"chest\s+wall"),
         anchors=('opacit', 'glass', 'opaque', 'densit'),
     ),
     Finding(
@@ -397,11 +405,14 @@ FINDINGS: tuple[Finding, ...] = (
         patterns=(
             r"pleural(?:\s*(?:and|or|/|-)\s*pericardial)?\s+(?:effusions?|fluid)",
             r"(?:effusion|fluid)\s+(?:\w+\s+){0,3}(?:in|within)\s+(?:the\s+)?(?:\w+\s+){0,2}pleural",
-            # In a chest CT an effusion that is not called pericardial is a pleural one.
+            # In a chest CT an effusion that is not called pericardial is a pleural one (a
+            # separate "pericardial effusion" later in the sentence is its own mention).
             r"(?<!pericardial\s)(?<!pericardial-)(?<!pericardial\sminimal\s)(?<!pericardial\smild\s)"
-            r"\beffusions?\b(?![^.;]{0,60}(?:pericardi|abdom|spleen|splenic|kidney|renal|perirenal|perinephric|"
+            r"\beffusions?\b(?![^.;]{0,100}(?:pericardi(?!al\s+(?:\w+\s+)?(?:effusion|fluid))|abdom|spleen|splenic|kidney|renal|perirenal|perinephric|"
             r"liver|hepatic|pelvi|joint))",
             r"hydrothora\w*", r"hemothora\w*", r"empyema",
+            # An effusion placed in a hemithorax (or between the pleural leaves) is pleural.
+            r"(?:effusion|fluid)\b[^.;]{0,80}?\b(?:hemithora\w*|pleural\s+(?:leaves|layers|sinus\w*|recess\w*))",
             r"pleural\s+(?:space|cavity|cavities|spaces)\s+(?:contains?|shows?)\s+fluid",
         ),
         anchors=('pleural', 'effusion', 'thora', 'empyema'),
@@ -439,7 +450,7 @@ FINDINGS: tuple[Finding, ...] = (
         # (bronchitis, asthma) is read as another finding.
         patterns=(
             r"peribronch\w*\s+(?:\w+\s+){0,2}" + _THICK,
-            _THICK + r"\s+(?:\w+\s+){0,3}(?:of|in|along)\s+(?:the\s+)?(?:\w+\s+)?peribronch\w*",
+            _THICK + r"[^.;]{0,60}?\b(?:of|in|along|around)\s+(?:the\s+)?(?:\w+\s+)?peribronch\w*",
             r"increase\w*\s+(?:in\s+)?(?:the\s+)?peribronch\w*\s+(?:wall\s+)?thickness",
             r"peribronchial\s+cuffing",
             r"peribronch\w*\s+(?:\w+\s+){0,2}(?:is|are|was|were|appears?)\s+(?:\w+\s+)?thicken\w*",
@@ -492,14 +503,25 @@ FINDINGS: tuple[Finding, ...] = (
             "The interlobular septa are not thickened.",
         ),
         fallback_sentence="Interlobular septal thickening is present.",
+        # The interlobular septa named anywhere in a clause with a thickening; bare "septal"
+        # needs no cardiac or nasal septum nearby; interstitial thickening of the lung (not the
+        # peribronchial sheath, which is its own class) is read as septal.
         patterns=(
-            r"(?:interlob\w+[\s-]+(?:\w+[\s-]+)?)?sept(?:al|a|um)\s+(?:\w+\s+){0,2}" + _THICK,
-            _THICK + r"\s+(?:of\s+|in\s+)?(?:the\s+)?(?:interlob\w+\s+)?sept(?:a|al|um)\b",
-            r"(?:interlobular\s+)?sept(?:a|um)\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
-            r"increase\w*\s+(?:in\s+)?(?:the\s+)?(?:interlob\w+\s+)?septal\s+thickness",
+            r"interlob(?:ular|ar)[\s-]+(?:\w+[\s-]+)?sept\w*[^.;]{0,40}?" + _THICK,
+            r"\binterlobular\b(?![\s-]+fissur)[^.;]{0,60}?\bthick\w*",
+            r"\bthick\w*[^.;]{0,60}?\binterlobular\b(?![\s-]+fissur)",
         ),
-        vetoes=(r"interatrial", r"interventricular", r"nasal\s+sept\w*"),
-        anchors=('sept',),
+        weak_patterns=(
+            r"sept(?:al|a|um)\s+(?:\w+\s+){0,2}" + _THICK,
+            _THICK + r"\s+(?:of\s+|in\s+)?(?:the\s+)?(?:interlob\w+\s+)?sept(?:a|al|um)\b",
+            r"sept(?:a|um)\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
+            r"increase\w*\s+(?:in\s+)?(?:the\s+)?(?:interlob\w+\s+)?septal\s+thickness",
+            r"(?<!peribronchial\s)(?<!peribronchovascular\s)interstiti(?:al|um)(?:\s+\w+)?\s+" + _THICK,
+            _THICK + r"[^.;]{0,80}?(?<!peribronchial\s)(?<!peribronchovascular\s)(?<!peribronchial\sand\s)"
+            r"interstiti(?:al|um)\b(?!\s+lung\s+disease)",
+        ),
+        vetoes=(r"interatrial", r"interventricular", r"(?:atrial|ventricular|nasal)\s+sept\w*"),
+        anchors=('sept', 'interlob', 'interstiti'),
     ),
 )
 
@@ -546,9 +568,11 @@ def fill_slots(template: str, rng: random.Random) -> str:
 # ----------------------------------------------------------------------------------------
 # Sentence splitting, negation and uncertainty.
 
-# Sentence ends: ". ", "? ", "! ", a line break or a bullet; a period inside a number (3.5 mm)
-# is not followed by a space and does not split. Plain string operations: 10x a regex split.
-_BREAKS = (("? ", "?\n"), ("! ", "!\n"), (". ", ".\n"), ("\u2022", "\n"), ("\u00b7 ", "\n"), ("\r", "\n"))
+# Sentence ends: ". ", "? ", "! ", a period closing a quotation ('." '), a line break or a
+# bullet; a period inside a number (3.5 mm) is not followed by a space and does not split.
+# Plain string operations: 10x a regex split.
+_BREAKS = (("? ", "?\n"), ("! ", "!\n"), (". ", ".\n"), ('." ', '."\n'), (".\u201d ", ".\u201d\n"),
+           ("\u2022", "\n"), ("\u00b7 ", "\n"), ("\r", "\n"))
 # Cheap substring test before the clause regex: most sentences have no clause break at all.
 _CLAUSE_WORDS = (";", ":", "but", "however", "though", "whereas", "while", "yet", "except", "apart",
                  "other than", "besides")
@@ -556,10 +580,17 @@ _CLAUSE_END = re.compile(
     r";|:\s|\b(?:but|however|although|though|whereas|while|yet|except|apart\s+from|other\s+than|besides)\b",
     re.IGNORECASE)
 # Negation cues before a mention. "no" must be a word of its own ("no." abbreviations aside).
+# A "not" that belongs to a limitation ("could not be evaluated optimally") or to an
+# uncertainty ("cannot be excluded", handled by `_POST_HEDGE`) negates nothing after it.
+_NOT_A_CUE = (r"\s+be\s+(?:\w+\s+)?(?:evaluat|assess|distinguish|differentiat|separat|characteri|measur|"
+              r"excluded|ruled\s+out)")
 _PRE_NEGATION = re.compile(
-    r"\b(?:no|not|without|absence\s+of|absent|free\s+of|negative\s+for|neither|nor|none|"
-    r"never|rather\s+than|instead\s+of|rule\s+out|ruled\s+out|exclude|excluded|unlikely|"
-    r"resolution\s+of|disappear\w*\s+of|regression\s+of\s+(?:the\s+)?previous(?:ly)?)\b")
+    r"\b(?:no|not(?!" + _NOT_A_CUE + r")|without|absence\s+of|absent|free\s+of|negative\s+for|neither|nor|"
+    r"none|never|rather\s+than|instead\s+of|rule\s+out|(?<!be\s)ruled\s+out|exclude|(?<!be\s)excluded|"
+    r"unlikely|resolution\s+of|disappear\w*\s+of|regression\s+of\s+(?:the\s+)?previous(?:ly)?|"
+    r"(?:complete|total|full)\s+regression\s+(?:of|in)|"
+    # "areas previously observed as consolidation are ground glass now": a past reading
+    r"previously\s+(?:\w+\s+)?(?:observed|seen|described|noted|reported|evaluated)\s+as)\b")
 # Negation after a mention in the same clause ("... was not observed", "... are absent").
 _POST_NEGATION = re.compile(
     r"\b(?:(?:is|are|was|were|has\s+been|have\s+been)\s+)?(?:not|no\s+longer|never)\s+"
@@ -568,14 +599,32 @@ _POST_NEGATION = re.compile(
     r"considered|enlarged|thickened|increased|dilated|calcified|significant)\b|"
     r"\b(?:is|are|was|were)\s+(?:absent|excluded|ruled\s+out|unlikely)\b|"
     r"\b(?:has|have)\s+(?:completely\s+)?(?:resolved|disappeared|regressed\s+completely)\b|"
-    r"\b(?:completely\s+)?(?:resolved|disappeared)\b")
-# "... was not seen in the previous examination" dates the finding, it does not negate it.
-_PRIOR_STUDY = re.compile(r"\s*(?:in|on|at|compared\s+to|compared\s+with)\s+(?:the\s+|his\s+|her\s+|its\s+)?"
-                          r"(?:\w+\s+){0,2}(?:previous|prior|old|earlier|last)\b")
+    r"\b(?:completely|totally|fully)\s+regressed\b|\b(?:complete|total|full)\s+regression\b|"
+    r"\b(?:completely\s+)?(?:resolved|disappeared)\b|"
+    # Uncertainty policy: a finding that only "cannot be excluded" is not asserted.
+    r"\b(?:can\s*not|could\s+not|can't)\s+be\s+(?:completely\s+)?(?:excluded|ruled\s+out)\b")
+# A template answer right after the finding: "Pericardial effusion - none", "... - no
+# thickening was detected" (the dash lists the finding with what follows, under the "no").
+_DASH_NEGATION = re.compile(r"\s*[-\u2013\u2014]\s*(?:no|none|not|absent|negative)\b")
+# "... was not seen in the previous examination" / "... not present before" dates the finding,
+# it does not negate it; "observed on the prior study" does not assert it now either.
+_PRIOR_STUDY = re.compile(r"\s*(?:(?:in|on|at|compared\s+to|compared\s+with|than)\s+(?:the\s+|his\s+|her\s+|its\s+)?"
+                          r"(?:\w+\s+){0,2}(?:previous|prior|old|earlier|last)\b|before\b|previously\b|earlier\b)")
 # Words that end the scope of a preceding negation cue inside a clause.
 _SCOPE_BREAK = re.compile(
     r"\b(?:but|however|although|though|except|whereas|which|there\s+(?:is|are)|"
-    r"is\s+seen|are\s+seen|was\s+seen|were\s+seen|observed|noted|detected|present)\b")
+    r"is\s+seen|are\s+seen|was\s+seen|were\s+seen|observed|noted|detected|present|"
+    r"now|currently|appears?|appeared)\b")
+# Between a mention and a negation after it: a verb that already asserted the mention ("X is
+# seen and Y was not detected") ends the scope; a bare participle ("X observed in the upper
+# lobe has completely regressed") does not.
+_ASSERTING_VERB = re.compile(r"\b(?:(?:is|are|was|were|been)\s+(?:\w+\s+)?(?:seen|observed|noted|detected|"
+                             r"identified|present)|there\s+(?:is|are))\b")
+# A clause that speaks of an earlier study: "X observed in the previous examination is not
+# observed now" asserted X only back then.
+_EARLIER_STUDY = re.compile(r"\b(?:previous\w*|prior|earlier|before|old\s+(?:ct|exam\w*|study))\b")
+# A list separator in that gap: "X in the left lower lobe, Y was not detected" negates Y only.
+_LIST_SEPARATOR = re.compile(r",|\band\b|\bwith\b")
 # Hedges that lean negative: a mention under them is not asserted.
 _NEGATIVE_HEDGE = re.compile(
     r"\b(?:unlikely|to\s+rule\s+out|to\s+exclude|not\s+(?:typical|suggestive|consistent)|"
@@ -636,8 +685,30 @@ def _is_negated(clause: str, start: int, end: int) -> bool:
             return True
         if not _SCOPE_BREAK.search(clause, cue.end(), start):
             return True
+    if _DASH_NEGATION.match(clause, end):
+        return True
     post = _POST_NEGATION.search(clause, end)
-    return post is not None and not _PRIOR_STUDY.match(clause, post.end())
+    return (post is not None and not _PRIOR_STUDY.match(clause, post.end())
+            and _post_negation_reaches(clause, end, post.start()))
+
+
+def _post_negation_reaches(clause: str, end: int, cue: int) -> bool:
+    """Whether a negation starting at clause[cue] still covers a mention that ended at `end`.
+
+    It does not when the mention was asserted first ("X is seen, Y is not") or when the
+    mention is a list item of its own, with its location, and another finding follows before
+    the negation ("X in the left lower lobe, Y was not detected"). A clause that compares with
+    an earlier study ("X and Y, seen in the previous examination, are not seen now") negates
+    its whole list: "seen" there is what was seen back then.
+    """
+    if _EARLIER_STUDY.search(clause):
+        return True
+    if _ASSERTING_VERB.search(clause, end, cue):
+        return False
+    separator = _LIST_SEPARATOR.search(clause, end, cue)
+    if separator is None or len(clause[end:separator.start()].split()) < 3:
+        return True
+    return not _candidates(clause[separator.end():cue])
 
 
 def _mentions(index: int, clause: str) -> Iterable[re.Match]:

@@ -147,6 +147,36 @@ CASES = [
     ("Bilateral effusion with adjacent compressive atelectasis.", {"Pleural effusion", "Atelectasis"}),
     ("A port catheter ends at the cavoatrial junction.", {"Medical material"}),
     ("This is consistent with the reported history.", set()),
+    # a negation after a mention reaches back only over its own phrase
+    ("Atelectasis is observed in the left lower lobe and pleural effusion was not detected.", {"Atelectasis"}),
+    ("Linear atelectasis in the right lower lobe, pleural effusion is not seen.", {"Atelectasis"}),
+    ("Lymph nodes of pathological size and appearance were not detected.", set()),
+    ("Pleural or pericardial effusion was not detected.", set()),
+    ("Pericardial effusion - none.", set()),
+    # limitations and "cannot be excluded" (absent unless asserted elsewhere)
+    ("A nodule cannot be excluded.", set()),
+    ("Malignancy cannot be ruled out in the consolidation.", {"Consolidation"}),
+    ("The mediastinum could not be evaluated optimally and the cardiothoracic ratio is increased.",
+     {"Cardiomegaly"}),
+    # comparison with earlier studies
+    ("A consolidation that was not present before is seen in the left lower lobe.", {"Consolidation"}),
+    ("The ground-glass opacity seen in the right lower lobe has completely regressed.", set()),
+    ("Ground-glass opacities and consolidation, observed in the previous examination, are no longer seen.",
+     set()),
+    ("Areas previously described as consolidation now appear as ground-glass opacity.", {"Lung opacity"}),
+    # anatomy decides the class
+    ("Fluid measuring 8 mm is seen in the deepest part of the pericardial space.", {"Pericardial effusion"}),
+    ("An effusion 20 mm deep is present in the right hemithorax.", {"Pleural effusion"}),
+    ("Thickening of the bronchial walls and of the interlobular septa in both lower lobes.",
+     {"Interlobular septal thickening"}),
+    ("Interstitial thickening in both lower lobes.", {"Interlobular septal thickening"}),
+    ("Thickening of the peribronchial interstitium.", {"Peribronchial thickening"}),
+    ("Lipomatous septal thickening of the interatrial septum.", set()),
+    ("A hypodense nodule in hepatic segment 7.", set()),
+    ("A 6 mm nodular density increase in the right upper lobe.", {"Lung opacity"}),
+    ("Increased density in the anterior mediastinum, consistent with thymic remnant.", set()),
+    ("A diaphragmatic hernia at the gastroesophageal junction.", {"Hiatal hernia"}),
+    ("Calcified plaques in the arcus aorta.", {"Arterial wall calcification"}),
 ]
 
 
@@ -167,6 +197,9 @@ def test_split_sentences_keeps_decimals_and_splits_bullets_and_lines():
     text = "A 3.5 mm nodule. No mass.\nEffusion? Yes! \u2022 First point \u2022 second point"
     assert F.split_sentences(text) == ["A 3.5 mm nodule.", "No mass.", "Effusion?", "Yes!",
                                        "First point", "second point"]
+    # a quotation closing after the period ends the sentence too (its negation stays inside)
+    assert F.split_sentences('"No effusion." Atelectasis.') == ['"No effusion."', "Atelectasis."]
+    assert F.report_findings('"No effusion." Atelectasis at the left base.') == {IDX["Atelectasis"]}
 
 
 def test_split_clauses_at_contrastive_conjunctions_any_case():
