@@ -470,7 +470,9 @@ FINDINGS: tuple[Finding, ...] = (
             "There is no focal consolidation in either lung.",
         ),
         fallback_sentence="Consolidation is present.",
-        patterns=(r"consolidat\w*", r"air\s+bronchogram\w*"),
+        # A consolidated (healed) fracture is bone, not lung.
+        weak_patterns=(r"consolidat\w*", r"air\s+bronchogram\w*"),
+        vetoes=(r"fractur\w*", r"callus"),
         anchors=('consolidat', 'bronchogram'),
     ),
     Finding(
@@ -510,6 +512,9 @@ FINDINGS: tuple[Finding, ...] = (
             r"interlob(?:ular|ar)[\s-]+(?:\w+[\s-]+)?sept\w*[^.;]{0,40}?" + _THICK,
             r"\binterlobular\b(?![\s-]+fissur)[^.;]{0,60}?\bthick\w*",
             r"\bthick\w*[^.;]{0,60}?\binterlobular\b(?![\s-]+fissur)",
+            # septa seen at all on CT are thickened ones
+            r"(?:prominen\w*|accentuated|visible)\s+(?:of\s+)?(?:the\s+)?(?:\w+\s+)?interlob\w+\s+sept",
+            r"interlob\w+\s+septa?\w*\s+(?:are|is|were|was|appear|became)\s+(?:\w+\s+)?(?:prominen|accentuated)",
         ),
         weak_patterns=(
             r"sept(?:al|a|um)\s+(?:\w+\s+){0,2}" + _THICK,

@@ -177,6 +177,8 @@ CASES = [
     ("Increased density in the anterior mediastinum, consistent with thymic remnant.", set()),
     ("A diaphragmatic hernia at the gastroesophageal junction.", {"Hiatal hernia"}),
     ("Calcified plaques in the arcus aorta.", {"Arterial wall calcification"}),
+    ("Prominent interlobular septa in both lower lobes.", {"Interlobular septal thickening"}),
+    ("A consolidated old fracture of the right 6th rib.", set()),
 ]
 
 
