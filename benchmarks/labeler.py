@@ -3,8 +3,16 @@
 Protocol (honest hold-out): a fixed seeded shuffle (random.Random(0)) of the 800 rows; the
 first 560 are the development part the rules were written against, the last 240 are only
 scored. Reported: macro F1 on the held-out part, the development part and all 800, per-class
-F1 (held-out and all), a bootstrap 95% CI on the held-out macro F1, a plain keyword-matcher
+F1 on both parts side by side, bootstrap 95% CIs on both macro F1s, a plain keyword-matcher
 baseline, and throughput (reports/s on one core).
+
+What was tuned on what: rule errors were only ever read on the development part (a local
+script listing dev false positives/negatives, never committed). The held-out part is only
+scored, never used to choose between rules; but it has been scored after each round of rule
+changes, and its per-class weak spots were known when the latest round began, so it is a
+slightly optimistic estimate, not a pristine one. The dev-minus-held-out gap is printed to show
+how much the rules fit the development part. A cross-validated estimate would need one rule set
+written per fold, which hand-written rules do not have, so the split stays fixed.
 
 The labelled file is CC BY-NC-SA 4.0 and is read by path only (never copied into the repo);
 without it the benchmark prints a skip line and exits 0.
@@ -13,6 +21,7 @@ without it the benchmark prints a skip line and exits 0.
 
 Ends with ONE JSON line: {"heldout_macro_f1", "dev_macro_f1", "all_macro_f1",
 "keyword_baseline_macro_f1", "keyword_baseline_heldout_macro_f1", "heldout_macro_f1_ci95",
+"dev_macro_f1_ci95", "dev_minus_heldout", "heldout_per_class_f1", "dev_per_class_f1",
 "reports_per_s", ...}.
 """
 
@@ -111,25 +120,42 @@ def main(argv):
 
     all_rows = list(range(len(texts)))
     report_heldout, report_dev, report_all = score(predicted, heldout), score(predicted, dev), score(predicted, all_rows)
-    print(f"== rule labeler, held-out part ({len(heldout)} reports, never looked at while writing rules)")
-    print(metrics.format_table(report_heldout))
+    print(f"== rule labeler, held-out part ({len(heldout)} reports, scored only) and development part "
+          f"({len(dev)} reports, errors read while writing rules)")
+    print(per_class_table(report_dev, report_heldout))
     print(f"\n== rule labeler, all {len(texts)} reports")
     print(metrics.format_table(report_all))
     ci = metrics.bootstrap_macro_f1_ci(truth[heldout], predicted[heldout], n_resamples=1000)
+    ci_dev = metrics.bootstrap_macro_f1_ci(truth[dev], predicted[dev], n_resamples=1000)
     rate = throughput(rules, texts, FLAGS.min_seconds)
     result = {
         "heldout_macro_f1": round(report_heldout["macro_f1"], 4),
         "heldout_macro_f1_ci95": [round(ci["low"], 4), round(ci["high"], 4)],
         "dev_macro_f1": round(report_dev["macro_f1"], 4),
+        "dev_macro_f1_ci95": [round(ci_dev["low"], 4), round(ci_dev["high"], 4)],
+        "dev_minus_heldout": round(report_dev["macro_f1"] - report_heldout["macro_f1"], 4),
         "all_macro_f1": round(report_all["macro_f1"], 4),
         "heldout_micro_f1": round(report_heldout["micro_f1"], 4),
         "keyword_baseline_macro_f1": round(score(baseline, all_rows)["macro_f1"], 4),
         "keyword_baseline_heldout_macro_f1": round(score(baseline, heldout)["macro_f1"], 4),
         "heldout_per_class_f1": {r["name"]: round(r["f1"], 3) for r in report_heldout["per_class"]},
+        "dev_per_class_f1": {r["name"]: round(r["f1"], 3) for r in report_dev["per_class"]},
         "reports_per_s": round(rate, 1),
         "n_dev": len(dev), "n_heldout": len(heldout),
     }
     print(json.dumps(result))
+
+
+def per_class_table(dev: dict, heldout: dict) -> str:
+    """Per-class n/P/R/F1 of the development and held-out parts side by side, macro last."""
+    lines = [f"{'class':<36} {'dev n':>5} {'P':>6} {'R':>6} {'F1':>6}   {'held n':>6} {'P':>6} {'R':>6} {'F1':>6}"]
+    for d, h in zip(dev["per_class"], heldout["per_class"]):
+        lines.append(f"{d['name']:<36} {d['support']:>5} {d['precision']:>6.3f} {d['recall']:>6.3f} {d['f1']:>6.3f}"
+                     f"   {h['support']:>6} {h['precision']:>6.3f} {h['recall']:>6.3f} {h['f1']:>6.3f}")
+    lines.append(f"{'macro':<36} {'':>5} {dev['macro_precision']:>6.3f} {dev['macro_recall']:>6.3f} "
+                 f"{dev['macro_f1']:>6.3f}   {'':>6} {heldout['macro_precision']:>6.3f} "
+                 f"{heldout['macro_recall']:>6.3f} {heldout['macro_f1']:>6.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
