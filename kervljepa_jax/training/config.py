@@ -92,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     # for a pretrained Llama, and saved as a HF folder in WORKDIR/base_llm.
     c.model.pretrain_steps = 200
     c.model.pretrain_batch_size = 16
-    c.model.pretrain_seq_len = 256
+    c.model.pretrain_seq_len = 192
     c.model.pretrain_lr = 3e-3
 
     c.train = ml_collections.ConfigDict()
