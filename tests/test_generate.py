@@ -24,19 +24,27 @@ def lm():
 
 
 def reference_greedy(model, params, ids, mask, steps, penalty=1.0):
-    """Step-by-step argmax of the full forward (no cache), HF repetition penalty optional."""
-    seq, m = ids, mask
+    """Step-by-step argmax of the full forward (no cache), HF repetition penalty optional.
+
+    The sequence lives in a fixed [B, P + steps] buffer, right-padded: causal attention makes the
+    padding invisible to the positions read, and the forward compiles once.
+    """
+    b, p = ids.shape
+    seq = np.zeros((b, p + steps), np.int32)
+    m = np.zeros((b, p + steps), np.int32)
+    seq[:, :p], m[:, :p] = np.asarray(ids), np.asarray(mask)
+    forward = jax.jit(lambda s, a: model.apply({"params": params}, s, attention_mask=a).logits)
     out = []
-    for _ in range(steps):
-        logits = np.array(model.apply({"params": params}, seq, attention_mask=m).logits[:, -1])  # writable
+    for k in range(steps):
+        logits = np.array(forward(seq, m)[:, p + k - 1])  # writable copy
         if penalty != 1.0:
-            for b in range(seq.shape[0]):
-                seen = np.unique(np.asarray(seq[b])[np.asarray(m[b]).astype(bool)])
-                logits[b, seen] = np.where(logits[b, seen] < 0, logits[b, seen] * penalty, logits[b, seen] / penalty)
+            for row in range(b):
+                seen = np.unique(seq[row][m[row].astype(bool)])
+                logits[row, seen] = np.where(logits[row, seen] < 0, logits[row, seen] * penalty,
+                                             logits[row, seen] / penalty)
         tok = logits.argmax(-1)
         out.append(tok)
-        seq = jnp.concatenate([seq, jnp.asarray(tok)[:, None]], axis=1)
-        m = jnp.concatenate([m, jnp.ones((m.shape[0], 1), m.dtype)], axis=1)
+        seq[:, p + k], m[:, p + k] = tok, 1
     return np.stack(out, 1)
 
 
@@ -130,12 +138,17 @@ def test_vlm_greedy_equals_stepwise_argmax_of_the_full_forward(vlm):
     gen = generate.Generator(generate.vlm_decode_model(model), GREEDY.__class__(
         do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=steps))
     out = gen(variables, inputs, inputs["input_ids"])
-    seq = inputs["input_ids"]
-    for _ in range(steps):
-        logits = model.apply(variables, inputs["slices"], inputs["z_mm"], inputs["valid"], seq).logits[:, -1]
-        logits = logits.at[:, VIS].set(-jnp.inf)                 # decoding never emits the placeholder
-        seq = jnp.concatenate([seq, logits.argmax(-1)[:, None].astype(jnp.int32)], axis=1)
-    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(seq[:, -steps:]))
+    p = inputs["input_ids"].shape[1]
+    seq = np.zeros((2, p + steps), np.int32)                    # right-padded buffer: one compilation
+    mask = np.zeros((2, p + steps), bool)
+    seq[:, :p], mask[:, :p] = np.asarray(inputs["input_ids"]), True
+    forward = jax.jit(lambda s, m: model.apply(variables, inputs["slices"], inputs["z_mm"], inputs["valid"], s,
+                                               m).logits)
+    for k in range(steps):
+        logits = np.array(forward(seq, mask)[:, p + k - 1])
+        logits[:, VIS] = -np.inf                                  # decoding never emits the placeholder
+        seq[:, p + k], mask[:, p + k] = logits.argmax(-1), True
+    np.testing.assert_array_equal(np.asarray(out.tokens), seq[:, -steps:])
 
 
 def test_vlm_visual_ablations_change_what_is_generated(vlm):

@@ -266,5 +266,7 @@ def init(cfg: VLMConfig, rng: Array, batch: int = 1, num_slices: int = 8, seq_le
     seq_len = seq_len or cfg.num_visual_tokens + 2
     ids = jnp.full((batch, seq_len), cfg.visual_token_id, jnp.int32)
     slices = jnp.zeros((batch, num_slices, cfg.compressor.d_visual), jnp.float32)
-    variables = VLM(cfg).init(rng, slices, jnp.zeros((batch, num_slices)), jnp.ones((batch, num_slices), bool), ids)
+    # jit: one compilation instead of dispatching every init op eagerly (seconds vs tens of seconds).
+    variables = jax.jit(VLM(cfg).init)(rng, slices, jnp.zeros((batch, num_slices)),
+                                       jnp.ones((batch, num_slices), bool), ids)
     return nn.unbox(variables)
