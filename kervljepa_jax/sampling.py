@@ -123,7 +123,61 @@ def top_k(logits: Array, k: int, min_tokens_to_keep: int = 1) -> Array:
     return jnp.where(logits < kth, NEG_INF, logits)
 
 
+TOP_P_CANDIDATES = 256  # top_p looks at this many top tokens first (a full vocab sort is slow on CPU)
+
+
 def top_p(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
+    """HF TopPLogitsWarper (nucleus), fast path: when the top `TOP_P_CANDIDATES` tokens already
+    hold mass >= p (every peaked next-token distribution), the nucleus lies inside them and a
+    partial `lax.top_k` decides it; otherwise the exact full-sort rule below runs (`lax.cond`).
+    In descending order, token r is kept iff the mass of the tokens ranked above it is < p, which
+    is HF's "cumulative ascending mass > 1 - p" rule.
+    """
+    vocab = logits.shape[-1]
+    k = min(TOP_P_CANDIDATES, vocab)
+    if k == vocab:
+        return top_p_full_sort(logits, p, min_tokens_to_keep)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, top_idx = jax.lax.top_k(logits, k)                                   # descending
+    top_probs = jnp.take_along_axis(probs, top_idx, axis=-1)
+    mass_above = jnp.cumsum(top_probs, axis=-1) - top_probs                 # exclusive
+    keep_top = (mass_above < p) | (jnp.arange(k) < min_tokens_to_keep)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    keep = jnp.zeros(logits.shape, bool).at[rows, top_idx].set(keep_top)
+    fast = jnp.where(keep, logits, NEG_INF)
+    covered = jnp.all(top_probs.sum(-1) >= p)
+    return jax.lax.cond(covered, lambda: fast, lambda: top_p_bisect(logits, p, min_tokens_to_keep))
+
+
+def top_p_bisect(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
+    """The nucleus without a sort: token t is kept iff the mass of the tokens more probable than it
+    is < p, a property monotone in t's probability; 32 bisection steps over the float32 bit
+    patterns of the probability (ordered like the values, as all are >= 0) find the least kept
+    probability exactly. O(32 V) per row instead of a comparator sort."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+    def kept(q):                                               # q [B] -> is a token of prob q kept?
+        return jnp.sum(jnp.where(probs > q[:, None], probs, 0.0), axis=-1) < p
+
+    def step(_, bounds):
+        lo, hi = bounds                                        # bit patterns: lo not kept, hi kept
+        mid = lo + (hi - lo) // 2
+        ok = kept(jax.lax.bitcast_convert_type(mid, jnp.float32))
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    b = logits.shape[0]
+    lo = jnp.full((b,), -1, jnp.int32)                         # "below 0.0": never kept by convention
+    hi = jnp.full((b,), jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32), jnp.int32)
+    _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
+    threshold = jax.lax.bitcast_convert_type(hi, jnp.float32)[:, None]
+    keep = probs >= threshold
+    if min_tokens_to_keep > 1:
+        kth = jax.lax.top_k(probs, min_tokens_to_keep)[0][..., -1:]
+        keep |= probs >= kth
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def top_p_full_sort(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
     """HF TopPLogitsWarper (nucleus): -inf outside the smallest top set with probability > p.
 
     Exactly HF's rule: sort ascending (stable), cumulative softmax; remove a token when the

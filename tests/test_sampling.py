@@ -121,6 +121,18 @@ def test_top_p_matches_hf(p, min_keep):
     _assert_same(ours, ref)
 
 
+@pytest.mark.parametrize("scale", [0.5, 8.0])   # flat rows: the bisection path; peaked rows: the top-k path
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_top_p_large_vocab_paths_match_hf(scale, p):
+    logits = RNG.normal(scale=scale, size=(8, 4096)).astype(np.float32)
+    logits[1, :100] = -np.inf
+    ours = sampling.top_p(jnp.asarray(logits), p)
+    ref = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
+    _assert_same(ours, ref)
+    for path in (sampling.top_p_bisect, sampling.top_p_full_sort):
+        _assert_same(path(jnp.asarray(logits), p), ref)
+
+
 def test_top_p_ties_and_peaked_rows_match_hf():
     logits = np.array([[1.0, 1.0, 1.0, 1.0],            # uniform: cum 0.25, 0.5, 0.75, 1
                        [0.0, 2.0, 2.0, 0.0],            # ties straddling the cut
