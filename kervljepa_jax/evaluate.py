@@ -554,6 +554,29 @@ def _figure(name: str, fn, *args) -> str | None:
         return None
 
 
+def visual_tokens(loaded: Loaded, batches: Iterable[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """V' [M, K, d_v] (float32) and labels [M, C] of `batches` (e.g. `loaded.batches("valid")`)."""
+    encode = visual_fn(loaded.model)
+    tokens, labels = [], []
+    for batch in batches:
+        tokens.append(_host(encode(loaded.variables, batch["slices"], batch["z_mm"], batch["valid"])[0]))
+        labels.append(_host(batch["labels"]))
+    return np.concatenate(tokens), np.concatenate(labels)
+
+
+ZONE_METHOD = ("figures.zone_evidence: per zone and class, the cross-fitted (2 folds) AUC of a diagonal-LDA score "
+               "of that zone's V' token; 0.5 = no evidence; None = fewer than 2 positives or negatives")
+
+
+def zone_map(tokens: np.ndarray, labels: np.ndarray, path: str,
+             title: str = "Zone evidence per class") -> tuple[np.ndarray, str | None]:
+    """V' [M, Z, d_v] of evaluated volumes and their labels [M, C] -> ([C, Z] evidence, the PNG written)."""
+    from kervljepa_jax import figures
+
+    evidence = figures.zone_evidence(tokens, labels, folds=2, seed=0)
+    return evidence, _figure("zone_map", figures.zone_attention_map, evidence, path, None, "per-zone AUC", title)
+
+
 def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     """Everything for one trained phase into `out_dir`: metrics.json, reports.csv, the figures."""
     from kervljepa_jax import figures, probe as probe_lib
@@ -603,12 +626,10 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
         figure_paths["loss_curves"] = _figure("loss_curves", figures.loss_curves, log,
                                               os.path.join(out_dir, "loss_curves.png"))
     if len(truth) >= 2:
-        evidence = figures.zone_evidence(outputs["tokens"], truth, folds=2, seed=0)
-        payload["zone_evidence"] = {"method": "figures.zone_evidence: cross-fitted (2 folds) per-zone AUC of a "
-                                              "diagonal-LDA score of V' zone tokens; NaN/None = too few positives",
-                                    "class_names": list(findings.CLASS_NAMES), "matrix": evidence}
-        figure_paths["zone_map"] = _figure("zone_map", figures.zone_attention_map, evidence,
-                                           os.path.join(out_dir, "zone_map.png"))
+        evidence, figure_paths["zone_map"] = zone_map(outputs["tokens"], truth, os.path.join(out_dir, "zone_map.png"),
+                                                      f"Zone evidence per class, phase {loaded.phase}")
+        payload["zone_evidence"] = {"method": ZONE_METHOD, "class_names": list(findings.CLASS_NAMES),
+                                    "matrix": evidence}
     if outputs["nll"] is not None:
         payload["nll"] = outputs["nll"]
     elif options.nll:
