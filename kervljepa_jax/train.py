@@ -456,7 +456,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     restored = ckpt.restore_latest(run.abstract_params, opt_state)
     if restored is not None:
         trainable, frozen = phases.split_params(run.place({**variables, "params": restored.params})["params"], labels)
-        opt_state, step, rng = restored.opt_state, restored.step, restored.rng or rng
+        opt_state, step, rng = restored.opt_state, restored.step, (restored.rng if restored.rng is not None else rng)
         variables = bridge_lib.with_alpha(variables, restored.alpha or alpha_of(variables), vlm_lib.CALIBRATOR_PATH)
         epoch, iterator_state = restored.host.get("epoch", 0), restored.host.get("iterator")
         plateau.load_state_dict(restored.host.get("plateau", plateau.state_dict()))
