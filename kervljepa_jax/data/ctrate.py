@@ -14,6 +14,7 @@ embeddings are read on access, which grain does from several threads.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import sys
@@ -167,6 +168,7 @@ class CtRateSource:
         # index -> (size, mtime_ns) of the .npy whose slices were last found finite: the NaN/Inf scan
         # (a pass over the data) runs once per file and again only if the file changes.
         self._scanned: dict[int, tuple[int, int]] = {}
+        self._steps: dict[int, np.ndarray] = {}   # n -> arange(n) float32, for z from ZSpacing
         self._entries = self._build_index(split)
         if self.index_skips:
             logging.warning("data[%s]: %d CSV rows skipped while indexing (skip_bad_records=True); "
@@ -237,19 +239,32 @@ class CtRateSource:
     def _load(self, index: int, entry: dict, slot: np.ndarray | None) -> dict:
         context = f"{entry['path']} (row {entry['row']} of {self.reports_csv})"
         slices, z_mm, stamp = read_embeddings(entry["path"], context, slot)
-        if z_mm is None:
-            if entry["z_spacing"] is None:
-                raise records.DataError(f"{context}: no z_mm in the file and no metadata_csv for ZSpacing; "
-                                        "set --config.data.metadata_csv or store z_mm")
-            z_mm = np.arange(slices.shape[0], dtype=np.float32) * np.float32(entry["z_spacing"])
+        if z_mm is None and entry["z_spacing"] is None:
+            raise records.DataError(f"{context}: no z_mm in the file and no metadata_csv for ZSpacing; "
+                                    "set --config.data.metadata_csv or store z_mm")
         scanned = stamp is not None and self._scanned.get(index) == stamp
-        slices, z_mm, subsampled = records.check_slices(slices, z_mm, self.limits, context, check_finite=not scanned)
+        kept, z_kept, subsampled = records.check_slices(slices, z_mm, self.limits, context, check_finite=not scanned)
         if stamp is not None:
             self._scanned[index] = stamp
+        if z_mm is None:
+            z_kept = self._spaced_z(slices.shape[0], entry["z_spacing"], context)
+            if subsampled:
+                z_kept = z_kept[records.subsample_indices(slices.shape[0], self.limits.max_slices)]
         return {"volume_name": entry["volume_name"], "index": index,
-                "slices": slices.astype(self.slice_dtype, copy=False),
-                "z_mm": z_mm.astype(np.float32, copy=False), "labels": entry["labels"],
+                "slices": kept.astype(self.slice_dtype, copy=False),
+                "z_mm": z_kept.astype(np.float32, copy=False), "labels": entry["labels"],
                 "report": entry["report"], "subsampled": subsampled}
+
+    def _spaced_z(self, n: int, spacing: float, context: str) -> np.ndarray:
+        """[n] float32 z_i = i * spacing (spacing > 0, so the last is the largest)."""
+        steps = self._steps.get(n)
+        if steps is None:
+            steps = self._steps.setdefault(n, np.arange(n, dtype=np.float32))
+        z_mm = steps * np.float32(spacing)
+        if not np.isfinite(z_mm[-1]):
+            raise records.DataError(f"{context}: NaN/Inf in z_mm ({n} slices x ZSpacing={spacing}); "
+                                    "fix the metadata CSV")
+        return z_mm
 
     def __repr__(self) -> str:
         return f"CtRateSource(split={self.split!r}, n={len(self)}, reports={self.reports_csv!r})"
@@ -259,43 +274,63 @@ _NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADERS: dict[bytes, tuple] = {}   # header bytes -> (shape, fortran_order, dtype); few distinct N
 
 
-def _npy_layout(f) -> tuple | None:
-    """(shape, fortran_order, dtype) of an open .npy, the file left at its data; None for a
-    format version this fast path does not read (np.load then does)."""
-    prefix = f.read(8)
-    if len(prefix) < 8 or prefix[:6] != _NPY_MAGIC:
+def _npy_layout(fd: int) -> tuple[tuple, int] | None:
+    """((shape, fortran_order, dtype), data offset) of an open .npy; None for a format version
+    this fast path does not read (np.load then does). Reads the header with one pread."""
+    head = os.pread(fd, 256, 0)
+    if len(head) < 10 or head[:6] != _NPY_MAGIC:
         raise ValueError("not a .npy file (bad magic)")
-    version = (prefix[6], prefix[7])
+    version = (head[6], head[7])
     if version not in ((1, 0), (2, 0)):
         return None
-    size_bytes = f.read(2 if version == (1, 0) else 4)
-    header = f.read(int.from_bytes(size_bytes, "little"))
+    size_len = 2 if version == (1, 0) else 4
+    start = 8 + size_len
+    end = start + int.from_bytes(head[8:start], "little")
+    if len(head) < end:      # a long header (many dims / fields): read all of it
+        head = os.pread(fd, end, 0)
+        if len(head) < end:
+            raise ValueError("file ends inside the .npy header")
+    header = head[start:end]
     layout = _NPY_HEADERS.get(header)
     if layout is None:    # parse it once (numpy's safe literal parser), then reuse
-        f.seek(0)
+        f = io.BytesIO(head[:end])
         np.lib.format.read_magic(f)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         layout = _NPY_HEADERS.setdefault(header, read_header(f))
-    return layout
+    return layout, end
+
+
+def _read_exactly(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill out's bytes from the file at offset (preadv straight into out, no buffer in between)."""
+    if not out.nbytes:
+        return
+    view, done = memoryview(out).cast("B"), 0
+    while done < out.nbytes:
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise EOFError(f"file ends before the {out.nbytes} data bytes of a {out.shape} {out.dtype} array")
+        done += n
 
 
 def read_npy(path: str, slot: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """[N, D] array of a .npy file, read with one readinto straight into slot[:N] when the file
+    """[N, D] array of a .npy file, read with one preadv straight into slot[:N] when the file
     fits it (C order, slot's dtype and width, N <= len(slot)); otherwise a new array. Also the
     file's (size, mtime_ns) as it was read."""
-    with open(path, "rb") as f:
-        info = os.fstat(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        info = os.fstat(fd)
         stamp = (info.st_size, info.st_mtime_ns)
-        layout = _npy_layout(f)
-        if layout is None or layout[1] or layout[2].hasobject:
+        found = _npy_layout(fd)
+        if found is None or found[0][1] or found[0][2].hasobject:
             return np.load(path, allow_pickle=False), stamp
-        shape, _, dtype = layout
+        (shape, _, dtype), offset = found
         fits = (slot is not None and len(shape) == 2 and dtype == slot.dtype and shape[1] == slot.shape[1]
                 and shape[0] <= slot.shape[0])
         out = slot[: shape[0]] if fits else np.empty(shape, dtype)
-        if out.nbytes and f.readinto(memoryview(out).cast("B")) != out.nbytes:
-            raise EOFError(f"file ends before the {out.nbytes} data bytes of a {shape} {dtype} array")
+        _read_exactly(fd, out, offset)
         return out, stamp
+    finally:
+        os.close(fd)
 
 
 def read_embeddings(path: str, context: str,

@@ -62,7 +62,6 @@ from kervljepa_jax import findings, sharding
 from kervljepa_jax.data import SPLITS, ctrate, records, synthetic, text, tokenizer as tokenizers
 
 META_KEYS = ("volume_name", "response", "condition_texts")
-_EVENTS_KEY = "events"
 
 
 def make_source(config, split: str):
@@ -100,16 +99,6 @@ def make_tokenizer(config):
     return tokenizers.build_tokenizer(config, corpus, key)
 
 
-def slice_masks(z_mm: np.ndarray, max_slices: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n] z -> [N_max] float32 z (0 past n) and [N_max] bool valid."""
-    n = len(z_mm)
-    z = np.zeros(max_slices, np.float32)
-    z[:n] = z_mm
-    valid = np.zeros(max_slices, bool)
-    valid[:n] = True
-    return z, valid
-
-
 def stack_slices(slices: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     """[n_b, D] each -> out [B, N_max, D], zeros past n_b. Rows the source already read into
     place (see `ChunkSource`) are not copied again; the rest are copied once."""
@@ -131,19 +120,26 @@ class VolumeText:
     """
     segments: dict                      # positive class -> its report sentences (or fallback)
     condition_texts: list               # [C] strings, "" for absent classes
-    condition_rows: dict                # positive class -> ([Tc] int32 padded ids, length, cut)
+    condition_classes: np.ndarray       # [k] int64: the positive classes
+    condition_block: np.ndarray         # [k, Tc] int32: their padded per-condition ids
+    condition_lengths: np.ndarray       # [C] int32: kept lengths, 0 for absent classes
+    condition_cuts: int                 # per-condition texts cut to Tc
     sentence_ids: dict | None           # text.sentence_token_table of the positive sentences
     report_ids: np.ndarray | None       # raw mode: the Findings_EN ids, int32
+    fixed_target: tuple | None          # (text, int32 ids) when there is no class order to draw (<= 1 class)
 
 
 class ExampleBuilder:
-    """Record -> example (numpy + a few host strings); one per epoch (its rng stream).
+    """Record -> example, examples -> batch; one per epoch (its rng stream).
 
-    Every array has its batch shape except `slices`, kept [n, D] as the source read it (possibly
-    a view of the batch row it was read into): `collate` pads it in the batch.
+    An example holds the per-volume, variable-length parts (slices [n, D] as the source read
+    them, possibly a view of the batch row they were read into; z_mm [n]; the response and
+    target ids; the cached `VolumeText`); `collate` writes a batch of them into fixed-shape
+    arrays in a few vectorised steps.
     """
 
-    def __init__(self, config, tokenizer, split: str, epoch: int, text_cache: dict | None = None):
+    def __init__(self, config, tokenizer, split: str, epoch: int, text_cache: dict | None = None,
+                 prompt_ids: np.ndarray | None = None):
         self.max_slices = int(config.max_slices)
         self.slice_dtype = np.dtype(config.slice_dtype)
         self.text_mode = config.text_mode
@@ -154,7 +150,8 @@ class ExampleBuilder:
         self.num_visual_tokens = int(config.num_visual_tokens)
         self.tokenizer = tokenizer
         self.ids = tokenizers.special_ids(tokenizer)
-        self.prompt_ids = text.encode_prompt(tokenizer, self.num_visual_tokens)
+        self.prompt_ids = (text.encode_prompt(tokenizer, self.num_visual_tokens) if prompt_ids is None
+                           else prompt_ids)
         if len(self.prompt_ids) + 2 > self.max_tokens:
             raise records.DataError(f"data.max_tokens={self.max_tokens} leaves no room for a response after "
                                     f"the {len(self.prompt_ids)}-token prompt; raise max_tokens")
@@ -170,12 +167,23 @@ class ExampleBuilder:
         conditions = text.condition_texts_from_segments(segments)
         batch = [conditions[c] for c in segments] + ([record["report"]] if self.text_mode == "raw" else [])
         encoded = text.encode_texts(self.tokenizer, batch)
-        rows = {c: text.pad_ids(ids, self.max_condition_tokens, self.ids["pad"])
-                for c, ids in zip(segments, encoded)}
+        rows = [text.pad_ids(ids, self.max_condition_tokens, self.ids["pad"]) for ids in encoded[:len(segments)]]
+        lengths = np.zeros(findings.NUM_CLASSES, np.int32)
+        lengths[list(segments)] = [length for _, length, _ in rows]
         sentences = [s for c in segments for s in segments[c]] or [findings.NORMAL_SENTENCE]
         table = text.sentence_token_table(self.tokenizer, sentences)
-        volume = VolumeText(segments, conditions, rows, table,
-                            report_ids=np.asarray(encoded[-1], np.int32) if self.text_mode == "raw" else None)
+        fixed = None
+        if len(segments) <= 1:     # nothing to shuffle: the same text every epoch
+            fixed_sentences = text.ordered_sentences(segments)
+            fixed = (" ".join(fixed_sentences),
+                     text.joined_ids(fixed_sentences, table) if table is not None else
+                     np.asarray(text.encode_texts(self.tokenizer, [" ".join(fixed_sentences)])[0], np.int32))
+        volume = VolumeText(
+            segments, conditions, condition_classes=np.fromiter(segments, np.int64, len(segments)),
+            condition_block=np.stack([row for row, _, _ in rows]) if rows else
+            np.zeros((0, self.max_condition_tokens), np.int32),
+            condition_lengths=lengths, condition_cuts=sum(cut for _, _, cut in rows), sentence_ids=table,
+            report_ids=np.asarray(encoded[-1], np.int32) if self.text_mode == "raw" else None, fixed_target=fixed)
         # A report holding the literal placeholder text would add placeholders to the chat.
         texts_ids = [i for pair in (table or {}).values() for i in pair]
         texts_ids += [volume.report_ids] if volume.report_ids is not None else []
@@ -193,49 +201,74 @@ class ExampleBuilder:
                 raise records.DataError(f"volume {record['volume_name']}: the report contains the "
                                         f"{text.VISUAL_TOKEN} token text; remove it from the report")
 
-    def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, Sequence[int]]:
+    def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, np.ndarray]:
         """This epoch's positive-findings text (class order from (seed, epoch, index)) and its ids."""
-        order = None
-        if len(volume.segments) > 1:
-            # A string seed (hashed by `random`) is ~10x cheaper to set up than a numpy Generator.
-            order = sorted(volume.segments)
-            random.Random(f"{self.rng_key}|{int(record['index'])}").shuffle(order)
+        if volume.fixed_target is not None:
+            return volume.fixed_target
+        # A string seed (hashed by `random`) is ~10x cheaper to set up than a numpy Generator.
+        order = sorted(volume.segments)
+        random.Random(f"{self.rng_key}|{int(record['index'])}").shuffle(order)
         sentences = text.ordered_sentences(volume.segments, order)
         if volume.sentence_ids is not None:
             return " ".join(sentences), text.joined_ids(sentences, volume.sentence_ids)
         response = " ".join(sentences)
-        return response, text.encode_texts(self.tokenizer, [response])[0]
+        return response, np.asarray(text.encode_texts(self.tokenizer, [response])[0], np.int32)
 
     def __call__(self, record: dict) -> dict:
-        labels = np.asarray(record["labels"], np.int32)
-        n = record["slices"].shape[0]
-        z_mm, valid = slice_masks(record["z_mm"], self.max_slices)
         volume = self.volume_text(record)
         target, target_ids = self.positive_findings(volume, record)
         if self.text_mode == "raw":
             response, response_ids = record["report"], volume.report_ids
         else:
             response, response_ids = target, target_ids
-        chat, response_cut = text.chat_arrays(self.prompt_ids, response_ids, self.max_tokens,
-                                              self.ids["pad"], self.ids["eot"])
-        condition_ids = np.full((findings.NUM_CLASSES, self.max_condition_tokens), self.ids["pad"], np.int32)
-        condition_lengths = np.zeros(findings.NUM_CLASSES, np.int32)
-        for c, (row, length, _) in volume.condition_rows.items():
-            condition_ids[c], condition_lengths[c] = row, length
-        target_ids, target_length, target_cut = text.pad_ids(target_ids, self.max_tokens, self.ids["pad"])
-        return {
-            "slices": record["slices"], "z_mm": z_mm, "valid": valid, "num_slices": np.int32(n), "labels": labels,
-            **chat,
-            "condition_ids": condition_ids, "condition_lengths": condition_lengths,
-            "condition_valid": labels.astype(bool),
-            "target_ids": target_ids, "target_mask": np.arange(self.max_tokens) < target_length,
-            "volume_name": record["volume_name"], "response": response,
-            "condition_texts": volume.condition_texts,
-            _EVENTS_KEY: {"subsampled_slices": int(bool(record.get("subsampled"))),
-                          "truncated_responses": int(response_cut),
-                          "truncated_condition_texts": sum(cut for _, _, cut in volume.condition_rows.values()),
-                          "truncated_targets": int(target_cut)},
+        return {"slices": record["slices"], "z_mm": record["z_mm"], "labels": np.asarray(record["labels"], np.int32),
+                "response_ids": response_ids, "target_ids": target_ids, "volume": volume,
+                "subsampled": bool(record.get("subsampled")),
+                "volume_name": record["volume_name"], "response": response,
+                "condition_texts": volume.condition_texts}
+
+    def collate(self, examples: list[dict], slices_out: np.ndarray | None = None) -> tuple[dict, dict]:
+        """Examples -> (batch with a leading [B] on every array, strings in batch['meta'];
+        the batch's event counts). Slices are padded to N_max into `slices_out` [B, N_max, D]."""
+        b_size, n_max, t_max, p = len(examples), self.max_slices, self.max_tokens, len(self.prompt_ids)
+        pad, room = self.ids["pad"], self.max_tokens - len(self.prompt_ids)
+        num_slices = np.fromiter((e["z_mm"].shape[0] for e in examples), np.int32, b_size)
+        response_len = np.fromiter((len(e["response_ids"]) for e in examples), np.int64, b_size)
+        target_len = np.fromiter((len(e["target_ids"]) for e in examples), np.int64, b_size)
+        z_mm = np.zeros((b_size, n_max), np.float32)
+        input_ids = np.full((b_size, t_max), pad, np.int32)
+        input_ids[:, :p] = self.prompt_ids
+        target_ids = np.full((b_size, t_max), pad, np.int32)
+        condition_ids = np.full((b_size, findings.NUM_CLASSES, self.max_condition_tokens), pad, np.int32)
+        for b, e in enumerate(examples):     # the variable-length parts: one copy each
+            z_mm[b, : num_slices[b]] = e["z_mm"]
+            input_ids[b, p: p + min(response_len[b], room)] = e["response_ids"][:room]
+            target_ids[b, : min(target_len[b], t_max)] = e["target_ids"][:t_max]
+            condition_ids[b, e["volume"].condition_classes] = e["volume"].condition_block
+        # Prompt + response + <|eot_id|> when it fits (a cut response has none), as text.chat_arrays.
+        body, kept = np.minimum(response_len, room), np.minimum(response_len + 1, room)
+        closed = np.flatnonzero(kept > body)
+        input_ids[closed, p + body[closed]] = self.ids["eot"]
+        tokens = np.arange(t_max)
+        attention_mask = tokens < (p + kept)[:, None]
+        labels = np.stack([e["labels"] for e in examples])
+        if slices_out is None:
+            slices_out = np.empty((b_size, n_max, examples[0]["slices"].shape[1]), self.slice_dtype)
+        batch = {
+            "slices": stack_slices([e["slices"] for e in examples], slices_out),
+            "z_mm": z_mm, "valid": np.arange(n_max) < num_slices[:, None], "num_slices": num_slices,
+            "labels": labels, "input_ids": input_ids, "loss_mask": attention_mask & (tokens >= p),
+            "attention_mask": attention_mask, "condition_ids": condition_ids,
+            "condition_lengths": np.stack([e["volume"].condition_lengths for e in examples]),
+            "condition_valid": labels.astype(bool), "target_ids": target_ids,
+            "target_mask": tokens < np.minimum(target_len, t_max)[:, None],
+            "meta": {k: [e[k] for e in examples] for k in META_KEYS},
         }
+        events = {"subsampled_slices": sum(e["subsampled"] for e in examples),
+                  "truncated_responses": int((response_len + 1 > room).sum()),
+                  "truncated_condition_texts": sum(e["volume"].condition_cuts for e in examples),
+                  "truncated_targets": int((target_len > t_max).sum())}
+        return batch, {k: v for k, v in events.items() if v}
 
 
 class ExampleSource:
@@ -270,19 +303,6 @@ class ExampleSource:
 
     def __repr__(self) -> str:
         return f"ExampleSource({self.source!r})"
-
-
-def collate(examples: list[dict], slice_dtype=np.float16, slices_out: np.ndarray | None = None) -> dict:
-    """Stack examples into a batch: arrays get a leading [B] (slices padded to N_max here, into
-    `slices_out` [B, N_max, D] when given); strings go to batch['meta']."""
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]
-             if k not in META_KEYS and k not in (_EVENTS_KEY, "slices")}
-    if slices_out is None:
-        slices_out = np.empty((len(examples), batch["valid"].shape[1], examples[0]["slices"].shape[1]),
-                              np.dtype(slice_dtype))
-    batch["slices"] = stack_slices([e["slices"] for e in examples], slices_out)
-    batch["meta"] = {k: [e[k] for e in examples] for k in META_KEYS}
-    return batch
 
 
 def num_rows(batch: dict) -> int:
@@ -342,6 +362,20 @@ class BufferPool:
         self.__init__(state["max_buffers"])
 
 
+@dataclasses.dataclass
+class HostPart:
+    """A chunk's host-only values as one opaque leaf: grain walks every leaf of each element for
+    its statistics, and the [B] x [C] condition strings alone are ~150 leaves."""
+    meta: dict        # batch['meta'] ({} when every record of the chunk was skipped)
+    skipped: list     # one-line messages of the chunk's skipped records
+    events: dict      # event -> count (subsampled, truncated ...)
+
+
+def chunk_batch(chunk: dict) -> dict:
+    """The batch of a `ChunkSource` element ({} when it has no rows)."""
+    return {**chunk["arrays"], "meta": chunk["host"].meta} if chunk["host"].meta else {}
+
+
 class ChunkSource:
     """grain data source over one epoch's shard: element j is the collated batch of the examples
     at order[j*K:(j+1)*K] (K = the local batch size), with its skipped records and events.
@@ -363,18 +397,16 @@ class ChunkSource:
         indices = self.order[j * self.chunk:(j + 1) * self.chunk]
         # The batch's slices, allocated first so that sources read each volume into its row.
         slices = self.pool.take((len(indices), *self.slice_shape), self.slice_dtype)
-        good, skipped, events = [], [], {}
+        good, skipped = [], []
         for index in indices:
             example = self.examples.get(int(index), slices[len(good)])
             if records.is_bad(example):
                 skipped.append(example[records.BAD_KEY])
-                continue
-            for event, n in example[_EVENTS_KEY].items():
-                if n:
-                    events[event] = events.get(event, 0) + n
-            good.append(example)
-        batch = collate(good, self.slice_dtype, slices[: len(good)]) if good else {}
-        return {"batch": batch, "skipped": skipped, "events": events}
+            else:
+                good.append(example)
+        batch, events = self.examples.builder.collate(good, slices[: len(good)]) if good else ({"meta": {}}, {})
+        meta = batch.pop("meta")
+        return {"arrays": batch, "host": HostPart(meta, skipped, events)}
 
     def __repr__(self) -> str:
         return f"ChunkSource({self.examples!r}, records={len(self.order)}, chunk={self.chunk})"
@@ -426,7 +458,7 @@ class BatchIterator:
         self.report.counts.update(state["counts"])
         used = int(state.get("rows_used", 0))
         if used:    # re-read the partly used chunk; its skips and events are already counted
-            chunk = next(self._it)["batch"]
+            chunk = chunk_batch(next(self._it))
             self._last = (state["grain"], num_rows(chunk))
             self._pending = split_rows([chunk], used)[1]
 
@@ -437,13 +469,14 @@ class BatchIterator:
             chunk = next(self._it)
         except StopIteration:
             return False
-        for message in chunk["skipped"]:
+        for message in chunk["host"].skipped:
             self.report.skip(message)
-        for event, n in chunk["events"].items():
+        for event, n in chunk["host"].events.items():
             self.report.count(event, n)
-        if chunk["batch"]:
-            self._pending.append(chunk["batch"])
-            self._last = (before, num_rows(chunk["batch"]))
+        batch = chunk_batch(chunk)
+        if batch:
+            self._pending.append(batch)
+            self._last = (before, num_rows(batch))
         return True
 
     def __iter__(self) -> Iterator[dict]:
@@ -512,7 +545,7 @@ class Pipeline:
         # Enough for every chunk in flight (prefetch) plus the batches the trainer holds.
         self.buffer_pool = BufferPool(4 * max(1, int(config.read_threads)) + 8)
         # Fail at construction, not in a reader thread, on a template without the placeholders.
-        ExampleBuilder(config, self.tokenizer, split, 0)
+        self.prompt_ids = ExampleBuilder(config, self.tokenizer, split, 0).prompt_ids
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This process's record indices for an epoch: a (seed, epoch) permutation of all records,
@@ -525,7 +558,7 @@ class Pipeline:
     def grain_loader(self, epoch: int) -> grain.DataLoader:
         text_cache = self.text_cache if int(self.config.num_workers) == 0 else None
         examples = ExampleSource(self.source, ExampleBuilder(self.config, self.tokenizer, self.split, epoch,
-                                                             text_cache),
+                                                             text_cache, self.prompt_ids),
                                  bool(self.config.skip_bad_records))
         chunks = ChunkSource(examples, self.epoch_order(epoch), self.local_batch_size,
                              (int(self.config.max_slices), int(self.config.embed_dim)), self.config.slice_dtype,
