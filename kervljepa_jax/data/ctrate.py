@@ -31,6 +31,7 @@ _NON_UTF8 = re.compile("[\udc80-\udcff]")   # bytes that failed to decode, kept 
 _VOLUME_SUFFIXES = (".nii.gz", ".nii")
 REPORT_COLUMNS = ("VolumeName", "Findings_EN")
 METADATA_COLUMNS = ("VolumeName", "ZSpacing")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def resolve(root: str, path: str) -> str:
@@ -256,15 +257,14 @@ class CtRateSource:
                 "report": entry["report"], "subsampled": subsampled}
 
     def _spaced_z(self, n: int, spacing: float, context: str) -> np.ndarray:
-        """[n] float32 z_i = i * spacing (spacing > 0, so the last is the largest)."""
+        """[n] float32 z_i = i * spacing (spacing > 0: finite iff the last one is)."""
+        if (n - 1) * spacing > _FLOAT32_MAX:
+            raise records.DataError(f"{context}: z_mm overflows float32 ({n} slices x ZSpacing={spacing}); "
+                                    "fix the metadata CSV")
         steps = self._steps.get(n)
         if steps is None:
             steps = self._steps.setdefault(n, np.arange(n, dtype=np.float32))
-        z_mm = steps * np.float32(spacing)
-        if not np.isfinite(z_mm[-1]):
-            raise records.DataError(f"{context}: NaN/Inf in z_mm ({n} slices x ZSpacing={spacing}); "
-                                    "fix the metadata CSV")
-        return z_mm
+        return steps * np.float32(spacing)
 
     def __repr__(self) -> str:
         return f"CtRateSource(split={self.split!r}, n={len(self)}, reports={self.reports_csv!r})"

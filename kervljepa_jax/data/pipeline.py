@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 import sys
 import threading
 from typing import Any, Iterator, Sequence
@@ -62,6 +61,7 @@ from kervljepa_jax import findings, sharding
 from kervljepa_jax.data import SPLITS, ctrate, records, synthetic, text, tokenizer as tokenizers
 
 META_KEYS = ("volume_name", "response", "condition_texts")
+_RANK_BLOCK = 1024     # records per draw of class-order keys
 
 
 def make_source(config, split: str):
@@ -156,6 +156,7 @@ class ExampleBuilder:
             raise records.DataError(f"data.max_tokens={self.max_tokens} leaves no room for a response after "
                                     f"the {len(self.prompt_ids)}-token prompt; raise max_tokens")
         self.rng_key = (int(config.seed), SPLITS.index(split), int(epoch))
+        self._ranks: dict[int, np.ndarray] = {}     # index block -> [block, C] class sort keys
         self.text_cache = text_cache
 
     def volume_text(self, record: dict) -> VolumeText:
@@ -201,13 +202,22 @@ class ExampleBuilder:
                 raise records.DataError(f"volume {record['volume_name']}: the report contains the "
                                         f"{text.VISUAL_TOKEN} token text; remove it from the report")
 
+    def class_ranks(self, index: int) -> list[float]:
+        """[C] random sort keys of one record's classes for this epoch, a function of (seed, split,
+        epoch, index) only: drawn for blocks of indices at once (one numpy call per block, not a
+        seeded generator per record) and kept for the epoch."""
+        block, row = divmod(index, _RANK_BLOCK)
+        ranks = self._ranks.get(block)
+        if ranks is None:    # a race only draws the same block twice
+            rng = np.random.default_rng([*self.rng_key, block])
+            ranks = self._ranks.setdefault(block, rng.random((_RANK_BLOCK, findings.NUM_CLASSES), np.float32))
+        return ranks[row].tolist()
+
     def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, np.ndarray]:
         """This epoch's positive-findings text (class order from (seed, epoch, index)) and its ids."""
         if volume.fixed_target is not None:
             return volume.fixed_target
-        # A string seed (hashed by `random`) is ~10x cheaper to set up than a numpy Generator.
-        order = sorted(volume.segments)
-        random.Random(f"{self.rng_key}|{int(record['index'])}").shuffle(order)
+        order = sorted(volume.segments, key=self.class_ranks(int(record["index"])).__getitem__)
         sentences = text.ordered_sentences(volume.segments, order)
         if volume.sentence_ids is not None:
             return " ".join(sentences), text.joined_ids(sentences, volume.sentence_ids)
@@ -533,8 +543,9 @@ class Pipeline:
             raise records.DataError(f"data.batch_size={config.batch_size} is not divisible by the "
                                     f"{self.process_count} processes; make it a multiple")
         self.local_batch_size = config.batch_size // self.process_count
-        if config.num_workers < 0:
-            raise records.DataError(f"data.num_workers={config.num_workers}: must be >= 0")
+        for flag in ("num_workers", "read_threads"):
+            if int(config[flag]) < 0:
+                raise records.DataError(f"data.{flag}={config[flag]}: must be >= 0")
         self.source = make_source(config, split)
         self.tokenizer = tokenizer if tokenizer is not None else make_tokenizer(config)
         self.index_skips = list(getattr(self.source, "index_skips", []))
@@ -567,7 +578,8 @@ class Pipeline:
             # grain's worker processes read absl flags; outside app.run (notebooks, tests) none
             # were parsed, so take the defaults rather than fail in the first worker.
             flags.FLAGS.mark_as_parsed()
-        threads = max(1, int(self.config.read_threads))
+        # 0 threads: chunks are read in the iterating thread (no prefetch, one batch buffer in use).
+        threads = int(self.config.read_threads)
         return grain.DataLoader(
             data_source=chunks, worker_count=int(self.config.num_workers),
             sampler=grain.samplers.IndexSampler(num_records=len(chunks), shard_options=grain.sharding.NoSharding(),

@@ -101,6 +101,34 @@ def test_volume_name_without_suffix_finds_its_file(layout):
     assert ctrate.CtRateSource(small_config(layout), "train")[1]["volume_name"] == "train_2_a_1"
 
 
+@pytest.mark.parametrize("case", ["fits", "longer_than_slot", "other_dtype", "fortran", "version_2",
+                                  "long_header", "no_slot"])
+def test_read_npy_equals_np_load(tmp_path, case):
+    """The fast .npy path (one preadv into the caller's row) reads what np.load reads, in place
+    when the array fits the slot and into a new array (or through np.load) otherwise."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, D)).astype(np.float16)
+    slot = np.full((9, D), 5, np.float16)
+    if case == "longer_than_slot":
+        x = rng.normal(size=(12, D)).astype(np.float16)
+    elif case == "other_dtype":
+        x = x.astype(np.float32)
+    elif case == "fortran":
+        x = np.asfortranarray(x)
+    elif case == "long_header":             # a header longer than the first pread
+        x = np.zeros(3, dtype=[(f"field_{i:02d}", "<f2") for i in range(40)])
+    path = str(tmp_path / "x.npy")
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, x, version=(2, 0) if case == "version_2" else None)
+    got, stamp = ctrate.read_npy(path, None if case == "no_slot" else slot)
+    np.testing.assert_array_equal(got, np.load(path))
+    assert got.dtype == x.dtype and stamp == (os.path.getsize(path), os.stat(path).st_mtime_ns)
+    in_place = case in ("fits", "version_2")
+    assert np.shares_memory(got, slot) == in_place
+    if in_place:
+        assert (slot[7:] == 5).all()        # rows past N untouched (the batch pads them)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad inputs: each is a one-line DataError naming the file and row, or a counted skip.
 
@@ -174,8 +202,17 @@ def _defect_bad_spacing(root):
     return csv_path(root, "metadata"), "row 3", "ZSpacing"
 
 
+def _defect_spacing_overflow(root):
+    def change(rows):
+        rows[3][rows[0].index("ZSpacing")] = "1e38"     # finite, but (N - 1) x 1e38 mm is not a float32
+        return rows
+    edit_csv(csv_path(root, "metadata"), change)
+    return embedding_path(root, 3), "row 3", "overflows float32"
+
+
 DEFECTS = [_defect_missing_embedding, _defect_nan, _defect_wrong_width, _defect_zero_slices, _defect_duplicate,
-           _defect_label, _defect_empty_report, _defect_non_utf8, _defect_truncated, _defect_bad_spacing]
+           _defect_label, _defect_empty_report, _defect_non_utf8, _defect_truncated, _defect_bad_spacing,
+           _defect_spacing_overflow]
 
 
 def read_all(source):

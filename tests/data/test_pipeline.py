@@ -117,6 +117,39 @@ def test_response_text_follows_the_mode(workdir, tokenizer, epoch0):
     assert raw["meta"]["response"][0] == source[int(name.split("_")[1]) - 1]["report"]
 
 
+def test_batch_rows_equal_the_per_text_reference(workdir, tokenizer, epoch0):
+    """The vectorised batch assembly writes what the per-text functions give for each row."""
+    config = small_config(workdir)
+    ids = pipeline.tokenizers.special_ids(tokenizer)
+    prompt = text.encode_prompt(tokenizer, config.num_visual_tokens)
+    raw = list(make(workdir, tokenizer, text_mode="raw", max_tokens=150, max_condition_tokens=6).epoch(0))
+    for batch, mode, t, tc in [(b, "positive_findings", T, TC) for b in epoch0[0]] + [(b, "raw", 150, 6) for b in raw]:
+        for row, response in enumerate(batch["meta"]["response"]):
+            chat, _ = text.encode_chat(tokenizer, prompt, response, t, ids["pad"], ids["eot"])
+            for key, want in chat.items():
+                np.testing.assert_array_equal(batch[key][row], want, err_msg=key)
+            if mode == "positive_findings":        # the target is the response without the template
+                target, length, _ = text.encode_padded(tokenizer, response, t, ids["pad"])
+                np.testing.assert_array_equal(batch["target_ids"][row], target)
+                np.testing.assert_array_equal(batch["target_mask"][row], np.arange(t) < length)
+            for c, condition in enumerate(batch["meta"]["condition_texts"][row]):
+                want, length, _ = text.encode_padded(tokenizer, condition, tc, ids["pad"])
+                np.testing.assert_array_equal(batch["condition_ids"][row, c], want)
+                assert batch["condition_lengths"][row, c] == length
+
+
+def test_class_order_is_drawn_per_epoch_and_volume(workdir, tokenizer):
+    loader = make(workdir, tokenizer)
+    epochs = [{n: r for b in loader.epoch(e) for n, r in zip(b["meta"]["volume_name"], b["meta"]["response"])}
+              for e in range(3)]
+    assert epochs[0] == {n: r for b in make(workdir, tokenizer).epoch(0)       # a fresh loader: same texts
+                         for n, r in zip(b["meta"]["volume_name"], b["meta"]["response"])}
+    changed = [n for n in epochs[0] if len({epoch[n] for epoch in epochs}) > 1]
+    assert changed                                                              # new epoch, new order
+    for n in epochs[0]:                                                         # same sentences each time
+        assert len({tuple(sorted(findings.split_sentences(epoch[n]))) for epoch in epochs}) == 1
+
+
 def test_each_epoch_is_a_seeded_shuffle_of_every_record(workdir, tokenizer, epoch0):
     first = names(epoch0[0])
     assert sorted(first) == sorted(synthetic.volume_name("train", i) for i in range(40))
@@ -180,14 +213,17 @@ def test_restore_at_epoch_end_yields_nothing(workdir, tokenizer):
     assert list(make(workdir, tokenizer).restore(it.get_state())) == []
 
 
-def test_worker_processes_give_the_same_batches(workdir, tokenizer, epoch0):
-    it = make(workdir, tokenizer, num_workers=1).epoch(0)
+@pytest.mark.parametrize("overrides", [{"num_workers": 1}, {"read_threads": 0}, {"read_threads": 8}],
+                         ids=["one_worker", "no_read_threads", "eight_read_threads"])
+def test_workers_and_read_threads_give_the_same_batches(workdir, tokenizer, epoch0, overrides):
+    it = make(workdir, tokenizer, **overrides).epoch(0)
     head = [next(it), next(it)]
     state = it.get_state()
-    tail = list(make(workdir, tokenizer, num_workers=1).restore(state))
+    tail = list(make(workdir, tokenizer, **overrides).restore(state))
     assert_same_batches(head + tail, epoch0[0])
-    with pytest.raises(records.DataError, match="num_workers=-1"):
-        make(workdir, tokenizer, num_workers=-1)
+    flag = next(iter(overrides))
+    with pytest.raises(records.DataError, match=f"{flag}=-1"):
+        make(workdir, tokenizer, **{flag: -1})
 
 
 def test_recycled_batch_buffers_never_change_a_held_batch(workdir, tokenizer):
