@@ -354,7 +354,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Lung opacity is present.",
         patterns=(r"(?<!nodular\s)(?<!acinar\s)opacit\w*", r"ground[\s-]+glass(?![\s-]+(?:density\s+)?nodul)",
-                  r"frosted\s+glass", r"\bopaque\b"),
+                  r"frosted[\s-]+glass", r"\bopaque\b"),
         # A density increase is a lung opacity unless it is a scar, a band or lies outside the lung.
         weak_patterns=(r"(?:increase\w*|increased)\s+(?:in\s+)?(?:the\s+)?(?:[\w-]+\s+){0,3}?densit\w*",
                        r"densit(?:y|ies)\s+increase\w*", r"dependent\s+densit\w*"),
@@ -582,7 +582,7 @@ _BREAKS = (("? ", "?\n"), ("! ", "!\n"), (". ", ".\n"), ('." ', '."\n'), (".\u20
 _CLAUSE_WORDS = (";", ":", "but", "however", "though", "whereas", "while", "yet", "except", "apart",
                  "other than", "besides")
 _CLAUSE_END = re.compile(
-    r";|:\s|\b(?:but|however|although|though|whereas|while|yet|except|apart\s+from|other\s+than|besides)\b",
+    r";|:\s(?!\s*(?:none|no|not|absent|negative)\b)|\b(?:but|however|although|though|whereas|while|yet|except|apart\s+from|other\s+than|besides)\b",
     re.IGNORECASE)
 # Negation cues before a mention. "no" must be a word of its own ("no." abbreviations aside).
 # A "not" that belongs to a limitation ("could not be evaluated optimally") or to an
@@ -606,11 +606,14 @@ _POST_NEGATION = re.compile(
     r"\b(?:has|have)\s+(?:completely\s+)?(?:resolved|disappeared|regressed\s+completely)\b|"
     r"\b(?:completely|totally|fully)\s+regressed\b|\b(?:complete|total|full)\s+regression\b|"
     r"\b(?:completely\s+)?(?:resolved|disappeared)\b|"
-    # Uncertainty policy: a finding that only "cannot be excluded" is not asserted.
-    r"\b(?:can\s*not|could\s+not|can't)\s+be\s+(?:completely\s+)?(?:excluded|ruled\s+out)\b")
-# A template answer right after the finding: "Pericardial effusion - none", "... - no
-# thickening was detected" (the dash lists the finding with what follows, under the "no").
-_DASH_NEGATION = re.compile(r"\s*[-\u2013\u2014]\s*(?:no|none|not|absent|negative)\b")
+    # Uncertainty policy: a finding that only "cannot be excluded" is not asserted; nor is
+    # one that "cannot be evaluated" (a limitation of the study, not a finding).
+    r"\b(?:can\s*not|could\s+not|can't)\s+be\s+(?:completely\s+)?(?:excluded|ruled\s+out)\b|"
+    r"\b(?:can\s*not|could\s+not|can't)\s+be\s+(?:\w+\s+)?(?:evaluated|assessed)\b")
+# A template answer right after the finding: "Pericardial effusion - none", "Consolidation:
+# none", "... - no thickening was detected" (the dash or colon lists the finding with what
+# follows, under the "no").
+_DASH_NEGATION = re.compile(r"\s*[-\u2013\u2014:]\s*(?:no|none|not|absent|negative)\b")
 # "... was not seen in the previous examination" / "... not present before" dates the finding,
 # it does not negate it; "observed on the prior study" does not assert it now either.
 _PRIOR_STUDY = re.compile(r"\s*(?:(?:in|on|at|compared\s+to|compared\s+with|than)\s+(?:the\s+|his\s+|her\s+|its\s+)?"
@@ -632,7 +635,7 @@ _EARLIER_STUDY = re.compile(r"\b(?:previous\w*|prior|earlier|before|old\s+(?:ct|
 _LIST_SEPARATOR = re.compile(r",|\band\b|\bwith\b")
 # Hedges that lean negative: a mention under them is not asserted.
 _NEGATIVE_HEDGE = re.compile(
-    r"\b(?:unlikely|to\s+rule\s+out|to\s+exclude|not\s+(?:typical|suggestive|consistent)|"
+    r"\b(?:unlikely|less\s+likely|to\s+rule\s+out|to\s+exclude|not\s+(?:typical|suggestive|consistent)|"
     r"in\s+the\s+absence\s+of|if\s+(?:any|present)|no\s+evidence)\b")
 
 
@@ -727,9 +730,15 @@ def _mentions(index: int, clause: str) -> Iterable[re.Match]:
             yield from pattern.finditer(clause)
 
 
+# What may stand between a mention and its question mark: the head noun of the mention's
+# phrase ("ground glass opacity?", "consolidation area?").
+_QUESTIONED = re.compile(r"\s*(?:(?:opacit\w*|densit\w*|areas?|appearances?|changes?|formations?|patterns?)\s*)?\?")
+
+
 def _is_questioned(clause: str, end: int) -> bool:
-    """A mention right before a question mark ("(lymph node?)") is a differential, not a finding."""
-    return clause[end:end + 3].lstrip().startswith("?")
+    """A mention right before a question mark ("(lymph node?)", "consolidation area?") is a
+    differential, not a finding."""
+    return _QUESTIONED.match(clause, end) is not None
 
 
 def _class_asserted(index: int, clause: str) -> bool:

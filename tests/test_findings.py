@@ -129,6 +129,9 @@ CASES = [
     ("Ground-glass opacities, probably infectious, in both lower lobes.", {"Lung opacity"}),
     ("Consolidation is unlikely.", set()),
     ("A soft tissue density at the right hilum (lymph node?).", set()),
+    ("A small consolidation area? in the lingula.", set()),
+    ("Consolidation (pneumonia?) in the left lower lobe.", {"Consolidation"}),
+    ("An infectious consolidation is less likely.", set()),
     # CT-RATE conventions
     ("A few lymph nodes that do not reach pathological size are seen in the mediastinum.",
      {"Lymphadenopathy"}),
@@ -153,8 +156,11 @@ CASES = [
     ("Lymph nodes of pathological size and appearance were not detected.", set()),
     ("Pleural or pericardial effusion was not detected.", set()),
     ("Pericardial effusion - none.", set()),
+    ("Consolidation: none.", set()),
+    ("Lungs: bilateral pleural effusion.", {"Pleural effusion"}),
     # limitations and "cannot be excluded" (absent unless asserted elsewhere)
     ("A nodule cannot be excluded.", set()),
+    ("Small nodules could not be evaluated reliably because of breathing artefacts.", set()),
     ("Malignancy cannot be ruled out in the consolidation.", {"Consolidation"}),
     ("The mediastinum could not be evaluated optimally and the cardiothoracic ratio is increased.",
      {"Cardiomegaly"}),
