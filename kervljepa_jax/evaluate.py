@@ -64,9 +64,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from kervljepa_jax import findings, metrics as metrics_lib
+from kervljepa_jax import cli as cli_lib, findings, metrics as metrics_lib
 from kervljepa_jax.generate import ReportGenerator
 from kervljepa_jax.label import RuleLabeler
+from kervljepa_jax.training import config as config_lib
 
 ABLATIONS = ("zero", "shuffle", "noise")
 MODES = ("normal", *ABLATIONS)
@@ -336,7 +337,7 @@ def saved_config(workdir: str, phase: int) -> dict:
     from kervljepa_jax.training import checkpoint as ckpt_lib
 
     step_dir = ckpt_lib.resolve_step_dir(ckpt_lib.phase_directory(workdir, phase))
-    return ckpt_lib._read_json(step_dir / ckpt_lib.CONFIG)
+    return ckpt_lib.read_json(step_dir / ckpt_lib.CONFIG)
 
 
 def _flatten(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -374,15 +375,11 @@ def phase_eval_config(workdir: str, phase: int, overrides: dict[str, str] | None
         except (KeyError, TypeError, ValueError) as e:
             logging.warning("phase %d: saved config field %s=%r not restored (%s: %s)", phase, key, value,
                             type(e).__name__, e)
-    for key, raw in (overrides or {}).items():
-        try:
-            current = config
-            for name in key.split("."):
-                current = current[name]
-        except (KeyError, AttributeError):
-            raise EvalError(f"--config.{key}: no such field in the phase {phase} config") from None
-        _set(config, key, train._parse_value(raw, current))
     config.phase = phase
+    try:
+        config_lib.apply_overrides(config, overrides or {})
+    except config_lib.OverrideError as e:
+        raise EvalError(str(e)) from None
     return config
 
 
@@ -451,7 +448,7 @@ def load_phase(workdir: str, phase: int | None = None, overrides: dict[str, str]
         ckpt.close()
     if restored is None:
         raise EvalError(f"phase {phase}: no checkpoint in {ckpt.directory}; train the phase first")
-    variables = run.place(train._restored_variables(restored.params, restored.alpha))
+    variables = run.place(train.restored_variables(restored.params, restored.alpha))
     logging.info("phase %d: restored step %d from %s", phase, restored.step, ckpt.directory)
     return Loaded(run=run, config=config, phase=phase, variables=variables, step=restored.step)
 
@@ -669,25 +666,7 @@ def _define_flags() -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    print(f"evaluate: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        _fail(f"{str(e).splitlines()[0]} (see --helpfull)", 2)
-    except (KeyError, AttributeError) as e:
-        _bad_config_field(argv, e)
-
-
-def _bad_config_field(argv: list[str], error: Exception) -> None:
-    """config_flags applies --config.a.b=v while the flag is defined or parsed; a missing field is a KeyError."""
-    missing = str(error).strip("\"'")
-    names = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    bad = next((n for n in names if missing in n.split(".")), names[0] if names else "--config")
-    _fail(f"{bad}: no field {missing!r} in the config", 2)
+    cli_lib.fail("evaluate", message, code)
 
 
 def main(argv: list[str]) -> None:
@@ -702,7 +681,7 @@ def main(argv: list[str]) -> None:
         if FLAGS[name].present:
             _fail(f"--{name} is a training flag; evaluate reads DIR/phaseN/checkpoints", 2)
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    overrides = train.command_line_overrides(sys.argv[1:])
+    overrides = config_lib.command_line_overrides(sys.argv[1:])
     config_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     workdir = FLAGS.workdir
@@ -740,8 +719,8 @@ def cli() -> None:
     try:
         _define_flags()
     except (KeyError, AttributeError) as e:
-        _bad_config_field(sys.argv, e)
-    app.run(main, flags_parser=_parse_flags)
+        cli_lib.bad_config_field("evaluate", sys.argv, e)
+    app.run(main, flags_parser=cli_lib.flags_parser("evaluate"))
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ writes WORKDIR/report.json and the figures.
 
 from __future__ import annotations
 
-import ast
 import json
-import math
 import os
 import sys
 import time
@@ -33,9 +31,10 @@ import numpy as np
 import optax
 import tqdm
 from absl import app, flags, logging
+from flax import linen as nn
 from ml_collections import config_flags
 
-from kervljepa_jax import evaluate, figures, hf, sharding, whitening as whitening_lib
+from kervljepa_jax import cli as cli_lib, evaluate, figures, hf, losses, sharding, whitening as whitening_lib
 from kervljepa_jax.data import pipeline as pipeline_lib
 from kervljepa_jax.data import text as text_lib
 from kervljepa_jax.data import tokenizer as tokenizers
@@ -58,8 +57,11 @@ flags.DEFINE_string("init_from", "", "Checkpoint to start the phase from (defaul
 flags.DEFINE_string("warm_bridge_from", "", "Phase-3 checkpoint whose bridge (projectors, adapters, LoRA) "
                     "overwrites ours at the start of phase 3.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU / TPU pod).")
-config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / "phase1.py"),
-                                "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")
+try:  # config_flags applies --config.a.b=v right here, at definition: a missing field fails now
+    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / "phase1.py"),
+                                    "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")
+except (KeyError, AttributeError) as _error:
+    cli_lib.bad_config_field(cli_lib.program_name(), sys.argv, _error)
 
 GENERATING_PHASES = (3, 4)
 
@@ -71,44 +73,9 @@ class TrainError(ValueError):
 # ----------------------------------------------------------------------------- configs
 
 
-def _parse_value(raw: str, current: Any) -> Any:
-    if isinstance(current, bool):
-        if raw.lower() not in ("true", "false", "1", "0"):
-            raise TrainError(f"--config override: {raw!r} is not a bool")
-        return raw.lower() in ("true", "1")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        return type(current)(float(raw)) if isinstance(current, int) and float(raw).is_integer() else float(raw)
-    if isinstance(current, (list, tuple)):
-        return type(current)(ast.literal_eval(raw))
-    return raw
-
-
-def command_line_overrides(argv: list[str]) -> dict[str, str]:
-    """`--config.a.b=v` / `--config.a.b v` pairs of the command line, in order."""
-    out, i = {}, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--config."):
-            key, eq, value = arg[len("--config."):].partition("=")
-            if not eq:
-                i += 1
-                value = argv[i] if i < len(argv) else ""
-            out[key] = value
-        i += 1
-    return out
-
-
 def phase_config(phase: int, arg: str | None, overrides: dict[str, str]) -> ml_collections.ConfigDict:
-    config = config_lib.load_phase_config(phase, arg)
-    for key, raw in overrides.items():
-        node, *_ = [config]
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise TrainError(f"--config.{key}: no such field in the phase {phase} config")
-        node[leaf] = _parse_value(raw, node[leaf])
-    return config
+    """configs/phase{phase}.py:{arg} with the command line's `--config.a.b=v` overrides."""
+    return config_lib.apply_overrides(config_lib.load_phase_config(phase, arg), overrides)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -153,25 +120,19 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
         return out
     steps = int(config.model.pretrain_steps)
     cfg = llama_lib.preset(config.model.preset, vocab_size=tokenizers.vocab_size(tokenizer), lora=None)
-    texts = training_reports(config.data)
+    texts = pretraining_corpus(config.data, int(config.train.seed))
     if not texts:
         raise TrainError("model.llm_path is empty and the data source has no report corpus to pretrain on; "
                          "pass --config.model.llm_path=HF_DIR")
-    # Plain report text. (Wrapping it in the chat template was tried: the LLM then leaned on its
-    # prior and zeroing the visual tokens no longer hurt, F1 0.114 vs 0.120 zeroed, against 0.100
-    # vs 0.007 with plain text; plain text it is.)
-    seq = int(config.model.pretrain_seq_len)
-    ids = [tokenizer.encode(t, add_special_tokens=False)[: seq - 1] for t in texts]
+    # Plain text, no chat template. (Wrapping it in the chat template was tried: the LLM then leaned
+    # on its prior and zeroing the visual tokens no longer hurt, F1 0.114 vs 0.120 zeroed, against
+    # 0.100 vs 0.007 with plain text; plain text it is.)
     eot = tokenizers.special_ids(tokenizer)["eot"]
-    pad = tokenizers.special_ids(tokenizer)["pad"]
-    tokens = np.full((len(ids), seq), pad, np.int32)
-    mask = np.zeros((len(ids), seq), bool)
-    for i, row in enumerate(ids):
-        row = row + [eot]
-        tokens[i, :len(row)], mask[i, :len(row)] = row, True
+    tokens = pack_documents(text_lib.encode_texts(tokenizer, texts), eot, int(config.model.pretrain_seq_len))
+    mask = np.ones_like(tokens, bool)
     model = llama_lib.Llama(cfg)
     params = jax.jit(model.init)(jax.random.key(int(config.train.seed)), jnp.zeros((1, 8), jnp.int32))
-    params = __import__("flax").linen.unbox(params)["params"]
+    params = nn.unbox(params)["params"]
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(optax.warmup_cosine_decay_schedule(0.0, config.model.pretrain_lr, max(1, steps // 10), max(steps, 2)), 0.9,
                                  0.95, weight_decay=0.01))
@@ -181,7 +142,6 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
     def train_step(params, opt_state, batch_tokens, batch_mask):
         def loss_fn(p):
             logits = model.apply({"params": p}, batch_tokens, attention_mask=batch_mask).logits
-            from kervljepa_jax import losses
             return losses.lm_loss(logits, batch_tokens, batch_mask)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -201,6 +161,20 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
     return out
 
 
+def pack_documents(docs: list[list[int]], eot: int, seq_len: int) -> np.ndarray:
+    """[M, seq_len] int32: the documents, each followed by `eot`, concatenated and cut into rows.
+
+    Packing, not one padded row per document: a synthetic report (~290 tokens) is not truncated
+    and a findings text (~45 tokens) does not leave most of its row as padding.
+    """
+    stream = np.fromiter((t for doc in docs for t in (*doc, eot)), np.int32)
+    rows = len(stream) // seq_len
+    if rows == 0:
+        raise TrainError(f"phase 0: the corpus has {len(stream)} tokens, fewer than one "
+                         f"model.pretrain_seq_len={seq_len} row; lower it or add training reports")
+    return stream[: rows * seq_len].reshape(rows, seq_len)
+
+
 def training_reports(data) -> list[str]:
     """The training split's Findings_EN texts (the phase-0 corpus)."""
     if data.source == "synthetic":
@@ -208,6 +182,22 @@ def training_reports(data) -> list[str]:
     path = pipeline_lib.ctrate.resolve(data.root, data.reports_csv["train"])
     return [f["Findings_EN"] for _, f in pipeline_lib.ctrate.read_csv(path, pipeline_lib.ctrate.REPORT_COLUMNS,
                                                                        "reports_csv.train")]
+
+
+def pretraining_corpus(data, seed: int) -> list[str]:
+    """Phase-0 documents: every training report, and its positive findings as phase 3 writes them.
+
+    A real Llama already writes fluent radiology sentences; the tiny stand-in only sees our
+    training text, where finding sentences are ~10% of the words. Adding each volume's findings
+    (in a random class order, as plain text) teaches it to write them before phase 3 asks it to
+    choose them from the image.
+    """
+    if data.source != "synthetic":
+        return training_reports(data)
+    reports, labels = training_texts(data)
+    rng = np.random.default_rng(seed)
+    corpus = reports + [text_lib.positive_findings_text(r, y, rng) for r, y in zip(reports, labels)]
+    return [corpus[i] for i in rng.permutation(len(corpus))]   # mixed, for packing
 
 
 def training_texts(data) -> tuple[list[str], list[np.ndarray]]:
@@ -302,12 +292,14 @@ class Run:
         self.pos_weight = None
         self.configs: dict[int, Any] = {}
         self._pipelines: dict[tuple, pipeline_lib.Pipeline] = {}
+        self._generators: dict[SamplingConfig, ReportGenerator] = {}
+        self._classifier_logits = None
         # Where every param lives on the mesh: the logical axis names of an abstract init.
         abstract = jax.eval_shape(lambda key: vlm_lib.VLM(self.vcfg).init(
             key, jnp.zeros((1, 4, self.vcfg.compressor.d_visual)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool),
             jnp.full((1, self.vcfg.num_visual_tokens), self.vcfg.visual_token_id, jnp.int32)), jax.random.key(0))
         self.param_shardings = sharding.named_shardings(abstract, self.mesh)["params"]
-        self.abstract_params = ckpt_lib.abstract_target(__import__("flax").linen.unbox(abstract)["params"],
+        self.abstract_params = ckpt_lib.abstract_target(nn.unbox(abstract)["params"],
                                                         self.param_shardings)
         self.replicated = sharding.replicated(self.mesh)
 
@@ -328,6 +320,22 @@ class Run:
             self._pipelines[key] = pipeline_lib.Pipeline(data, split, self.tokenizer, self.mesh)
         return self._pipelines[key]
 
+    def report_generator(self, config) -> ReportGenerator:
+        """One generator per sampling setting for the whole run: each mode compiles once, not once
+        per validation (every phase shares the VLM config)."""
+        settings = sampling_config(config)
+        if settings not in self._generators:
+            self._generators[settings] = ReportGenerator(vlm_lib.VLM(self.vcfg), self.tokenizer, settings)
+        return self._generators[settings]
+
+    def classifier_logits(self):
+        """Jitted (variables, batch) -> [B, C] visual-classifier logits (compiled once per run)."""
+        if self._classifier_logits is None:
+            model = vlm_lib.VLM(self.vcfg)
+            self._classifier_logits = jax.jit(
+                lambda v, b: model.apply(v, b["slices"], b["z_mm"], b["valid"]).visual.cls_logits)
+        return self._classifier_logits
+
     def prepare_targets(self, config, params: Any) -> None:
         """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings.
 
@@ -338,7 +346,6 @@ class Run:
             return
         path = os.path.join(self.workdir, "whitening.npz")
         reports, labels = training_texts(config.data)
-        import kervljepa_jax.losses as losses
         self.pos_weight = jnp.asarray(losses.pos_weight_from_labels(np.stack(labels)))
         if os.path.isfile(path):
             w = whitening_lib.load(path)
@@ -377,7 +384,7 @@ class Run:
 # ----------------------------------------------------------------------------- one phase
 
 
-def _restored_variables(params: Any, alpha: float | None) -> dict:
+def restored_variables(params: Any, alpha: float | None) -> dict:
     return {"params": params, "calibration": {"calibrator": {"alpha": jnp.asarray(alpha or 1.0, jnp.float32)}}}
 
 
@@ -385,7 +392,7 @@ def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
     """--init_from, else the best checkpoint of phase N-1, else (phase 1) a fresh bridge."""
     if init_from:
         params, meta = ckpt_lib.restore_params(init_from, run.abstract_params)
-        return _restored_variables(params, meta.get("alpha"))
+        return restored_variables(params, meta.get("alpha"))
     if phase > 1:
         prev_config = run.configs.get(phase - 1) or config_lib.load_phase_config(phase - 1, config.profile)
         prev = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, prev_config, phase - 1, read_only=True)
@@ -394,7 +401,7 @@ def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
         if restored is None:
             raise TrainError(f"phase {phase}: no checkpoint of phase {phase - 1} in {run.workdir}; run phase "
                              f"{phase - 1} first or pass --init_from=PATH")
-        return _restored_variables(restored.params, restored.alpha)
+        return restored_variables(restored.params, restored.alpha)
     first = next(iter(run.pipeline(config, "train", shuffle=False).epoch(0)))
     template = fresh_params(run.vcfg, run.llm_params, first, run.text_rows, int(config.train.seed))
     return calibrate(vlm_lib.VLM(run.vcfg), template, first, run.text_rows)
@@ -411,17 +418,14 @@ def validate(run: Run, config, phase: int, variables: dict, eval_step, modes=("n
     """Validation metrics of the phase: loss always; classifier F1 (1); generation F1 (3, 4)."""
     pipe = run.pipeline(config, "valid", shuffle=False)
     batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
-    losses = [jax.device_get(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b), run.consts()))
-              for b in batches]
-    out = {"val_loss": float(np.mean([l["loss"] for l in losses]))}
+    terms = [jax.device_get(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b), run.consts()))
+             for b in batches]
+    out = {"val_loss": float(np.mean([t["loss"] for t in terms]))}
     if phase == 1:
-        model = vlm_lib.VLM(run.vcfg)
-        logits = jax.jit(lambda v, b: model.apply(v, b["slices"], b["z_mm"], b["valid"]).visual.cls_logits)
-        scored = evaluate.classifier_eval(logits, variables, [evaluate.as_jnp(b) for b in batches])
+        scored = evaluate.classifier_eval(run.classifier_logits(), variables, [evaluate.as_jnp(b) for b in batches])
         out["val_macro_f1"] = scored["macro_f1"]
     if phase in GENERATING_PHASES:
-        generator = ReportGenerator(vlm_lib.VLM(run.vcfg), run.tokenizer, sampling_config(config))
-        results = evaluate.generation_eval(generator, variables, batches, modes)
+        results = evaluate.generation_eval(run.report_generator(config), variables, batches, modes)
         out["val_gen_f1"] = results["normal"]["macro_f1"]
         out["generation"] = results
     return out
@@ -536,20 +540,18 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
 
 def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -> dict:
     """The phase's best checkpoint on the validation split: F1 (+ ablations for generating phases)."""
-    model = vlm_lib.VLM(run.vcfg)
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase, read_only=True)
     restored = ckpt.restore_best(run.abstract_params)
     ckpt.close()
     if restored is None:
         raise TrainError(f"phase {phase}: no checkpoint in {ckpt.directory}; train the phase first")
-    variables = run.place(_restored_variables(restored.params, restored.alpha))
+    variables = run.place(restored_variables(restored.params, restored.alpha))
     pipe = run.pipeline(config, "valid", shuffle=False)
     batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
     out: dict[str, Any] = {}
     if phase in GENERATING_PHASES:
-        generator = ReportGenerator(model, run.tokenizer, sampling_config(config))
         modes = ("normal", *ablations)
-        results = evaluate.generation_eval(generator, variables, batches, modes)
+        results = evaluate.generation_eval(run.report_generator(config), variables, batches, modes)
         out.update({k: results["normal"][k] for k in ("macro_f1", "precision", "recall")})
         out["ablations"] = {m: {k: results[m][k] for k in ("macro_f1", "precision", "recall")} for m in ablations}
         out["per_class_f1"] = {c["name"]: c["f1"] for c in results["normal"]["report"]["per_class"]}
@@ -557,8 +559,7 @@ def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -
         figures.per_class_f1_bars(results["normal"]["report"], os.path.join(run.workdir, f"phase{phase}",
                                                                             "per_class_f1.png"))
     else:
-        logits = jax.jit(lambda v, b: model.apply(v, b["slices"], b["z_mm"], b["valid"]).visual.cls_logits)
-        scored = evaluate.classifier_eval(logits, variables, [evaluate.as_jnp(b) for b in batches])
+        scored = evaluate.classifier_eval(run.classifier_logits(), variables, [evaluate.as_jnp(b) for b in batches])
         out.update({"classifier_macro_f1": scored["macro_f1"], "classifier_precision": scored["precision"],
                     "classifier_recall": scored["recall"]})
     return out
@@ -612,7 +613,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     # Orbax narrates every save at INFO; keep the log about training.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    overrides = command_line_overrides(sys.argv[1:])
+    overrides = config_lib.command_line_overrides(sys.argv[1:])
     config_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     phases_to_run = [1, 2, 3, 4] if FLAGS.phase == "all" else [int(FLAGS.phase)]
@@ -625,7 +626,7 @@ def main(argv: list[str]) -> None:
     warm = FLAGS.warm_bridge_from
     try:
         report = run_curriculum(phases_to_run, FLAGS.workdir, arg, overrides, explicit, init_from, warm)
-    except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:
+    except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:   # OverrideError too
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
@@ -633,4 +634,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_lib.flags_parser("train"))

@@ -223,7 +223,7 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
     if not steps:
         raise FileNotFoundError(f"checkpoint path {path}: no checkpoint there (want a phase dir, its checkpoints/ "
                                 "dir, or a step dir holding params/)")
-    meta = _read_json(steps[-1][1] / META)
+    meta = read_json(steps[-1][1] / META)
     reader = PhaseCheckpointer(None, meta.get("phase", 0), directory=path, read_only=True, async_save=False,
                                best_metric=meta.get("best_metric", "val_macro_f1"),
                                best_mode=meta.get("best_mode", "max"))
@@ -232,7 +232,7 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
     return path / str(steps[-1][0] if step is None else step)
 
 
-def _read_json(item_dir: pathlib.Path) -> dict:
+def read_json(item_dir: pathlib.Path) -> dict:
     """A JsonSave item read back without a manager ({} when absent)."""
     files = [f for f in item_dir.glob("*") if f.is_file() and not f.name.startswith("_")] if item_dir.is_dir() else []
     return json.loads(files[0].read_text()) if files else {}
@@ -242,7 +242,7 @@ def restore_params(path: str | pathlib.Path, params_target: Any) -> tuple[Any, d
     """(params, meta) of the checkpoint at `path` (see `resolve_step_dir`), onto the target (--init_from)."""
     step_dir = resolve_step_dir(path)
     params = ocp.StandardCheckpointer().restore(step_dir / PARAMS, abstract_target(params_target))
-    return params, _read_json(step_dir / META)
+    return params, read_json(step_dir / META)
 
 
 def _stored_shapes(params_dir: pathlib.Path) -> dict[str, tuple[tuple[int, ...], Any]]:

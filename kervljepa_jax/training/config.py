@@ -17,6 +17,7 @@ False, ...), so the training loop reads one schema and `--config.x.y` works for 
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import pathlib
 from typing import Any
@@ -58,7 +59,10 @@ EMBEDDED = {
     "data.source":                   ("synthetic",) * 4,
     "data.num_train":                (512,) * 4,                  # same split in every phase
     "data.num_valid":                (64,) * 4,
-    "train.epochs":                  (2, 2, 3, 1),                # paper 20, 30, 50, 30
+    # 100x fewer volumes than CT-RATE need a cleaner signal per volume for the same learnability:
+    # at 2.0 a ridge probe of the 32 zones reaches ~0.92 macro F1 from 512 volumes (0.88 at 1.0).
+    "data.signal_strength":          (2.0,) * 4,
+    "train.epochs":                  (4, 2, 3, 1),                # paper 20, 30, 50, 30
     "train.batch_size":              (8, 16, 8, 8),               # paper 32, 512, 8, 8
     "train.lr":                      (1e-3, 5e-4, 1e-3, 2.5e-5),  # paper 5e-5, 3e-5, 2e-5, 5e-7
     "train.warmup_steps":            (10, 10, 10, 0),             # paper 0
@@ -90,10 +94,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
     # Phase 0 (no llm_path): the tiny decoder is LM-pretrained on the training reports, standing in
     # for a pretrained Llama, and saved as a HF folder in WORKDIR/base_llm.
-    c.model.pretrain_steps = 200
+    c.model.pretrain_steps = 300
     c.model.pretrain_batch_size = 16
     c.model.pretrain_seq_len = 192
-    c.model.pretrain_lr = 3e-3
+    c.model.pretrain_lr = 1e-2
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1
@@ -203,3 +207,58 @@ def load_phase_config(phase: int, arg: str | None = None) -> ml_collections.Conf
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command-line overrides (`--config.a.b=v`), shared by train and evaluate.
+# ------------------------------------------------------------------------------------------------
+
+class OverrideError(ValueError):
+    """A `--config.a.b=v` that names no field or whose value does not fit it."""
+
+
+def parse_override(raw: str, current: Any, key: str = "") -> Any:
+    """The string `raw` as the type of the field's `current` value."""
+    if isinstance(current, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise OverrideError(f"--config.{key}={raw!r} is not a bool (true/false)")
+        return raw.lower() in ("true", "1")
+    try:
+        if isinstance(current, (int, float)):
+            return type(current)(float(raw)) if isinstance(current, int) and float(raw).is_integer() else float(raw)
+        if isinstance(current, (list, tuple)):
+            return type(current)(ast.literal_eval(raw))
+    except (ValueError, SyntaxError):
+        raise OverrideError(f"--config.{key}={raw!r} does not parse as the field's "
+                            f"{type(current).__name__}") from None
+    return raw
+
+
+def command_line_overrides(argv: list[str]) -> dict[str, str]:
+    """`--config.a.b=v` / `--config.a.b v` pairs of the command line, in order."""
+    out, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                i += 1
+                value = argv[i] if i < len(argv) else ""
+            out[key] = value
+        i += 1
+    return out
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """config[a][b] = the typed value of each `a.b` override, in place; an unknown field is an error."""
+    for key, raw in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for name in parents:
+            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+                raise OverrideError(f"--config.{key}: no field {name!r} in the phase {config.phase} config")
+            node = node[name]
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise OverrideError(f"--config.{key}: no such field in the phase {config.phase} config")
+        node[leaf] = parse_override(raw, node[leaf], key)
+    return config
