@@ -515,8 +515,11 @@ FINDINGS: tuple[Finding, ...] = (
             # septa seen at all on CT are thickened ones
             r"(?:prominen\w*|accentuated|visible)\s+(?:of\s+)?(?:the\s+)?(?:\w+\s+)?interlob\w+\s+sept",
             r"interlob\w+\s+septa?\w*\s+(?:are|is|were|was|appear|became)\s+(?:\w+\s+)?(?:prominen|accentuated)",
+            # Kerley (B) lines are thickened interlobular septa seen end-on.
+            r"kerley",
         ),
         weak_patterns=(
+            r"septal\s+lines?",
             r"sept(?:al|a|um)\s+(?:\w+\s+){0,2}" + _THICK,
             _THICK + r"\s+(?:of\s+|in\s+)?(?:the\s+)?(?:interlob\w+\s+)?sept(?:a|al|um)\b",
             r"sept(?:a|um)\s+(?:are|is|were|was|appear)\s+(?:\w+\s+)?thicken\w*",
@@ -526,7 +529,7 @@ FINDINGS: tuple[Finding, ...] = (
             r"interstiti(?:al|um)\b(?!\s+lung\s+disease)",
         ),
         vetoes=(r"interatrial", r"interventricular", r"(?:atrial|ventricular|nasal)\s+sept\w*"),
-        anchors=('sept', 'interlob', 'interstiti'),
+        anchors=('sept', 'interlob', 'interstiti', 'kerley'),
     ),
 )
 
@@ -613,7 +616,8 @@ _POST_NEGATION = re.compile(
 # A template answer right after the finding: "Pericardial effusion - none", "Consolidation:
 # none", "... - no thickening was detected" (the dash or colon lists the finding with what
 # follows, under the "no").
-_DASH_NEGATION = re.compile(r"\s*[-\u2013\u2014:]\s*(?:no|none|not|absent|negative)\b")
+_DASH_NEGATION = re.compile(r"(?:\s+[a-z]+){0,2}?\s*[-\u2013\u2014:]\s*(?:no|none|not|absent|negative)\b"
+                            r"(?!\s+(?:significant\s+)?(?:change|difference|progression|increase))")
 # "... was not seen in the previous examination" / "... not present before" dates the finding,
 # it does not negate it; "observed on the prior study" does not assert it now either.
 _PRIOR_STUDY = re.compile(r"\s*(?:(?:in|on|at|compared\s+to|compared\s+with|than)\s+(?:the\s+|his\s+|her\s+|its\s+)?"
@@ -741,8 +745,20 @@ def _is_questioned(clause: str, end: int) -> bool:
     return _QUESTIONED.match(clause, end) is not None
 
 
+# A finding named as what a recommended further study should look for ("evaluation in terms
+# of air trapping with expiratory images is recommended") is not one seen on this study.
+# A finding only followed up ("follow-up is recommended for the nodule") is one seen, so only
+# "in terms of" marks what is looked for.
+_TO_LOOK_FOR = re.compile(r"\b(?:evaluat\w*|assess\w*|investigat\w*|examin\w*)\s+(?:\w+\s+){0,4}?in\s+terms\s+of\b")
+
+
+def _is_looked_for(clause: str, start: int) -> bool:
+    return "recommend" in clause and _TO_LOOK_FOR.search(clause, 0, start) is not None
+
+
 def _class_asserted(index: int, clause: str) -> bool:
     return any(not _is_negated(clause, m.start(), m.end()) and not _is_questioned(clause, m.end())
+               and not _is_looked_for(clause, m.start())
                for m in _mentions(index, clause))
 
 

@@ -157,6 +157,8 @@ CASES = [
     ("Pleural or pericardial effusion was not detected.", set()),
     ("Pericardial effusion - none.", set()),
     ("Consolidation: none.", set()),
+    ("Mosaic attenuation: none.", set()),
+    ("Pleural effusion - no significant change since the last study.", {"Pleural effusion"}),
     ("Lungs: bilateral pleural effusion.", {"Pleural effusion"}),
     # limitations and "cannot be excluded" (absent unless asserted elsewhere)
     ("A nodule cannot be excluded.", set()),
@@ -184,6 +186,11 @@ CASES = [
     ("A diaphragmatic hernia at the gastroesophageal junction.", {"Hiatal hernia"}),
     ("Calcified plaques in the arcus aorta.", {"Arterial wall calcification"}),
     ("Prominent interlobular septa in both lower lobes.", {"Interlobular septal thickening"}),
+    ("Kerley B lines at both lung bases.", {"Interlobular septal thickening"}),
+    ("Septal lines in the lower lobes.", {"Interlobular septal thickening"}),
+    # what a recommended further study should look for is not a finding of this one
+    ("Evaluation in terms of air trapping with expiratory sections is recommended.", set()),
+    ("Follow-up is recommended for the 6 mm nodule in the right upper lobe.", {"Lung nodule"}),
     ("A consolidated old fracture of the right 6th rib.", set()),
 ]
 
