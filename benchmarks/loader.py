@@ -2,7 +2,9 @@
 
 Writes --num_volumes synthetic volumes of [--slices, --dim] float16 slice embeddings in the
 CT-RATE layout (`data.synthetic.write_ctrate_layout`) into a temporary folder, then times, with
-the page cache warm for both and alternating the order over --repeats rounds (best round each):
+the page cache warm for both and alternating the order over --repeats rounds (best round each;
+the medians and the CPU time per volume, which other processes on a shared machine disturb
+less than wall time, are reported too):
   raw       for each file: np.load(path)                       (reading only)
   pipeline  Pipeline(config, "train", tokenizer).epoch(e): CT-RATE source -> record checks
             (finite, width, slice count) -> full training examples (padded slices, chat
@@ -14,7 +16,7 @@ is cached and an unchanged file is not scanned for NaN/Inf again); first_epoch_v
 the first epoch of a fresh Pipeline, which does both.
 Ends with one JSON line: {"volumes_per_s", "raw_volumes_per_s", "fraction_of_raw", ...}.
 
-  python benchmarks/loader.py [--num_volumes=64] [--read_threads=8] [--num_workers=0]
+  python benchmarks/loader.py [--num_volumes=256] [--read_threads=1] [--num_workers=0]
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ from absl import app, flags, logging
 from kervljepa_jax.data import default_data_config, pipeline, synthetic
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_volumes", 64, "Training volumes written and read.")
+flags.DEFINE_integer("num_volumes", 256, "Training volumes written and read (~1.2 MB each at the default shape).")
 flags.DEFINE_integer("slices", 600, "Slices per volume (N).")
 flags.DEFINE_integer("dim", 1024, "Slice embedding width (D).")
 flags.DEFINE_integer("batch_size", 8, "Batch size of the pipeline.")
-flags.DEFINE_integer("read_threads", 8, "grain reader threads (data.read_threads).")
+flags.DEFINE_integer("read_threads", 1, "grain reader threads (data.read_threads; 0 = read in the iterating thread).")
 flags.DEFINE_integer("num_workers", 0, "grain worker processes (data.num_workers).")
-flags.DEFINE_integer("repeats", 3, "Timed rounds of each (the best is reported).")
+flags.DEFINE_integer("repeats", 5, "Timed rounds of each (the best is reported, and the median).")
 flags.DEFINE_string("dir", "", "Folder to write into (default: a temporary folder, removed after).")
 
 
@@ -52,20 +54,24 @@ def data_config(root: str, workdir: str):
     return c
 
 
-def time_raw(files: list[str]) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """(volumes/s wall, CPU microseconds per volume of this process, all threads) of fn()."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    volumes = fn()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert volumes == FLAGS.num_volumes, volumes
+    return volumes / wall, 1e6 * cpu / volumes
+
+
+def read_raw(files: list[str]) -> int:
     for path in files:
         x = np.load(path)
         assert x.shape == (FLAGS.slices, FLAGS.dim)
-    return len(files) / (time.perf_counter() - start)
+    return len(files)
 
 
-def time_pipeline(loader: pipeline.Pipeline, epoch: int) -> float:
-    start = time.perf_counter()
-    volumes = sum(batch["slices"].shape[0] for batch in loader.epoch(epoch))
-    rate = volumes / (time.perf_counter() - start)
-    assert volumes == FLAGS.num_volumes, volumes
-    return rate
+def read_pipeline(loader: pipeline.Pipeline, epoch: int) -> int:
+    return sum(batch["slices"].shape[0] for batch in loader.epoch(epoch))
 
 
 def run(root: str) -> dict:
@@ -75,26 +81,30 @@ def run(root: str) -> dict:
     files = sorted(glob.glob(os.path.join(root, "embeddings", "train", "*.npy")))
     tokenizer = pipeline.make_tokenizer(config)            # trained + cached once, not timed
     loader = pipeline.Pipeline(config, "train", tokenizer)  # CSV index built once, not timed
-    time_raw(files)                                         # warm the page cache for both
-    first = time_pipeline(loader, 0)                        # text work and NaN/Inf scans happen here
+    read_raw(files)                                         # warm the page cache for both
+    first = timed(lambda: read_pipeline(loader, 0))[0]      # text work and NaN/Inf scans happen here
     raw, piped = [], []
     for r in range(FLAGS.repeats):
-        if r % 2:
-            piped.append(time_pipeline(loader, r + 1))
-            raw.append(time_raw(files))
-        else:
-            raw.append(time_raw(files))
-            piped.append(time_pipeline(loader, r + 1))
-    logging.info("raw np.load volumes/s per round: %s", [round(x, 1) for x in raw])
-    logging.info("pipeline volumes/s per round: %s", [round(x, 1) for x in piped])
-    return {"volumes_per_s": round(max(piped), 2), "raw_volumes_per_s": round(max(raw), 2),
-            "fraction_of_raw": round(max(piped) / max(raw), 3),
+        rounds = [(raw, lambda: read_raw(files)), (piped, lambda: read_pipeline(loader, r + 1))]
+        for out, fn in (rounds[::-1] if r % 2 else rounds):
+            out.append(timed(fn))
+    logging.info("raw np.load volumes/s per round: %s", [round(x, 1) for x, _ in raw])
+    logging.info("pipeline volumes/s per round: %s", [round(x, 1) for x, _ in piped])
+    best_raw, best_piped = max(x for x, _ in raw), max(x for x, _ in piped)
+    cpu_raw, cpu_piped = min(c for _, c in raw), min(c for _, c in piped)
+    return {"volumes_per_s": round(best_piped, 2), "raw_volumes_per_s": round(best_raw, 2),
+            "fraction_of_raw": round(best_piped / best_raw, 3),
+            "median_fraction_of_raw": round(float(np.median([x for x, _ in piped]) / np.median([x for x, _ in raw])), 3),
+            "cpu_us_per_volume": round(cpu_piped, 1), "raw_cpu_us_per_volume": round(cpu_raw, 1),
+            "cpu_fraction_of_raw": round(cpu_raw / cpu_piped, 3),
             "first_epoch_volumes_per_s": round(first, 2),
             "measured": "full training examples (slices + text) as host batches; volumes_per_s: epochs after "
-                        "the first (per-volume text cached, unchanged files not rescanned for NaN/Inf)",
+                        "the first (per-volume text cached, unchanged files not rescanned for NaN/Inf); "
+                        "cpu: process CPU time (all threads) per volume, best round",
             "num_volumes": FLAGS.num_volumes, "shape": [FLAGS.slices, FLAGS.dim], "dtype": "float16",
             "batch_size": FLAGS.batch_size, "read_threads": FLAGS.read_threads,
-            "num_workers": FLAGS.num_workers, "cpus": os.cpu_count()}
+            "num_workers": FLAGS.num_workers, "repeats": FLAGS.repeats, "cpus": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def main(argv) -> None:

@@ -242,19 +242,21 @@ class ExampleBuilder:
         the batch's event counts). Slices are padded to N_max into `slices_out` [B, N_max, D]."""
         b_size, n_max, t_max, p = len(examples), self.max_slices, self.max_tokens, len(self.prompt_ids)
         pad, room = self.ids["pad"], self.max_tokens - len(self.prompt_ids)
-        num_slices = np.fromiter((e["z_mm"].shape[0] for e in examples), np.int32, b_size)
-        response_len = np.fromiter((len(e["response_ids"]) for e in examples), np.int64, b_size)
-        target_len = np.fromiter((len(e["target_ids"]) for e in examples), np.int64, b_size)
         z_mm = np.zeros((b_size, n_max), np.float32)
         input_ids = np.full((b_size, t_max), pad, np.int32)
         input_ids[:, :p] = self.prompt_ids
         target_ids = np.full((b_size, t_max), pad, np.int32)
         condition_ids = np.full((b_size, findings.NUM_CLASSES, self.max_condition_tokens), pad, np.int32)
-        for b, e in enumerate(examples):     # the variable-length parts: one copy each
-            z_mm[b, : num_slices[b]] = e["z_mm"]
-            input_ids[b, p: p + min(response_len[b], room)] = e["response_ids"][:room]
-            target_ids[b, : min(target_len[b], t_max)] = e["target_ids"][:t_max]
-            condition_ids[b, e["volume"].condition_classes] = e["volume"].condition_block
+        lengths = []                          # (slices, response, target) per row, Python ints
+        for b, e in enumerate(examples):      # the variable-length parts: one copy each
+            z, response, target, volume = e["z_mm"], e["response_ids"], e["target_ids"], e["volume"]
+            z_mm[b, : len(z)] = z
+            input_ids[b, p: p + min(len(response), room)] = response[:room]
+            target_ids[b, : min(len(target), t_max)] = target[:t_max]
+            condition_ids[b, volume.condition_classes] = volume.condition_block
+            lengths.append((len(z), len(response), len(target)))
+        num_slices, response_len, target_len = np.array(lengths, np.int64).T
+        num_slices = num_slices.astype(np.int32)
         # Prompt + response + <|eot_id|> when it fits (a cut response has none), as text.chat_arrays.
         body, kept = np.minimum(response_len, room), np.minimum(response_len + 1, room)
         closed = np.flatnonzero(kept > body)
