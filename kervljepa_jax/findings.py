@@ -331,14 +331,16 @@ FINDINGS: tuple[Finding, ...] = (
         # The noun: "nodular" as an adjective (nodular ground glass, nodular consolidation,
         # nodular pleural thickening) describes another finding's shape.
         weak_patterns=(r"\bnodules?\b", r"micronodul\w*", r"nodular\s+(?:lesions?|formations?|appearances?)", r"pulmonary\s+mass", r"lung\s+mass",
-                       r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)"),
+                       r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)",
+                       # a lymph node inside the lung (perifissural, subpleural) is a lung nodule
+                       r"(?:intrapulmonary|intraparenchymal|subpleural|(?:peri)?fissural)\s+lymph\s*nod\w*"),
         vetoes=(r"thyroid", r"adrenal", r"liver", r"hepatic", r"kidney", r"renal", r"breast",
                 r"spleen", r"splenic", r"pancrea\w*", r"schmorl", r"subcutaneous", r"mediastin\w*",
                 r"trache\w*", r"fatty\s+tissue", r"mesenter\w*", r"\bbones?\b", r"vertebra\w*",
                 # Lung nodules are solid or ground glass; "hypodense" describes a solid organ's
                 # lesion (thyroid, liver, kidney). A nodule OF the pleura is pleural disease.
                 r"hypodens\w*", r"(?<!sub)pleural\s+nodul\w*"),
-        anchors=('nodul', 'mass'),
+        anchors=('nodul', 'mass', 'lymph'),
     ),
     Finding(
         index=10, name="Lung opacity", z_range=(0.0, 1.0), prevalence=0.30,
@@ -357,7 +359,7 @@ FINDINGS: tuple[Finding, ...] = (
                   r"frosted[\s-]+glass", r"\bopaque\b"),
         # A density increase is a lung opacity unless it is a scar, a band or lies outside the lung.
         weak_patterns=(r"(?:increase\w*|increased)\s+(?:in\s+)?(?:the\s+)?(?:[\w-]+\s+){0,3}?densit\w*",
-                       r"densit(?:y|ies)\s+increase\w*", r"dependent\s+densit\w*"),
+                       r"densit(?:y|ies)\s+increase\w*", r"dep[ae]nd[ae]nt\s+densit\w*"),
         vetoes=(r"sequel\w*", r"fibro\w*", r"pleuro-?parenchymal", r"\bbands?\b", r"linear", r"atelecta\w*",
                 r"\bfat\w*", r"peri(?:renal|nephric|colonic|gastric|portal|duodenal)", r"para\w*(?:renal|duodenal)",
                 r"soft\s+tissue", r"subcutaneous", r"cutaneous", r"vertebra\w*", r"\bbones?\b", r"osteo\w*",
@@ -489,8 +491,11 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Bronchiectasis is present.",
         patterns=(r"bronchiectas\w*", r"bronchiectatic", r"bronchiolectas\w*",
-                  r"(?:dilated|dilatation\s+of\s+the)\s+bronch\w*"),
-        anchors=('bronchiecta', 'bronchiolecta', 'dilat'),
+                  r"(?:dilated|dilatation\s+of\s+the)\s+bronch\w*",
+                  # "ectasia of the bronchi" spelled out (the word, not the end of atelectasis)
+                  r"\bbronch\w*\s+ectasi\w*",
+                  r"\bectasi\w*\s+(?:\w+\s+){0,4}?(?:in|of|along)\s+(?:the\s+)?(?:\w+\s+)?bronch\w*"),
+        anchors=('bronchiecta', 'bronchiolecta', 'dilat', 'ectasi'),
     ),
     Finding(
         index=17, name="Interlobular septal thickening", z_range=(0.2, 1.0), prevalence=0.08,

@@ -187,6 +187,10 @@ CASES = [
     ("Calcified plaques in the arcus aorta.", {"Arterial wall calcification"}),
     ("Prominent interlobular septa in both lower lobes.", {"Interlobular septal thickening"}),
     ("Kerley B lines at both lung bases.", {"Interlobular septal thickening"}),
+    ("Mild ectasia of the bronchi in both lower lobes.", {"Bronchiectasis"}),
+    ("Subsegmental atelectasis in the left lower lobe.", {"Atelectasis"}),
+    ("A 4 mm perifissural lymph node along the right major fissure.", {"Lung nodule"}),
+    ("Dependant densities in the posterior parts of both lungs.", {"Lung opacity"}),
     ("Septal lines in the lower lobes.", {"Interlobular septal thickening"}),
     # what a recommended further study should look for is not a finding of this one
     ("Evaluation in terms of air trapping with expiratory sections is recommended.", set()),
