@@ -340,7 +340,7 @@ FINDINGS: tuple[Finding, ...] = (
                 # Lung nodules are solid or ground glass; "hypodense" describes a solid organ's
                 # lesion (thyroid, liver, kidney). A nodule OF the pleura is pleural disease.
                 r"hypodens\w*", r"(?<!sub)pleural\s+nodul\w*"),
-        anchors=('nodul', 'mass', 'lymph'),
+        anchors=('nodul', 'mass', 'pulmonary lymph', 'parenchymal lymph', 'subpleural lymph', 'fissural lymph'),
     ),
     Finding(
         index=10, name="Lung opacity", z_range=(0.0, 1.0), prevalence=0.30,
@@ -495,7 +495,7 @@ FINDINGS: tuple[Finding, ...] = (
                   # "ectasia of the bronchi" spelled out (the word, not the end of atelectasis)
                   r"\bbronch\w*\s+ectasi\w*",
                   r"\bectasi\w*\s+(?:\w+\s+){0,4}?(?:in|of|along)\s+(?:the\s+)?(?:\w+\s+)?bronch\w*"),
-        anchors=('bronchiecta', 'bronchiolecta', 'dilat', 'ectasi'),
+        anchors=('bronchiecta', 'bronchiolecta', 'dilat', 'ectasia', ' ectasi'),
     ),
     Finding(
         index=17, name="Interlobular septal thickening", z_range=(0.2, 1.0), prevalence=0.08,
