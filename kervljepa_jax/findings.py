@@ -695,11 +695,19 @@ def split_clauses(sentence: str) -> list[str]:
     return [c for c in _CLAUSE_END.split(sentence) if c and c.strip()]
 
 
+# "No (significant) change in the effusion", "no increase in the size of the lymph nodes":
+# the "no" denies a change of a finding that is there, not the finding.
+_NO_CHANGE = re.compile(r"\s+(?:\w+\s+)?(?:change|difference|progression|regression|"
+                        r"(?:increase|decrease|reduction)\s+(?:in|of)\s+(?:the\s+)?(?:size|number|dimension|diameter)s?)\b")
+
+
 def _is_negated(clause: str, start: int, end: int) -> bool:
     """Whether the mention clause[start:end] is negated within its clause."""
     for cue in _PRE_NEGATION.finditer(clause, 0, end):
         if cue.start() >= start:  # a cue inside the mention ("lymph nodes not enlarged")
             return True
+        if cue.group() in ("no", "without") and _NO_CHANGE.match(clause, cue.end()):
+            continue
         if not _SCOPE_BREAK.search(clause, cue.end(), start):
             return True
     if _DASH_NEGATION.match(clause, end):

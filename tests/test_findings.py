@@ -167,6 +167,10 @@ CASES = [
     ("The mediastinum could not be evaluated optimally and the cardiothoracic ratio is increased.",
      {"Cardiomegaly"}),
     # comparison with earlier studies
+    ("There was no significant change in the right pleural effusion.", {"Pleural effusion"}),
+    ("No increase in the size of the mediastinal lymph nodes.", {"Lymphadenopathy"}),
+    ("No increase in density in either lung.", set()),
+    ("No change in the mediastinum; no pleural effusion.", set()),
     ("A consolidation that was not present before is seen in the left lower lobe.", {"Consolidation"}),
     ("The ground-glass opacity seen in the right lower lobe has completely regressed.", set()),
     ("Ground-glass opacities and consolidation, observed in the previous examination, are no longer seen.",
