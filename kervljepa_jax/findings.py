@@ -247,7 +247,7 @@ FINDINGS: tuple[Finding, ...] = (
         ),
         fallback_sentence="Hiatal hernia is present.",
         patterns=(
-            r"hiatal\s+hernia\w*", r"hiatus\s+hernia\w*", r"hernia\w*\s+(?:\w+\s+){0,4}(?:esophageal\s+|oesophageal\s+)?hiatus",
+            r"hiatal\s+hernia\w*", r"hiatus\s+hernia\w*", r"para-?o?esophageal\s+hernia\w*", r"hernia\w*\s+(?:\w+\s+){0,4}(?:esophageal\s+|oesophageal\s+)?hiatus",
             r"(?:stomach|gastric\s+fundus|fundus)\s+(?:\w+\s+){0,3}herniat\w*",
             r"herniat\w*\s+(?:\w+\s+){0,3}(?:stomach|gastric)",
             # A (diaphragmatic) hernia at the gastro-oesophageal junction is a hiatal one.
@@ -359,14 +359,15 @@ FINDINGS: tuple[Finding, ...] = (
                   r"frosted[\s-]+glass", r"\bopaque\b"),
         # A density increase is a lung opacity unless it is a scar, a band or lies outside the lung.
         weak_patterns=(r"(?:increase\w*|increased)\s+(?:in\s+)?(?:the\s+)?(?:[\w-]+\s+){0,3}?densit\w*",
-                       r"densit(?:y|ies)\s+increase\w*", r"dep[ae]nd[ae]nt\s+densit\w*"),
+                       r"densit(?:y|ies)\s+increase\w*", r"dep[ae]nd[ae]nt\s+densit\w*",
+                       r"increase\w*\s+(?:in\s+)?(?:the\s+)?(?:[\w-]+\s+){0,2}?attenuation", r"attenuation\s+increase\w*"),
         vetoes=(r"sequel\w*", r"fibro\w*", r"pleuro-?parenchymal", r"\bbands?\b", r"linear", r"atelecta\w*",
                 r"\bfat\w*", r"peri(?:renal|nephric|colonic|gastric|portal|duodenal)", r"para\w*(?:renal|duodenal)",
                 r"soft\s+tissue", r"subcutaneous", r"cutaneous", r"vertebra\w*", r"\bbones?\b", r"osteo\w*",
                 r"breast", r"sternum", r"metallic", r"liver", r"kidney", r"spleen", r"consolidat\w*",
                 r"calcif\w*", r"\bnodules?\b", r"micronodul\w*", r"adrenal", r"thyroid", r"splen\w*",
                 r"mediastin\w*", r"thym\w*", r"pericardi\w*", r"chest\s+wall"),
-        anchors=('opacit', 'glass', 'opaque', 'densit'),
+        anchors=('opacit', 'glass', 'opaque', 'densit', 'attenuat'),
     ),
     Finding(
         index=11, name="Pulmonary fibrotic sequela", z_range=(0.0, 1.0), prevalence=0.27,

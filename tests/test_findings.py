@@ -195,6 +195,8 @@ CASES = [
     ("Subsegmental atelectasis in the left lower lobe.", {"Atelectasis"}),
     ("A 4 mm perifissural lymph node along the right major fissure.", {"Lung nodule"}),
     ("Dependant densities in the posterior parts of both lungs.", {"Lung opacity"}),
+    ("Focal increased attenuation in the left lower lobe.", {"Lung opacity"}),
+    ("A small paraesophageal hernia.", {"Hiatal hernia"}),
     ("Septal lines in the lower lobes.", {"Interlobular septal thickening"}),
     # what a recommended further study should look for is not a finding of this one
     ("Evaluation in terms of air trapping with expiratory sections is recommended.", set()),
