@@ -48,6 +48,7 @@ class _State:
     context: Any
     tokens: Array
     history: Array
+    seen: Any        # [B, V] bool: ids in each row's history (repetition penalty), None when off
     length: Array
     done: Array
     rng: Array
@@ -70,9 +71,11 @@ def decode(model: DecodeModel, variables: Any, inputs: Any, prompt_ids: Array, p
     cache = model.init_cache(batch, p + max_new)
     logits, cache, context = model.prefill(variables, inputs, prompt_mask, cache)
     history, length = left_align(prompt_ids, prompt_mask, p + max_new)
+    seen = (sampling_lib.seen_tokens(history, length, logits.shape[-1])
+            if cfg.repetition_penalty != 1.0 else None)
     state = _State(step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, context=context,
-                   tokens=jnp.full((batch, max_new), pad_id, jnp.int32), history=history, length=length,
-                   done=jnp.zeros((batch,), jnp.bool_), rng=rng)
+                   tokens=jnp.full((batch, max_new), pad_id, jnp.int32), history=history, seen=seen,
+                   length=length, done=jnp.zeros((batch,), jnp.bool_), rng=rng)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
     rows = jnp.arange(batch)
 
@@ -81,12 +84,13 @@ def decode(model: DecodeModel, variables: Any, inputs: Any, prompt_ids: Array, p
 
     def body(s: _State) -> _State:
         rng, key = jax.random.split(s.rng)
-        processed = sampling_lib.process_logits(s.logits, s.history, s.length, cfg)
-        token = jnp.where(s.done, pad_id, sampling_lib.sample(key, processed, cfg))
+        token = sampling_lib.next_token(key, s.logits, s.history, s.length, cfg, s.seen)
+        token = jnp.where(s.done, pad_id, token)
         history = s.history.at[rows, jnp.where(s.done, s.history.shape[1], s.length)].set(token, mode="drop")
+        seen = None if s.seen is None else sampling_lib.mark_seen(s.seen, token, ~s.done)
         logits, cache = model.extend(variables, token[:, None], s.cache, s.context)
         return s.replace(step=s.step + 1, logits=logits, cache=cache, rng=rng,
-                         tokens=s.tokens.at[:, s.step].set(token), history=history,
+                         tokens=s.tokens.at[:, s.step].set(token), history=history, seen=seen,
                          length=s.length + (~s.done).astype(jnp.int32),
                          done=s.done | jnp.isin(token, eos))
 

@@ -14,6 +14,7 @@ max_new_tokens 384.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -79,15 +80,31 @@ def temperature(logits: Array, t: float) -> Array:
     return logits / t
 
 
+def seen_tokens(history: Array, history_valid: Array, vocab_size: int) -> Array:
+    """[B, V] bool: which ids occur in each row's valid history (the repetition penalty's set)."""
+    return _scatter_flags(history, _valid_positions(history, history_valid), vocab_size)
+
+
+def mark_seen(seen: Array, token: Array, active: Array) -> Array:
+    """seen [B, V] with token [B] added where active [B]: one scatter per decode step instead of
+    rebuilding the set from the whole history (ids >= V are dropped, as HF clamps them away)."""
+    batch, vocab = seen.shape
+    return seen.at[jnp.arange(batch), jnp.where(active, token, vocab)].set(True, mode="drop")
+
+
+def penalise_seen(logits: Array, seen: Array, penalty: float) -> Array:
+    """The repetition penalty given the seen set [B, V]: / penalty if positive, * penalty if not."""
+    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
+    return jnp.where(seen, penalised, logits)
+
+
 def repetition_penalty(logits: Array, history: Array, history_valid: Array, penalty: float) -> Array:
     """HF RepetitionPenaltyLogitsProcessor: every token present in the history (prompt included)
     has its logit divided by `penalty` if positive, multiplied if negative.
 
     logits [B, V]; history [B, L] token ids; history_valid: [B] current length or a [B, L] mask.
     """
-    present = _scatter_flags(history, _valid_positions(history, history_valid), logits.shape[-1])
-    penalised = jnp.where(logits < 0, logits * penalty, logits / penalty)
-    return jnp.where(present, penalised, logits)
+    return penalise_seen(logits, seen_tokens(history, history_valid, logits.shape[-1]), penalty)
 
 
 def no_repeat_ngram(logits: Array, history: Array, length: Array, n: int) -> Array:
@@ -195,25 +212,40 @@ def top_p_full_sort(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Arr
     return jnp.where(remove, NEG_INF, logits)
 
 
-def process_logits(logits: Array, history: Array, length: Array, cfg: SamplingConfig) -> Array:
+def process_logits(logits: Array, history: Array, length: Array, cfg: SamplingConfig,
+                   seen: Array | None = None) -> Array:
     """All rules in HF's order: logits [B, V] (float32), history [B, L], length [B] -> [B, V].
 
     Processors (repetition penalty, no-repeat n-gram) always; warpers (temperature, top_k,
     top_p) only when sampling, as in HF where greedy search skips the warpers.
+    `seen` [B, V] (optional): the history's token set, kept incrementally by a decode loop
+    (`seen_tokens` then `mark_seen`); without it the set is rebuilt from the history.
     """
-    logits = logits.astype(jnp.float32)  # HF casts next-token logits to float32 too
-    if cfg.repetition_penalty != 1.0:
-        logits = repetition_penalty(logits, history, length, cfg.repetition_penalty)
-    if cfg.no_repeat_ngram_size > 0:
-        logits = no_repeat_ngram(logits, history, length, cfg.no_repeat_ngram_size)
+    logits = _processors(logits, history, length, cfg, seen)
     if cfg.greedy:
         return logits
+    logits = _warpers_before_top_p(logits, cfg)
+    if cfg.top_p < 1.0:
+        logits = top_p(logits, cfg.top_p)
+    return logits
+
+
+def _processors(logits: Array, history: Array, length: Array, cfg: SamplingConfig, seen: Array | None) -> Array:
+    logits = logits.astype(jnp.float32)  # HF casts next-token logits to float32 too
+    if cfg.repetition_penalty != 1.0:
+        if seen is None:
+            seen = seen_tokens(history, length, logits.shape[-1])
+        logits = penalise_seen(logits, seen, cfg.repetition_penalty)
+    if cfg.no_repeat_ngram_size > 0:
+        logits = no_repeat_ngram(logits, history, length, cfg.no_repeat_ngram_size)
+    return logits
+
+
+def _warpers_before_top_p(logits: Array, cfg: SamplingConfig) -> Array:
     if cfg.temperature != 1.0:
         logits = temperature(logits, cfg.temperature)
     if cfg.top_k > 0:
         logits = top_k(logits, cfg.top_k)
-    if cfg.top_p < 1.0:
-        logits = top_p(logits, cfg.top_p)
     return logits
 
 
@@ -223,3 +255,81 @@ def sample(rng: Array, logits: Array, cfg: SamplingConfig) -> Array:
     if cfg.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def next_token(rng: Array, logits: Array, history: Array, length: Array, cfg: SamplingConfig,
+               seen: Array | None = None) -> Array:
+    """`sample(rng, process_logits(...))` in distribution, with far fewer passes over the vocab:
+    the nucleus draw is `sample_top_p` (no sort, no threshold search). logits [B, V] -> [B] int32."""
+    logits = _processors(logits, history, length, cfg, seen)
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return sample_top_p(rng, _warpers_before_top_p(logits, cfg), cfg.top_p)
+
+
+TOP_P_TRIES = 4  # candidates drawn per row in one pass before the exact fallback (P(fallback) <= (1-p)^4)
+
+
+def sample_top_p(rng: Array, logits: Array, p: float, tries: int = TOP_P_TRIES) -> Array:
+    """One draw per row from softmax(top_p(logits, p)) without finding the nucleus first.
+
+    Rejection sampling: draw candidates from the whole softmax (inverse CDF, one uniform each) and
+    keep the first that lies in the nucleus (`in_top_p`). An accepted draw is distributed as the
+    softmax restricted to the nucleus and renormalised, i.e. exactly HF's draw; each try succeeds
+    with probability = nucleus mass >= p. A row whose `tries` candidates all miss draws from the
+    exact `top_p_bisect` logits instead (`lax.cond`: computed only when some row needs it), which
+    leaves the distribution unchanged. logits [B, V] (already processed/warped) -> [B] int32.
+    """
+    batch = logits.shape[0]
+    logits = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    draw_key, fallback_key = jax.random.split(rng)
+    cand = inverse_cdf(probs, jax.random.uniform(draw_key, (batch, tries)))        # [B, T]
+    ok = jnp.take_along_axis(probs, cand, axis=-1) > 0                              # never a banned id
+    if p < 1.0:
+        ok &= in_top_p(logits, probs, cand, p)
+    token = jnp.take_along_axis(cand, jnp.argmax(ok, axis=-1)[:, None], axis=-1)[:, 0]
+    accepted = jnp.any(ok, axis=-1)
+
+    def fallback():
+        nucleus = top_p_bisect(logits, p) if p < 1.0 else logits
+        return jnp.where(accepted, token, jax.random.categorical(fallback_key, nucleus, axis=-1).astype(jnp.int32))
+
+    return jax.lax.cond(jnp.all(accepted), lambda: token, fallback)
+
+
+def in_top_p(logits: Array, probs: Array, cand: Array, p: float) -> Array:
+    """[B, K] bool: is token cand[b, k] kept by HF's top_p(p)? logits/probs [B, V], cand [B, K].
+
+    HF sorts ascending (stable, so among tied logits the lower id comes first) and keeps a token
+    iff the cumulative mass up to and including it exceeds 1 - p, i.e. iff the mass of the tokens
+    after it in that order (higher logit, or tied with a higher id) is < p. One pass over [B, K, V].
+    """
+    vocab = logits.shape[-1]
+    cand_logit = jnp.take_along_axis(logits, cand, axis=-1)[..., None]               # [B, K, 1]
+    ids = jnp.arange(vocab)
+    after = (logits[:, None, :] > cand_logit) | ((logits[:, None, :] == cand_logit) & (ids > cand[..., None]))
+    mass_after = jnp.sum(jnp.where(after, probs[:, None, :], 0.0), axis=-1)
+    return mass_after < p
+
+
+def inverse_cdf(weights: Array, u: Array) -> Array:
+    """[B, K] ids drawn by inverse CDF: token i for u[b, k] * total in [cum[i-1], cum[i]).
+
+    weights [B, V] >= 0 (need not sum to 1), u [B, K] in [0, 1). Two levels (blocks of ~sqrt(V)
+    ids) so that every cumulative sum is short (XLA's CPU cumsum is quadratic in the length).
+    Float rounding can land past the last positive weight: callers check the weight of the result.
+    """
+    batch, vocab = weights.shape
+    size = max(1, math.isqrt(vocab - 1) + 1)
+    n_blocks = -(-vocab // size)
+    blocks = jnp.pad(weights, ((0, 0), (0, n_blocks * size - vocab))).reshape(batch, n_blocks, size)
+    block_mass = blocks.sum(-1)                                                     # [B, nb]
+    block_end = jnp.cumsum(block_mass, axis=-1)
+    target = u * block_end[:, -1:]                                                  # [B, K]
+    block = jnp.minimum(jnp.sum(block_end[:, None, :] <= target[..., None], -1), n_blocks - 1)
+    before = jnp.take_along_axis(block_end - block_mass, block, axis=-1)             # [B, K]
+    inner = jnp.take_along_axis(blocks, block[..., None], axis=1)                   # [B, K, S]
+    inner_end = before[..., None] + jnp.cumsum(inner, axis=-1)
+    pos = jnp.minimum(jnp.sum(inner_end <= target[..., None], -1), size - 1)
+    return jnp.minimum(block * size + pos, vocab - 1).astype(jnp.int32)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kervljepa_jax import generate
+from kervljepa_jax import generate, sampling
 from kervljepa_jax.model import llama
 from kervljepa_jax.sampling import SamplingConfig
 
@@ -99,6 +99,35 @@ def test_sampling_is_seeded_and_varies_with_the_seed(lm):
     b = gen({"params": params}, ids, ids, None, jax.random.key(0)).tokens
     c = gen({"params": params}, ids, ids, None, jax.random.key(1)).tokens
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_sampled_loop_equals_a_stepwise_replay_with_the_history_rebuilt_each_step(lm):
+    """The loop keeps the repetition-penalty set incrementally (`mark_seen`) and draws with `next_token`;
+    replaying the same keys on the full forward, with the set rebuilt from the history every step,
+    gives the same tokens (left padding, penalty, n-gram ban and nucleus all active)."""
+    model, params = lm
+    ids = jax.random.randint(jax.random.key(6), (2, 6), 0, VOCAB)
+    mask = jnp.ones((2, 6), jnp.int32).at[0, :2].set(0)
+    steps = 10
+    cfg = SamplingConfig(temperature=1.0, top_p=0.9, repetition_penalty=1.3, no_repeat_ngram_size=2,
+                         max_new_tokens=steps)
+    out = generate.generate_text(model, params, ids, mask, cfg, rng=jax.random.key(3))
+    b, p = ids.shape
+    seq, m = np.zeros((b, p + steps), np.int32), np.zeros((b, p + steps), np.int32)
+    seq[:, :p], m[:, :p] = np.asarray(ids), np.asarray(mask)
+    forward = jax.jit(lambda s, a: model.apply({"params": params}, s, attention_mask=a).logits)
+    draw = jax.jit(lambda key, logits, hist, n: sampling.next_token(key, logits, hist, n, cfg))
+    rng, ref = jax.random.key(3), []
+    for k in range(steps):
+        rng, key = jax.random.split(rng)
+        hist = np.zeros((b, p + steps), np.int32)
+        for row in range(b):
+            real = seq[row][m[row].astype(bool)]
+            hist[row, :len(real)] = real
+        tok = np.asarray(draw(key, forward(seq, m)[:, p + k - 1], hist, m.sum(1)))
+        ref.append(tok)
+        seq[:, p + k], m[:, p + k] = tok, 1
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.stack(ref, 1))
 
 
 def test_bad_prompt_shapes_are_one_line_errors(lm):

@@ -261,3 +261,106 @@ def test_sampled_generation_in_while_loop_matches_eager_steps():
     # no 2-gram repeats anywhere in the output
     bigrams = list(zip(ids, ids[1:]))
     assert len(bigrams) == len(set(bigrams))
+
+
+# ----------------------------------------------------------------------------- the decode loop's fast path
+
+
+def _hf_top_p_kept(logits, p):
+    return np.isfinite(TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy())
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_in_top_p_is_hfs_nucleus_ties_included(p):
+    logits = np.concatenate([
+        np.array([[1.0] * 8, [0.0, 2.0, 2.0, 0.0, 1.0, 1.0, 2.0, -1.0], [30.0] + [0.0] * 7,
+                  [-np.inf, 0.5, 0.5, 0.5, 3.0, -np.inf, 0.5, 0.5]], np.float32),
+        RNG.normal(scale=2.0, size=(4, 8)).astype(np.float32)])
+    x = jnp.asarray(logits)
+    every = jnp.broadcast_to(jnp.arange(8), logits.shape)
+    ours = sampling.in_top_p(x, jax.nn.softmax(x, -1), every, p)
+    np.testing.assert_array_equal(np.asarray(ours) & np.isfinite(logits), _hf_top_p_kept(logits, p))
+    big = RNG.normal(scale=1.0, size=(2, 4096)).astype(np.float32)   # a flat row: ~all of the vocab
+    xb = jnp.asarray(big)
+    ours = sampling.in_top_p(xb, jax.nn.softmax(xb, -1), jnp.broadcast_to(jnp.arange(4096), big.shape), p)
+    np.testing.assert_array_equal(np.asarray(ours), _hf_top_p_kept(big, p))
+
+
+def test_inverse_cdf_is_searchsorted_and_skips_zero_weights():
+    vocab = 50                                           # not a square: a padded last block
+    weights = RNG.random((3, vocab)).astype(np.float32)
+    weights[0, 20:] = 0.0                                # mass ends early: u near 1 must not land past it
+    weights[1, ::2] = 0.0
+    u = np.concatenate([RNG.random((3, 200)), np.full((3, 1), 1 - 2**-24), np.zeros((3, 1))], 1).astype(np.float32)
+    ours = np.asarray(sampling.inverse_cdf(jnp.asarray(weights), jnp.asarray(u)))
+    for b in range(3):
+        cum = np.cumsum(weights[b].astype(np.float64))
+        ref = np.minimum(np.searchsorted(cum, u[b] * cum[-1], side="right"), vocab - 1)
+        close = np.abs(u[b] * cum[-1] - cum[np.minimum(ref, vocab - 1)]) < 1e-5   # float ties at a boundary
+        np.testing.assert_array_equal(ours[b][~close], ref[~close])
+    assert (np.take_along_axis(weights, ours[:, :-1], 1) > 0).all()
+
+
+def _draws(fn, n, *args):
+    keys = jax.random.split(jax.random.key(11), n)
+    return np.asarray(jax.jit(jax.vmap(lambda k: fn(k, *args)))(keys))   # [n, B]
+
+
+def _assert_frequencies(draws, probs):
+    """Empirical frequencies of draws [n, B] within 5 sigma of probs [B, V]; never a zero-prob id."""
+    n = draws.shape[0]
+    for b in range(probs.shape[0]):
+        freq = np.bincount(draws[:, b], minlength=probs.shape[1]) / n
+        assert (freq[probs[b] == 0] == 0).all()
+        sigma = np.sqrt(probs[b] * (1 - probs[b]) / n) + 1e-4
+        assert (np.abs(freq - probs[b]) < 5 * sigma).all(), (b, freq, probs[b])
+
+
+@pytest.mark.parametrize("p,tries", [(0.9, 4), (0.3, 1)])   # tries=1 on flat rows: the fallback runs often
+def test_sample_top_p_draws_hfs_nucleus_distribution(p, tries):
+    logits = np.stack([RNG.normal(scale=0.3, size=12), RNG.normal(scale=3.0, size=12),
+                       np.r_[np.full(6, -np.inf), RNG.normal(size=6)]]).astype(np.float32)
+    ref = torch.softmax(TopPLogitsWarper(p)(None, torch.tensor(logits)), -1).numpy()
+    draws = _draws(lambda k, x: sampling.sample_top_p(k, x, p, tries), 10000, jnp.asarray(logits))
+    _assert_frequencies(draws, ref)
+
+
+@pytest.mark.parametrize("cfg", [SamplingConfig(no_repeat_ngram_size=2), SamplingConfig(top_k=5, top_p=0.8)])
+def test_next_token_draws_hfs_chain_distribution(cfg):
+    batch, max_len, vocab = 2, 20, 16
+    lengths = [20, 9]
+    logits = RNG.normal(scale=1.5, size=(batch, vocab)).astype(np.float32)
+    history = _histories(batch, max_len, 5, lengths)
+    ref = np.concatenate([torch.softmax(_hf_chain(cfg)(torch.tensor(history[b:b + 1, :n]),
+                                                       torch.tensor(logits[b:b + 1])), -1).numpy()
+                          for b, n in enumerate(lengths)])
+    draws = _draws(lambda k, x, h, n: sampling.next_token(k, x, h, n, cfg), 10000,
+                   jnp.asarray(logits), jnp.asarray(history), jnp.asarray(lengths))
+    _assert_frequencies(draws, ref)
+    greedy = SamplingConfig(do_sample=False)
+    ours = sampling.next_token(None, jnp.asarray(logits), jnp.asarray(history), jnp.asarray(lengths), greedy)
+    ref_greedy = [int(_hf_chain(greedy)(torch.tensor(history[b:b + 1, :n]), torch.tensor(logits[b:b + 1])).argmax())
+                  for b, n in enumerate(lengths)]
+    np.testing.assert_array_equal(np.asarray(ours), ref_greedy)
+
+
+def test_incremental_seen_set_equals_hfs_repetition_penalty_over_a_decode():
+    batch, prompt_len, steps, vocab = 3, 6, 30, 20
+    history = np.zeros((batch, prompt_len + steps), np.int64)
+    history[:, :prompt_len] = RNG.integers(0, vocab, (batch, prompt_len))
+    lengths = np.array([6, 2, 4])                                # left-aligned prompts of different lengths
+    history[1, 2:prompt_len] = history[2, 4:prompt_len] = 0
+    seen = sampling.seen_tokens(jnp.asarray(history), jnp.asarray(lengths), vocab)
+    hf = RepetitionPenaltyLogitsProcessor(1.15)
+    mark = jax.jit(sampling.mark_seen)
+    for step in range(steps):
+        logits = RNG.normal(scale=2.0, size=(batch, vocab)).astype(np.float32)
+        ours = sampling.penalise_seen(jnp.asarray(logits), seen, 1.15)
+        for b in range(batch):
+            _assert_same(ours[b], _hf(hf, history[b, :lengths[b]], logits[b]))
+        token = RNG.integers(0, vocab // 2, batch)                # repeats: the set grows slowly
+        active = np.array([True, step % 3 != 0, step < 10])      # rows that skip steps / stop (eos)
+        seen = mark(seen, jnp.asarray(token), jnp.asarray(active))
+        for b in np.flatnonzero(active):
+            history[b, lengths[b]] = token[b]
+        lengths = lengths + active
