@@ -333,14 +333,15 @@ FINDINGS: tuple[Finding, ...] = (
         weak_patterns=(r"\bnodules?\b", r"micronodul\w*", r"nodular\s+(?:lesions?|formations?|appearances?)", r"pulmonary\s+mass", r"lung\s+mass",
                        r"mass\s+(?:lesion\s+)?(?:in|of)\s+the\s+(?:right|left)?\s*(?:lung|\w+\s+lobe)",
                        # a lymph node inside the lung (perifissural, subpleural) is a lung nodule
-                       r"(?:intrapulmonary|intraparenchymal|subpleural|(?:peri)?fissural)\s+lymph\s*nod\w*"),
+                       # (one pattern per prefix: a literal start lets `re` skip ahead)
+                       *(p + r"\s+lymph\s*nod\w*" for p in ("intrapulmonary", "intraparenchymal", "subpleural", "fissural"))),
         vetoes=(r"thyroid", r"adrenal", r"liver", r"hepatic", r"kidney", r"renal", r"breast",
                 r"spleen", r"splenic", r"pancrea\w*", r"schmorl", r"subcutaneous", r"mediastin\w*",
                 r"trache\w*", r"fatty\s+tissue", r"mesenter\w*", r"\bbones?\b", r"vertebra\w*",
                 # Lung nodules are solid or ground glass; "hypodense" describes a solid organ's
                 # lesion (thyroid, liver, kidney). A nodule OF the pleura is pleural disease.
                 r"hypodens\w*", r"(?<!sub)pleural\s+nodul\w*"),
-        anchors=('nodul', 'mass', 'pulmonary lymph', 'parenchymal lymph', 'subpleural lymph', 'fissural lymph'),
+        anchors=('nodul', 'mass', 'l lymph'),  # 'l lymph': (intra)pulmonary, -parenchymal, subpleural, fissural
     ),
     Finding(
         index=10, name="Lung opacity", z_range=(0.0, 1.0), prevalence=0.30,
