@@ -701,7 +701,9 @@ def split_clauses(sentence: str) -> list[str]:
 
 # "No (significant) change in the effusion", "no increase in the size of the lymph nodes":
 # the "no" denies a change of a finding that is there, not the finding.
-_NO_CHANGE = re.compile(r"\s+(?:\w+\s+)?(?:change|difference|progression|regression|"
+# (Only a degree word may come between: "no emphysematous change" denies emphysema.)
+_NO_CHANGE = re.compile(r"\s+(?:(?:significant|marked|major|remarkable|appreciable|obvious|interval|further)\s+)?"
+                        r"(?:change|difference|progression|regression|"
                         r"(?:increase|decrease|reduction)\s+(?:in|of)\s+(?:the\s+)?(?:size|number|dimension|diameter)s?)\b")
 
 

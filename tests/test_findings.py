@@ -175,6 +175,8 @@ CASES = [
     ("No increase in the size of the mediastinal lymph nodes.", {"Lymphadenopathy"}),
     ("No increase in density in either lung.", set()),
     ("No change in the mediastinum; no pleural effusion.", set()),
+    ("No emphysematous change was observed.", set()),
+    ("No fibrotic change was detected in either lung.", set()),
     ("A consolidation that was not present before is seen in the left lower lobe.", {"Consolidation"}),
     ("The ground-glass opacity seen in the right lower lobe has completely regressed.", set()),
     ("Ground-glass opacities and consolidation, observed in the previous examination, are no longer seen.",
