@@ -34,11 +34,16 @@ resumed run continues mid-epoch with exactly the batches it would have seen. Ski
 subsampled volumes, truncated texts and dropped remainders are counted and logged at epoch end.
 
 Speed (benchmarks/loader.py): grain reads one element per local batch (`ChunkSource`), so its
-per-element cost is paid once per batch; a .npy is read with one `readinto` straight into its row
+per-element cost is paid once per batch; a .npy is read with one preadv straight into its row
 of a batch buffer recycled from `BufferPool` once nothing refers to it; each volume's lexicon and
-tokenizer work is cached in the Pipeline (`text_cache`, in-process readers) and an unchanged file
-is scanned for NaN/Inf once. With `num_workers > 0` every epoch starts new worker processes
-(seconds each) that redo the text work: use it when the in-process readers are the bottleneck.
+tokenizer work (sentence ids, padded per-condition block) is cached in the Pipeline
+(`text_cache`, in-process readers) and an unchanged file is scanned for NaN/Inf once; per epoch a
+volume costs a class-order draw (keys drawn per block of records) and an id concatenation, and
+`ExampleBuilder.collate` writes a batch's fixed-shape arrays in a few vectorised steps. Host
+strings travel as one opaque leaf (`HostPart`): grain walks every leaf of an element.
+read_threads=0 reads in the iterating thread (one batch buffer in flight besides the caller's);
+with `num_workers > 0` every epoch starts new worker processes (seconds each) that redo the text
+work: use it when the in-process readers are the bottleneck.
 """
 
 from __future__ import annotations
@@ -102,11 +107,16 @@ def make_tokenizer(config):
 def stack_slices(slices: list[np.ndarray], out: np.ndarray) -> np.ndarray:
     """[n_b, D] each -> out [B, N_max, D], zeros past n_b. Rows the source already read into
     place (see `ChunkSource`) are not copied again; the rest are copied once."""
+    start, row_bytes = out.__array_interface__["data"][0], out.strides[0]
+    owner = out if out.base is None else out.base
     for b, x in enumerate(slices):
         n = x.shape[0]
-        if not (x.ctypes.data == out[b].ctypes.data and x.dtype == out.dtype):
+        in_place = (x.base is owner and x.dtype == out.dtype
+                    and x.__array_interface__["data"][0] == start + b * row_bytes)
+        if not in_place:
             out[b, :n] = x
-        out[b, n:] = 0
+        if n < out.shape[1]:
+            out[b, n:] = 0
     return out
 
 

@@ -243,6 +243,24 @@ def test_recycled_batch_buffers_never_change_a_held_batch(workdir, tokenizer):
     assert seen <= {id(b) for b in loader.buffer_pool._buffers} and len(seen) < 15   # 15 batches
 
 
+def test_stack_slices_copies_only_rows_not_read_in_place():
+    buffer = np.full((4, 5, 3), 7, np.float16)                # a recycled buffer: stale values
+    out = buffer[:3]
+    rng = np.random.default_rng(0)
+    in_place = out[0, :5]
+    in_place[:] = rng.normal(size=(5, 3))
+    short_in_place = out[1, :2]
+    short_in_place[:] = rng.normal(size=(2, 3))
+    elsewhere = rng.normal(size=(4, 3)).astype(np.float32)   # another array (and dtype): copied
+    want = [in_place.copy(), short_in_place.copy(), elsewhere.astype(np.float16)]
+    got = pipeline.stack_slices([in_place, short_in_place, elsewhere], out)
+    assert got is out
+    for b, x in enumerate(want):
+        np.testing.assert_array_equal(got[b, : len(x)], x)
+        assert not got[b, len(x):].any()                      # zeros past n, not stale values
+    assert (buffer[3] == 7).all()                              # rows past B untouched
+
+
 def test_drop_remainder_is_counted_or_kept(workdir, tokenizer):
     it = make(workdir, tokenizer, num_train=21).epoch(0)
     assert [b["slices"].shape[0] for b in it] == [8, 8]
