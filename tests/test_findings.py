@@ -200,7 +200,7 @@ CASES = [
     ("Mild ectasia of the bronchi in both lower lobes.", {"Bronchiectasis"}),
     ("Subsegmental atelectasis in the left lower lobe.", {"Atelectasis"}),
     ("A 4 mm perifissural lymph node along the right major fissure.", {"Lung nodule"}),
-    ("Dependant densities in the posterior parts of both lungs.", {"Lung opacity"}),
+    ("Dependant densities at both lung bases.", {"Lung opacity"}),
     ("Focal increased attenuation in the left lower lobe.", {"Lung opacity"}),
     ("A small paraesophageal hernia.", {"Hiatal hernia"}),
     ("Septal lines in the lower lobes.", {"Interlobular septal thickening"}),
