@@ -16,7 +16,7 @@ is cached and an unchanged file is not scanned for NaN/Inf again); first_epoch_v
 the first epoch of a fresh Pipeline, which does both.
 Ends with one JSON line: {"volumes_per_s", "raw_volumes_per_s", "fraction_of_raw", ...}.
 
-  python benchmarks/loader.py [--num_volumes=256] [--read_threads=1] [--num_workers=0]
+  python benchmarks/loader.py [--num_volumes=256] [--read_threads=0] [--num_workers=0]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ flags.DEFINE_integer("num_volumes", 256, "Training volumes written and read (~1.
 flags.DEFINE_integer("slices", 600, "Slices per volume (N).")
 flags.DEFINE_integer("dim", 1024, "Slice embedding width (D).")
 flags.DEFINE_integer("batch_size", 8, "Batch size of the pipeline.")
-flags.DEFINE_integer("read_threads", 1, "grain reader threads (data.read_threads; 0 = read in the iterating thread).")
+flags.DEFINE_integer("read_threads", 0, "grain reader threads (data.read_threads; 0 = read in the iterating "
+                     "thread, the least CPU per volume on a busy 2-core machine).")
 flags.DEFINE_integer("num_workers", 0, "grain worker processes (data.num_workers).")
 flags.DEFINE_integer("repeats", 5, "Timed rounds of each (the best is reported, and the median).")
 flags.DEFINE_string("dir", "", "Folder to write into (default: a temporary folder, removed after).")
