@@ -71,6 +71,10 @@ def decode(model: DecodeModel, variables: Any, inputs: Any, prompt_ids: Array, p
     cache = model.init_cache(batch, p + max_new)
     logits, cache, context = model.prefill(variables, inputs, prompt_mask, cache)
     history, length = left_align(prompt_ids, prompt_mask, p + max_new)
+    # The nucleus draws' uniforms for every step in one call (a threefry call inside the loop body
+    # costs a rolled loop per step on CPU); the per-step key only feeds sample_top_p's rare fallback.
+    rng, draw_rng = jax.random.split(rng)
+    uniforms = jax.random.uniform(draw_rng, (max_new, batch, sampling_lib.TOP_P_TRIES))
     seen = (sampling_lib.seen_tokens(history, length, logits.shape[-1])
             if cfg.repetition_penalty != 1.0 else None)
     state = _State(step=jnp.zeros((), jnp.int32), logits=logits, cache=cache, context=context,
@@ -84,7 +88,7 @@ def decode(model: DecodeModel, variables: Any, inputs: Any, prompt_ids: Array, p
 
     def body(s: _State) -> _State:
         rng, key = jax.random.split(s.rng)
-        token = sampling_lib.next_token(key, s.logits, s.history, s.length, cfg, s.seen)
+        token = sampling_lib.next_token(key, s.logits, s.history, s.length, cfg, s.seen, uniforms[s.step])
         token = jnp.where(s.done, pad_id, token)
         history = s.history.at[rows, jnp.where(s.done, s.history.shape[1], s.length)].set(token, mode="drop")
         seen = None if s.seen is None else sampling_lib.mark_seen(s.seen, token, ~s.done)

@@ -258,19 +258,21 @@ def sample(rng: Array, logits: Array, cfg: SamplingConfig) -> Array:
 
 
 def next_token(rng: Array, logits: Array, history: Array, length: Array, cfg: SamplingConfig,
-               seen: Array | None = None) -> Array:
+               seen: Array | None = None, uniforms: Array | None = None) -> Array:
     """`sample(rng, process_logits(...))` in distribution, with far fewer passes over the vocab:
-    the nucleus draw is `sample_top_p` (no sort, no threshold search). logits [B, V] -> [B] int32."""
+    the nucleus draw is `sample_top_p` (no sort, no threshold search). logits [B, V] -> [B] int32.
+    `uniforms` [B, TOP_P_TRIES]: see `sample_top_p`."""
     logits = _processors(logits, history, length, cfg, seen)
     if cfg.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample_top_p(rng, _warpers_before_top_p(logits, cfg), cfg.top_p)
+    return sample_top_p(rng, _warpers_before_top_p(logits, cfg), cfg.top_p, uniforms=uniforms)
 
 
 TOP_P_TRIES = 4  # candidates drawn per row in one pass before the exact fallback (P(fallback) <= (1-p)^4)
 
 
-def sample_top_p(rng: Array, logits: Array, p: float, tries: int = TOP_P_TRIES) -> Array:
+def sample_top_p(rng: Array, logits: Array, p: float, tries: int = TOP_P_TRIES,
+                 uniforms: Array | None = None) -> Array:
     """One draw per row from softmax(top_p(logits, p)) without finding the nucleus first.
 
     Rejection sampling: draw candidates from the whole softmax (inverse CDF, one uniform each) and
@@ -279,12 +281,17 @@ def sample_top_p(rng: Array, logits: Array, p: float, tries: int = TOP_P_TRIES) 
     with probability = nucleus mass >= p. A row whose `tries` candidates all miss draws from the
     exact `top_p_bisect` logits instead (`lax.cond`: computed only when some row needs it), which
     leaves the distribution unchanged. logits [B, V] (already processed/warped) -> [B] int32.
+    `uniforms` [B, tries] in [0, 1), independent of everything else, replace the candidates' draws
+    (a decode loop draws them for all steps at once: on CPU every threefry call inside the loop is
+    a rolled loop of its own); `rng` then only feeds the fallback.
     """
     batch = logits.shape[0]
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     draw_key, fallback_key = jax.random.split(rng)
-    cand = inverse_cdf(probs, jax.random.uniform(draw_key, (batch, tries)))        # [B, T]
+    if uniforms is None:
+        uniforms = jax.random.uniform(draw_key, (batch, tries))
+    cand = inverse_cdf(probs, uniforms)                                             # [B, T]
     ok = jnp.take_along_axis(probs, cand, axis=-1) > 0                              # never a banned id
     if p < 1.0:
         ok &= in_top_p(logits, probs, cand, p)

@@ -116,15 +116,16 @@ def test_sampled_loop_equals_a_stepwise_replay_with_the_history_rebuilt_each_ste
     seq, m = np.zeros((b, p + steps), np.int32), np.zeros((b, p + steps), np.int32)
     seq[:, :p], m[:, :p] = np.asarray(ids), np.asarray(mask)
     forward = jax.jit(lambda s, a: model.apply({"params": params}, s, attention_mask=a).logits)
-    draw = jax.jit(lambda key, logits, hist, n: sampling.next_token(key, logits, hist, n, cfg))
-    rng, ref = jax.random.key(3), []
+    draw = jax.jit(lambda key, logits, hist, n, u: sampling.next_token(key, logits, hist, n, cfg, uniforms=u))
+    rng, draw_rng = jax.random.split(jax.random.key(3))       # the loop's draws: all steps' uniforms at once
+    uniforms, ref = jax.random.uniform(draw_rng, (steps, b, sampling.TOP_P_TRIES)), []
     for k in range(steps):
         rng, key = jax.random.split(rng)
         hist = np.zeros((b, p + steps), np.int32)
         for row in range(b):
             real = seq[row][m[row].astype(bool)]
             hist[row, :len(real)] = real
-        tok = np.asarray(draw(key, forward(seq, m)[:, p + k - 1], hist, m.sum(1)))
+        tok = np.asarray(draw(key, forward(seq, m)[:, p + k - 1], hist, m.sum(1), uniforms[k]))
         ref.append(tok)
         seq[:, p + k], m[:, p + k] = tok, 1
     np.testing.assert_array_equal(np.asarray(out.tokens), np.stack(ref, 1))

@@ -218,22 +218,43 @@ class Attention(nn.Module):
         v = _dense(cfg, "v_proj", kvh * hd, ("embed", "kv_heads"), self.deterministic)(x).reshape(b, t, kvh, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = constrain(q, ("batch", "length", "act_heads", None))
-        new_cache = None
-        if kv_cache is not None:
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k_all, "v": v_all}
-            k, v = k_all.astype(cfg.jnp_dtype), v_all.astype(cfg.jnp_dtype)
-        k = constrain(k, ("batch", "length", "act_kv_heads", None))
-        v = constrain(v, ("batch", "length", "act_kv_heads", None))
         groups = h // kvh
         q = q.reshape(b, t, kvh, groups, hd)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-        scores = scores + bias[:, None, None, :, :]
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+        if kv_cache is None:
+            k = constrain(k, ("batch", "length", "act_kv_heads", None))
+            v = constrain(v, ("batch", "length", "act_kv_heads", None))
+            scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+            probs = jax.nn.softmax(scores + bias[:, None, None, :, :], axis=-1).astype(cfg.jnp_dtype)
+            out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * hd)
+            new_cache = None
+        else:
+            out, new_cache = _attend_with_cache(cfg, q, k, v, bias, kv_cache)
         out = _dense(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"), self.deterministic)(out)
         return out, new_cache
+
+
+def _attend_with_cache(cfg: LlamaConfig, q: Array, k: Array, v: Array, bias: Array,
+                       kv_cache: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """Attention over the cache's past slots plus the T new keys: q [B, T, KVH, G, hd], k/v [B, T, KVH, hd],
+    bias [B, T, S + T] (`cache_bias`), kv_cache k/v [B, KVH, S, hd] as before this call.
+
+    Returns (out [B, T, H * hd], the new k/v [B, T, KVH, hd] in the cache dtype). The cache itself is
+    not rewritten here: the backbone writes every layer's new k/v in one in-place update, so a decode
+    step moves no whole-cache copy through the layer scan; heads-before-slots needs no transpose."""
+    b, t, kvh, groups, hd = q.shape
+    slots = kv_cache["k"].shape[2]
+    new_cache = {"k": k.astype(kv_cache["k"].dtype), "v": v.astype(kv_cache["v"].dtype)}
+    past_k = constrain(kv_cache["k"].astype(cfg.jnp_dtype), ("batch", "act_kv_heads", "length", None))
+    past_v = constrain(kv_cache["v"].astype(cfg.jnp_dtype), ("batch", "act_kv_heads", "length", None))
+    k = constrain(new_cache["k"].astype(cfg.jnp_dtype), ("batch", "length", "act_kv_heads", None))
+    v = constrain(new_cache["v"].astype(cfg.jnp_dtype), ("batch", "length", "act_kv_heads", None))
+    scores = jnp.concatenate([
+        jnp.einsum("btkgd,bksd->bkgts", q, past_k, preferred_element_type=jnp.float32),
+        jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)], axis=-1) / math.sqrt(hd)
+    probs = jax.nn.softmax(scores + bias[:, None, None, :, :], axis=-1).astype(cfg.jnp_dtype)
+    out = (jnp.einsum("bkgts,bksd->bkgtd", probs[..., :slots], past_v)    # batch dims first: a plain
+           + jnp.einsum("bkgts,bskd->bkgtd", probs[..., slots:], v))        # batched matmul, no transpose
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, kvh * groups * hd), new_cache
 
 
 class MLP(nn.Module):
@@ -292,11 +313,12 @@ def _scanned_segment(cfg: LlamaConfig, length: int, deterministic: bool, name: s
 
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> dict[str, Any]:
-    """A zeroed KV cache: per segment k/v [L_seg, B, S, KVH, hd], the slot mask [B, S] and next slot."""
+    """A zeroed KV cache: per segment k/v [L_seg, B, KVH, S, hd] (heads before slots: what decode attention
+    reads), the slot mask [B, S] and the next slot."""
     dtype = dtype or cfg.jnp_dtype
     layers = {}
     for first, last in cfg.segments:
-        shape = (last - first + 1, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (last - first + 1, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         layers[segment_name(first, last)] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
     return {"layers": layers, "mask": jnp.zeros((batch, max_len), jnp.bool_), "index": jnp.zeros((), jnp.int32)}
 
@@ -415,15 +437,17 @@ class LlamaBackbone(nn.Module):
             positions = done_before[:, None] + jnp.cumsum(attention_mask, axis=-1, dtype=jnp.int32) - 1
             positions = jnp.maximum(positions, 0)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope)
-        bias = causal_bias(index, t, key_mask)
+        bias = causal_bias(index, t, key_mask) if cache is None else cache_bias(index, cache["mask"], attention_mask)
         x = constrain(x, ("batch", "length", "act_embed"))
 
         new_layers, hidden_states = {}, [x] if output_hidden_states else None
         for seg_idx, ((first, last), segment) in enumerate(zip(cfg.segments, self.segment_modules)):
             name = segment_name(first, last)
             layer_cache = None if cache is None else cache["layers"][name]
-            x, (seg_cache, seg_hidden) = segment(x, layer_cache, cos, sin, bias, index)
-            new_layers[name] = seg_cache
+            x, (seg_new, seg_hidden) = segment(x, layer_cache, cos, sin, bias, index)
+            if cache is not None:  # the segment's new k/v [L, B, T, KVH, hd] into slots index.. in one update
+                new_layers[name] = {n: jax.lax.dynamic_update_slice(
+                    layer_cache[n], jnp.swapaxes(seg_new[n], 2, 3), (0, 0, 0, index, 0)) for n in ("k", "v")}
             if output_hidden_states:
                 hidden_states.extend(seg_hidden[i] for i in range(seg_hidden.shape[0]))
             if adapters and seg_idx < len(adapters):
@@ -435,6 +459,16 @@ class LlamaBackbone(nn.Module):
         if cache is not None:
             new_cache = {"layers": new_layers, "mask": key_mask, "index": index + t}
         return hidden, new_cache, (tuple(hidden_states) if output_hidden_states else None)
+
+
+def cache_bias(index: Array, past_mask: Array, attention_mask: Array) -> Array:
+    """Additive bias [B, T, S + T] for `_attend_with_cache`: the S cache slots (only the filled ones,
+    slot < index, that held real tokens) then the T new tokens (causal, real tokens only)."""
+    t, s = attention_mask.shape[1], past_mask.shape[1]
+    past = (jnp.arange(s)[None, None, :] < index) & past_mask[:, None, :]
+    new = (jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]) & attention_mask[:, None, :]
+    allowed = jnp.concatenate([jnp.broadcast_to(past, (past_mask.shape[0], t, s)), new], axis=-1)
+    return jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 def causal_bias(index: Array, t: int, key_mask: Array) -> Array:
