@@ -185,18 +185,17 @@ def training_reports(data) -> list[str]:
 
 
 def pretraining_corpus(data, seed: int) -> list[str]:
-    """Phase-0 documents: every training report, and its positive findings as phase 3 writes them.
+    """Phase-0 documents: every training report, and a conversation per volume whose prompt names its
+    positive findings and whose answer is its positive-findings text (`text.findings_by_name_chat`).
 
-    A real Llama already writes fluent radiology sentences; the tiny stand-in only sees our
-    training text, where finding sentences are ~10% of the words. Adding each volume's findings
-    (in a random class order, as plain text) teaches it to write them before phase 3 asks it to
-    choose them from the image.
+    A real Llama already writes fluent radiology prose and follows its prompt; the tiny stand-in
+    learns both here. (Plain findings texts without the names were tried: fluent, but the LLM then
+    wrote plausible findings whatever the image, zeroed visual tokens F1 0.23 vs 0.27.)
     """
-    if data.source != "synthetic":
-        return training_reports(data)
     reports, labels = training_texts(data)
     rng = np.random.default_rng(seed)
-    corpus = reports + [text_lib.positive_findings_text(r, y, rng) for r, y in zip(reports, labels)]
+    corpus = reports + [text_lib.findings_by_name_chat(y, text_lib.positive_findings_text(r, y, rng))
+                        for r, y in zip(reports, labels)]
     return [corpus[i] for i in rng.permutation(len(corpus))]   # mixed, for packing
 
 

@@ -3,6 +3,7 @@ paper's claims in miniature on the default `--phase=all`."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -103,3 +104,24 @@ def test_paper_claims_in_miniature(default_run):
     assert p3["ablations"]["zero"]["macro_f1"] <= 0.5 * p3["macro_f1"], p3
     assert p4["macro_f1"] >= p3["macro_f1"] - 0.02, (p3, p4)
     assert report["wall_seconds"] <= 600, report["wall_seconds"]
+
+
+@pytest.mark.slow
+def test_warm_bridge_beats_cold_bridge_at_the_first_evaluation(default_run, tmp_path):
+    """Paper IV-B: phase 3 started with the bridge of a finished phase 3 (projectors, adapters, LoRA)
+    is ahead of a cold phase 3 at its first evaluation (here: after one epoch)."""
+    _, source = default_run
+    one_epoch = ["--phase=3", "--config.train.epochs=1", "--config.train.eval_every_epochs=1"]
+    f1 = {}
+    for name, extra in (("cold", []), ("warm", [f"--warm_bridge_from={source}/phase3/checkpoints"])):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        for item in ("base_llm", "tokenizers", "whitening.npz", "phase1", "phase2"):   # same phases 0-2
+            src = source / item
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / item)
+        out = _run([*one_epoch, *extra], workdir)
+        assert out.returncode == 0, out.stderr[-3000:]
+        if name == "warm":
+            assert "warm bridge: restored" in out.stderr
+        f1[name] = json.load(open(workdir / "report.json"))["phase3"]["macro_f1"]
+    assert f1["warm"] > f1["cold"], f1

@@ -84,11 +84,29 @@ def response_text(report: str, labels: Sequence[int], mode: str, rng: np.random.
     raise records.DataError(f"data.text_mode={mode!r}: use one of {TEXT_MODES}")
 
 
-def chat_prompt(num_visual_tokens: int, system: str = SYSTEM_PROMPT, instruction: str = INSTRUCTION) -> str:
-    """The prompt up to and including the assistant header (what generation starts from)."""
+def chat_prompt(num_visual_tokens: int, system: str = SYSTEM_PROMPT, instruction: str = INSTRUCTION,
+                image: str | None = None) -> str:
+    """The prompt up to and including the assistant header (what generation starts from).
+
+    `image`: text in place of the K placeholders (the phase-0 stand-in LLM's findings-by-name prompt).
+    """
+    image = VISUAL_TOKEN * num_visual_tokens if image is None else image
     return (f"{BOS}{START_HEADER}system{END_HEADER}\n\n{system}{EOT}"
-            f"{START_HEADER}user{END_HEADER}\n\n{VISUAL_TOKEN * num_visual_tokens}\n{instruction}{EOT}"
+            f"{START_HEADER}user{END_HEADER}\n\n{image}\n{instruction}{EOT}"
             f"{START_HEADER}assistant{END_HEADER}\n\n")
+
+
+def findings_by_name_chat(labels: Sequence[int], response: str) -> str:
+    """A conversation whose user turn names the positive classes (in CT-RATE order; "None." when
+    normal) where the image would be, and whose answer is `response`.
+
+    The phase-0 corpus of the tiny stand-in LLM: a pretrained, instruction-tuned Llama can already
+    write a findings paragraph from its prompt; the tiny decoder learns that skill here, so that
+    phase 3 has to teach only what the visual tokens say, not how to follow a prompt at all.
+    """
+    names = [findings.CLASS_NAMES[c] for c in sorted(findings.indices_from_labels(labels))]
+    listed = "Findings: " + (", ".join(names) + "." if names else "None.")
+    return chat_prompt(0, image=listed) + response + EOT
 
 
 def chat_text(response: str, num_visual_tokens: int, **prompt_kwargs) -> str:

@@ -38,20 +38,25 @@ from kervljepa_jax.model.lora import LORA_PATTERN
 from kervljepa_jax.model.xattn import PROJECTOR_PATTERN
 from kervljepa_jax.training import phases
 
-FROZEN, TRAINABLE, LORA, PROJECTOR = "frozen", "trainable", "lora", "projector"
+FROZEN, TRAINABLE, LORA, PROJECTOR, SCALED = "frozen", "trainable", "lora", "projector", "scaled:"
 
 
 # ------------------------------------------------------------------------------------------------
 # Labels and schedule
 # ------------------------------------------------------------------------------------------------
 
-def optimizer_labels(params: Any, labels: Any) -> Any:
-    """Refine the phase labels into optimizer groups: frozen | lora | projector | trainable."""
+def optimizer_labels(params: Any, labels: Any, lr_multipliers: Any = ()) -> Any:
+    """Refine the phase labels into optimizer groups: frozen | lora | projector | trainable, or
+    `scaled:i` for a trainable leaf matched by the i-th (pattern, multiplier) of `lr_multipliers`."""
     lora, projector = re.compile(LORA_PATTERN), re.compile(PROJECTOR_PATTERN)
+    scaled = [re.compile(pattern) for pattern, _ in lr_multipliers]
 
     def group(path: str, label: str) -> str:
         if label == phases.FROZEN:
             return FROZEN
+        hit = next((i for i, rx in enumerate(scaled) if rx.fullmatch(path)), None)
+        if hit is not None:
+            return f"{SCALED}{hit}"
         if lora.fullmatch(path):
             return LORA
         if projector.fullmatch(path):
@@ -127,7 +132,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, labels: Any, 
     shaped like params; only its LoRA leaves are read); None = the LoRA values `init` is given.
     """
     train = config.train
-    groups = optimizer_labels(params, labels)
+    multipliers = [(str(p), float(m)) for p, m in train.lr_multipliers]
+    groups = optimizer_labels(params, labels, multipliers)
     present = set(jax.tree.leaves(groups))
     if present <= {FROZEN}:
         raise ValueError(f"phase {config.phase}: config.trainable selects no parameter to train")
@@ -144,6 +150,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, labels: Any, 
         txs[LORA] = optax.chain(losses.ewc_gradient(anchor, lam), adamw()) if lam > 0 else adamw()
         txs[PROJECTOR] = (trust_ratio_scaled(adamw(), scale_cfg.min, scale_cfg.max) if scale_cfg.enabled
                           else adamw())
+        for i, (_, multiplier) in enumerate(multipliers):
+            txs[f"{SCALED}{i}"] = optax.chain(adamw(), optax.scale(multiplier))
         return optax.multi_transform({g: tx for g, tx in txs.items() if g in present}, groups)
 
     # float32 hyperparameters (not weak-typed): a host-set lr_scale then matches the compiled step's type.

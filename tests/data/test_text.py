@@ -185,3 +185,14 @@ def test_ordered_sentences_dedups_in_class_order():
     assert text.ordered_sentences(segments, [NODULE, EFFUSION, ATELECTASIS]) == [NODULE_SENTENCE, BOTH_SENTENCE,
                                                                                  "Extra."]
     assert text.ordered_sentences({}) == [findings.NORMAL_SENTENCE]
+
+
+def test_findings_by_name_chat_names_the_positive_classes_where_the_image_goes():
+    labels = np.zeros(findings.NUM_CLASSES, int)
+    labels[[9, 2]] = 1
+    chat = text.findings_by_name_chat(labels, "A nodule. The heart is enlarged.")
+    named = f"Findings: {findings.CLASS_NAMES[2]}, {findings.CLASS_NAMES[9]}."
+    assert chat == text.chat_prompt(32).replace(text.VISUAL_TOKEN * 32, named) + \
+        "A nodule. The heart is enlarged." + text.EOT
+    assert "Findings: None." in text.findings_by_name_chat(np.zeros(findings.NUM_CLASSES, int), "x")
+    assert text.VISUAL_TOKEN not in chat

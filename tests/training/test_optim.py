@@ -226,3 +226,21 @@ def test_lora_freeze_keeps_the_other_groups_state(params, phase3):
     assert _elements(state) - _elements(new_state) == 2 * lora_elems + 1     # LoRA's moments and Adam count
     updates, _ = new_tx.update(phases.split_params(_grads(params), frozen_labels)[0], new_state, new_trainable)
     assert not any(p.endswith(("lora_A", "lora_B")) for p in _by_path(updates))
+
+
+def test_lr_multipliers_scale_exactly_the_matched_trainable_leaves(params):
+    plain = _config(3, lr_multipliers=[])
+    scaled = _config(3, lr_multipliers=[(r"xattn_\d+/gate", 30.0), (r"predictor/.*", 0.5)])
+    labels = phases.trainable_labels(params, plain.trainable, 3)
+    groups = _by_path(optim.optimizer_labels(params, labels, scaled.train.lr_multipliers))
+    assert groups["xattn_1/gate"] == "scaled:0" and groups["xattn_1/q_proj/kernel"] == optim.TRAINABLE
+    assert groups["compressor/queries"] == optim.FROZEN          # a multiplier never unfreezes
+    grads = _grads(params)
+    updates = {}
+    for name, c in (("plain", plain), ("scaled", scaled)):
+        tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
+        updates[name] = _by_path(tx.update(grads, tx.init(params), params)[0])
+    for path, u in updates["plain"].items():
+        factor = 30.0 if path == "xattn_1/gate" else 0.5 if path.startswith("predictor/") else 1.0
+        np.testing.assert_allclose(updates["scaled"][path], factor * np.asarray(u), rtol=1e-5, err_msg=path)
+    assert np.any(np.asarray(updates["plain"]["xattn_1/gate"]))
