@@ -9,6 +9,11 @@ Order (HF `_get_logits_processor`): repetition_penalty, no_repeat_ngram (process
 applied when greedy), then temperature, top_k, top_p (warpers, only when sampling).
 Paper IV-B: temperature 0.6, top_p 0.9, repetition_penalty 1.15, no_repeat_ngram_size 5,
 max_new_tokens 384.
+
+`process_logits` + `sample` spell the rules out one by one (each checked against transformers'
+own processor); a decode loop calls `next_token`, the same distribution in a few passes over the
+vocab: the repetition-penalty set kept incrementally (`seen_tokens`, `mark_seen`) and the nucleus
+drawn by rejection (`sample_top_p`) instead of being located first.
 """
 
 from __future__ import annotations
