@@ -57,8 +57,18 @@ flags.DEFINE_string("init_from", "", "Checkpoint to start the phase from (defaul
 flags.DEFINE_string("warm_bridge_from", "", "Phase-3 checkpoint whose bridge (projectors, adapters, LoRA) "
                     "overwrites ours at the start of phase 3.")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU / TPU pod).")
+
+
+def _default_config_file(argv: list[str]) -> str:
+    """configs/phaseN.py for `--phase=N` (so `--config.x` may name a field only phase N has), else phase 1."""
+    phase = next((a.split("=", 1)[1] for a in argv if a.startswith("--phase=")), None)
+    if phase is None and "--phase" in argv[:-1]:
+        phase = argv[argv.index("--phase") + 1]
+    return str(config_lib.CONFIGS_DIR / f"phase{phase if phase in ('1', '2', '3', '4') else 1}.py")
+
+
 try:  # config_flags applies --config.a.b=v right here, at definition: a missing field fails now
-    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / "phase1.py"),
+    config_flags.DEFINE_config_file("config", _default_config_file(sys.argv),
                                     "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")
 except (KeyError, AttributeError) as _error:
     cli_lib.bad_config_field(cli_lib.program_name(), sys.argv, _error)
