@@ -18,6 +18,7 @@ False, ...), so the training loop reads one schema and `--config.x.y` works for 
 from __future__ import annotations
 
 import ast
+import json
 import importlib.util
 import pathlib
 from typing import Any
@@ -74,7 +75,7 @@ EMBEDDED = {
     "lora_freeze_epoch":             (0, 0, 4, 0),                # paper 6 (phase 3)
     # The adapters' tanh gates start at 0 (a fresh model is the base LLM) and Adam moves them ~lr per
     # step: ~0.05 after 192 steps, against the paper's ~300k. Faster gates in this 1500x shorter run.
-    "train.lr_multipliers":          ([],) * 2 + ([(r"xattn_\d+/gate", 30.0)],) * 2,
+    "train.lr_multipliers":          ([],) * 2 + ([[r"xattn_\d+/gate", 30.0]],) * 2,
 }
 
 
@@ -233,8 +234,12 @@ def parse_override(raw: str, current: Any, key: str = "") -> Any:
         if isinstance(current, (int, float)):
             return type(current)(float(raw)) if isinstance(current, int) and float(raw).is_integer() else float(raw)
         if isinstance(current, (list, tuple)):
-            return type(current)(ast.literal_eval(raw))
-    except (ValueError, SyntaxError):
+            value = ast.literal_eval(raw)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(raw)
+            # Nested tuples become lists so the config survives its JSON round trip in checkpoints.
+            return json.loads(json.dumps(value)) if isinstance(current, list) else tuple(value)
+    except (ValueError, SyntaxError, TypeError):
         raise OverrideError(f"--config.{key}={raw!r} does not parse as the field's "
                             f"{type(current).__name__}") from None
     return raw
