@@ -12,7 +12,6 @@ row's real tokens left-aligned. Finished rows (eos) emit `pad_id`, as transforme
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax

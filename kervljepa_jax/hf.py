@@ -14,7 +14,7 @@ import json
 import os
 import re
 import struct
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,7 +25,7 @@ from absl import logging
 from flax import traverse_util
 
 from kervljepa_jax import sharding
-from kervljepa_jax.model.llama import Llama, LlamaConfig, RopeConfig, segment_name
+from kervljepa_jax.model.llama import Llama, LlamaConfig, RopeConfig
 from kervljepa_jax.model.lora import LoraConfig, is_lora_path
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,

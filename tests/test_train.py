@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from kervljepa_jax import train
 
 SMALL = ["--config.train.max_steps=2", "--config.model.pretrain_steps=10", "--config.data.num_train=64",
          "--config.data.num_valid=16", "--config.eval.num_examples=8", "--config.eval.max_new_tokens=8",

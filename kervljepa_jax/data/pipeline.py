@@ -53,7 +53,7 @@ import json
 import os
 import sys
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import flax.linen as nn
 import grain

@@ -16,7 +16,6 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast

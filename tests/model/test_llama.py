@@ -1,6 +1,5 @@
 """Llama decoder: HF parity (via the importer), KV cache, scan/unrolled, sharding, 3B shapes."""
 
-import json
 
 import flax.linen as nn
 import jax
