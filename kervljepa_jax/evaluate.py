@@ -64,10 +64,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from kervljepa_jax import cli as cli_lib, findings, metrics as metrics_lib
+from kervljepa_jax import cli as cli_lib, figures, findings, label as label_lib, metrics as metrics_lib
+from kervljepa_jax import probe as probe_lib, sharding
+from kervljepa_jax.data import text as text_lib, tokenizer as tokenizers
+from kervljepa_jax.data.records import DataError
 from kervljepa_jax.generate import ReportGenerator
 from kervljepa_jax.label import RuleLabeler
-from kervljepa_jax.training import config as config_lib
+from kervljepa_jax.model import vlm as vlm_lib
+from kervljepa_jax.training import checkpoint as ckpt_lib, config as config_lib, run as run_lib
 
 ABLATIONS = ("zero", "shuffle", "noise")
 MODES = ("normal", *ABLATIONS)
@@ -152,16 +156,6 @@ def write_reports_csv(path: str, results: dict, modes: Sequence[str]) -> None:
         for i, name in enumerate(results["volume_names"]):
             positives = "; ".join(findings.CLASS_NAMES[c] for c in np.flatnonzero(results["labels"][i]))
             writer.writerow([name, positives, *[results[m]["texts"][i] for m in modes]])
-
-
-def json_ready(results: dict, modes: Sequence[str]) -> dict:
-    """The JSON-serialisable part of `generation_eval`'s results."""
-    out = {}
-    for m in modes:
-        r = results[m]
-        out[m] = {"macro_f1": r["macro_f1"], "precision": r["precision"], "recall": r["recall"],
-                  "per_class_f1": {c["name"]: c["f1"] for c in r["report"].get("per_class", [])}}
-    return out
 
 
 def _finite(value: Any) -> Any:
@@ -309,8 +303,6 @@ def token_nll_fn(model, mode: str):
 
 def encode_reports(tokenizer, texts: Sequence[str], max_tokens: int, num_visual_tokens: int) -> dict[str, np.ndarray]:
     """Generated reports as the chat the LLM-visual classifier was trained on: ids, attention and response masks."""
-    from kervljepa_jax.data import text as text_lib, tokenizer as tokenizers
-
     ids = tokenizers.special_ids(tokenizer)
     prompt = text_lib.encode_prompt(tokenizer, num_visual_tokens)
     rows = [text_lib.encode_chat(tokenizer, prompt, t, max_tokens, ids["pad"], ids["eot"])[0] for t in texts]
@@ -322,8 +314,6 @@ def encode_reports(tokenizer, texts: Sequence[str], max_tokens: int, num_visual_
 
 def trained_phases(workdir: str) -> list[int]:
     """The curriculum phases of `workdir` that have at least one checkpoint step."""
-    from kervljepa_jax.training import checkpoint as ckpt_lib
-
     found = []
     for phase in (1, 2, 3, 4):
         directory = ckpt_lib.phase_directory(workdir, phase)
@@ -334,8 +324,6 @@ def trained_phases(workdir: str) -> list[int]:
 
 def saved_config(workdir: str, phase: int) -> dict:
     """The config the phase's best (else latest) checkpoint was trained with ({} when none was saved)."""
-    from kervljepa_jax.training import checkpoint as ckpt_lib
-
     step_dir = ckpt_lib.resolve_step_dir(ckpt_lib.phase_directory(workdir, phase))
     return ckpt_lib.read_json(step_dir / ckpt_lib.CONFIG)
 
@@ -366,9 +354,7 @@ def phase_eval_config(workdir: str, phase: int, overrides: dict[str, str] | None
     still exists in it is restored, so the tokenizer, the data split and the model sizes are the
     ones the checkpoint was trained with, whatever the current profile defaults say.
     """
-    from kervljepa_jax import train
-
-    config = train.phase_config(phase, arg, {})
+    config = config_lib.load_phase_config(phase, arg)
     for key, value in _flatten(saved_config(workdir, phase)):
         try:
             _set(config, key, value)
@@ -395,12 +381,10 @@ class Loaded:
 
     @property
     def model(self):
-        from kervljepa_jax.model import vlm as vlm_lib
         return vlm_lib.VLM(self.run.vcfg)
 
     def generator(self) -> ReportGenerator:
-        from kervljepa_jax import train
-        return ReportGenerator(self.model, self.run.tokenizer, train.sampling_config(self.config))
+        return self.run.report_generator(self.config)     # one compiled sampler per run and settings
 
     def batches(self, split: str = "valid", num_examples: int | None = None) -> Iterator[dict]:
         """The split in order (no shuffle), up to `num_examples` (default config.eval.num_examples; 0 = all)."""
@@ -423,13 +407,10 @@ def check_phase(workdir: str, phase: int) -> None:
 
 def load_phase(workdir: str, phase: int | None = None, overrides: dict[str, str] | None = None,
                run: Any = None, arg: str | None = None) -> Loaded:
-    """The best checkpoint of `phase` (default: the latest trained phase), restored as train does.
+    """The best checkpoint of `phase` (default: the latest trained phase) with its saved config.
 
-    `run`: a `train.Run` to reuse (one tokenizer / base LLM load for several phases).
+    `run`: a `training.run.Run` to reuse (one tokenizer / base LLM load for several phases).
     """
-    from kervljepa_jax import train
-    from kervljepa_jax.training import checkpoint as ckpt_lib
-
     if phase is None:
         check_workdir(workdir)
         phases = trained_phases(workdir)
@@ -439,18 +420,33 @@ def load_phase(workdir: str, phase: int | None = None, overrides: dict[str, str]
         phase = phases[-1]
     check_phase(workdir, phase)
     config = phase_eval_config(workdir, phase, overrides, arg)
-    run = run or train.Run(config, workdir)
+    run = run or run_lib.Run(config, workdir)
     config.data.workdir = workdir
-    ckpt = ckpt_lib.PhaseCheckpointer.from_config(workdir, config, phase, read_only=True)
+    return restore_phase(run, config, phase)
+
+
+def restore_phase(run: Any, config: Any, phase: int) -> Loaded:
+    """The best checkpoint of `phase` in `run.workdir`, restored onto `run`'s mesh as training left it."""
+    ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase, read_only=True)
     try:
         restored = ckpt.restore_best(run.abstract_params)
     finally:
         ckpt.close()
     if restored is None:
         raise EvalError(f"phase {phase}: no checkpoint in {ckpt.directory}; train the phase first")
-    variables = run.place(train.restored_variables(restored.params, restored.alpha))
+    variables = run.place(run_lib.restored_variables(restored.params, restored.alpha))
     logging.info("phase %d: restored step %d from %s", phase, restored.step, ckpt.directory)
     return Loaded(run=run, config=config, phase=phase, variables=variables, step=restored.step)
+
+
+def headline_numbers(payload: dict) -> dict:
+    """`evaluate_phase`'s headline numbers: macro F1 / P / R with the CI, each ablation's, per-class F1."""
+    out = {k: payload[k] for k in ("macro_f1", "precision", "recall", "macro_f1_ci")}
+    out["per_class_f1"] = {c["name"]: c["f1"] for c in payload["report"]["per_class"]}
+    if "ablations" in payload:
+        out["ablations"] = {m: {k: a[k] for k in ("macro_f1", "precision", "recall")}
+                            for m, a in payload["ablations"].items()}
+    return out
 
 
 # ----------------------------------------------------------------------------- one phase, end to end
@@ -492,7 +488,6 @@ def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str])
     totals = NLLTotals(nll_modes) if nll_fns else None
     eot = None
     if nll_fns:
-        from kervljepa_jax.data import tokenizer as tokenizers
         eot = tokenizers.special_ids(run.tokenizer)["eot"]
     rng = jax.random.key(int(config.train.seed))
     out: dict[str, list] = {k: [] for k in ("labels", "names", "tokens", "calibrated", "visual_probs", "raw_mean",
@@ -507,7 +502,6 @@ def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str])
         out["calibrated"].append(calibrated)
         out["visual_probs"].append(visual_probs)
         if options.probe:
-            from kervljepa_jax import probe as probe_lib
             out["raw_mean"].append(probe_lib.mean_pool(_host(batch["slices"]), _host(batch["valid"])))
         key = jax.random.fold_in(rng, i)
         if generator is not None:
@@ -568,16 +562,12 @@ ZONE_METHOD = ("figures.zone_evidence: per zone and class, the cross-fitted (2 f
 def zone_map(tokens: np.ndarray, labels: np.ndarray, path: str,
              title: str = "Zone evidence per class") -> tuple[np.ndarray, str | None]:
     """V' [M, Z, d_v] of evaluated volumes and their labels [M, C] -> ([C, Z] evidence, the PNG written)."""
-    from kervljepa_jax import figures
-
     evidence = figures.zone_evidence(tokens, labels, folds=2, seed=0)
     return evidence, _figure("zone_map", figures.zone_attention_map, evidence, path, None, "per-zone AUC", title)
 
 
 def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     """Everything for one trained phase into `out_dir`: metrics.json, reports.csv, the figures."""
-    from kervljepa_jax import figures, probe as probe_lib
-
     t0 = time.time()
     generating = loaded.phase in GENERATING_PHASES
     modes = ("normal", *options.ablations) if generating else ()
@@ -670,9 +660,6 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from kervljepa_jax import label as label_lib, sharding, train
-    from kervljepa_jax.data.records import DataError
-
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; flags are --workdir, --phase, --split, --ablations, ...", 2)
     if not FLAGS.workdir:
@@ -701,18 +688,18 @@ def main(argv: list[str]) -> None:
             phases = [int(FLAGS.phase)]
         if not phases:
             raise EvalError(f"--workdir={workdir}: no trained phase to evaluate")
-        summary, run = {}, None
+        results, run = {}, None
         for phase in phases:
             loaded = load_phase(workdir, phase, overrides, run, arg)
             run = loaded.run
             with sharding.use_mesh(run.mesh):
                 payload = evaluate_phase(loaded, options, os.path.join(workdir, "eval", f"phase{loaded.phase}"))
-            summary[f"phase{loaded.phase}"] = {k: payload.get(k) for k in ("macro_f1", "precision", "recall")}
-    except (EvalError, train.TrainError, DataError, label_lib.LabelError, FileNotFoundError, KeyError,
+            results[f"phase{loaded.phase}"] = {k: payload.get(k) for k in ("macro_f1", "precision", "recall")}
+    except (EvalError, run_lib.TrainError, DataError, label_lib.LabelError, FileNotFoundError, KeyError,
             ValueError) as e:
         logging.error("%s", e)
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    print(json.dumps(summary))
+    print(json.dumps(results))
 
 
 def cli() -> None:

@@ -45,6 +45,9 @@ def test_each_phase_trains_checkpoints_and_resumes(tmp_path):
         out = _run([f"--phase={phase}", *SMALL], workdir)
         assert out.returncode == 0, out.stderr[-3000:]
         assert (workdir / f"phase{phase}" / "checkpoints").is_dir()
+        # The final evaluation is evaluate's: its metrics.json and figures land in the phase folder.
+        metrics = json.load(open(workdir / f"phase{phase}" / "metrics.json"))
+        assert metrics["phase"] == phase and (workdir / f"phase{phase}" / "per_class_f1.png").is_file()
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert {r["phase"] for r in records} == {0, 1, 2, 3, 4}
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)          # finite, logged every step

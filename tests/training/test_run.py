@@ -1,0 +1,92 @@
+"""The shared run state: phase-0 corpus and packing, the stand-in base LLM (checked against
+transformers), the metric log, and the per-run caches (pipelines, compiled samplers)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from kervljepa_jax.data import text as text_lib
+from kervljepa_jax.training import config as config_lib
+from kervljepa_jax.training import run as run_lib
+
+TINY = {"data.num_train": "24", "data.num_valid": "8", "data.min_synthetic_slices": "40",
+        "data.max_synthetic_slices": "60", "data.max_slices": "60", "model.pretrain_steps": "3",
+        "model.pretrain_batch_size": "4", "model.pretrain_seq_len": "64", "eval.max_new_tokens": "4"}
+
+
+def _config(phase=3, **extra):
+    return config_lib.apply_overrides(config_lib.load_phase_config(phase), {**TINY, **extra})
+
+
+def test_pack_documents_joins_documents_with_eot_and_cuts_full_rows():
+    rows = run_lib.pack_documents([[1, 2, 3], [4], [5, 6, 7]], eot=0, seq_len=3)
+    np.testing.assert_array_equal(rows, [[1, 2, 3], [0, 4, 0], [5, 6, 7]])   # the last eot starts no full row
+    assert rows.dtype == np.int32
+    with pytest.raises(run_lib.TrainError, match="model.pretrain_seq_len=64"):
+        run_lib.pack_documents([[1, 2]], eot=0, seq_len=64)
+
+
+def test_pretraining_corpus_is_every_report_plus_a_findings_by_name_chat_per_volume():
+    data = _config().data
+    reports, labels = run_lib.training_texts(data)
+    assert len(reports) == len(labels) == 24
+    corpus = run_lib.pretraining_corpus(data, seed=0)
+    assert corpus == run_lib.pretraining_corpus(data, seed=0)                  # deterministic
+    assert sorted(d for d in corpus if d in set(reports)) == sorted(reports)
+    chats = [d for d in corpus if d not in set(reports)]
+    assert len(chats) == 24 and all(d.endswith(text_lib.EOT) for d in chats)
+    assert corpus != run_lib.pretraining_corpus(data, seed=1)                  # shuffled by the seed
+
+
+def test_metric_log_appends_one_json_object_per_write(tmp_path):
+    log = run_lib.MetricLog(str(tmp_path))
+    log.write(2, 5, {"loss": np.float32(1.5)})
+    log.write(2, 6, {"loss": jnp.asarray(1.25), "lr": 1e-3})
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == [{"phase": 2, "step": 5, "loss": 1.5}, {"phase": 2, "step": 6, "loss": 1.25, "lr": 1e-3}]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    return run_lib.Run(_config(), str(workdir))
+
+
+def test_phase_zero_writes_a_base_llm_that_transformers_loads_with_the_same_logits(run):
+    """The stand-in LLM is saved as a HF folder and reloaded like a real Llama: transformers'
+    LlamaForCausalLM must give our logits (LoRA is zero-initialised, so it does not change them)."""
+    from kervljepa_jax.model import llama as llama_lib
+
+    folder = f"{run.workdir}/base_llm"
+    ids = np.array([[1, 5, 9, 42, 7, 3]], np.int32)
+    ours = llama_lib.Llama(run.llm_cfg).apply({"params": run.llm_params}, jnp.asarray(ids)).logits
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf_model(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    vocab = hf_model.config.vocab_size
+    np.testing.assert_allclose(np.asarray(ours)[..., :vocab], theirs, atol=2e-4, rtol=2e-4)
+    rows = [json.loads(line) for line in open(f"{run.workdir}/metrics.jsonl")]
+    assert [r["step"] for r in rows if r["phase"] == 0] == [0, 2]          # every 20 steps and the last
+
+
+def test_run_reuses_pipelines_and_compiled_samplers(run):
+    config = _config()
+    assert run.pipeline(config, "valid", shuffle=False) is run.pipeline(config, "valid", shuffle=False)
+    assert run.pipeline(config, "valid", shuffle=False) is not run.pipeline(config, "valid", shuffle=True)
+    assert run.report_generator(config) is run.report_generator(_config(phase=4))   # same sampling settings
+    assert run.report_generator(config) is not run.report_generator(_config(**{"eval.top_p": "0.5"}))
+    assert run_lib.sampling_config(config).max_new_tokens == 4
+
+
+def test_restored_variables_place_params_and_alpha_on_the_mesh(run):
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), run.abstract_params)
+    variables = run.place(run_lib.restored_variables(params, 2.5))
+    assert run_lib.alpha_of(variables) == 2.5
+    assert run_lib.alpha_of(run_lib.restored_variables(params, None)) == 1.0     # no alpha saved: identity
+    leaf = variables["params"]["compressor"]["queries"]
+    assert leaf.sharding.mesh.shape == run.mesh.shape
