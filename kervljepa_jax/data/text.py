@@ -96,6 +96,12 @@ def chat_prompt(num_visual_tokens: int, system: str = SYSTEM_PROMPT, instruction
             f"{START_HEADER}assistant{END_HEADER}\n\n")
 
 
+def findings_by_name_prompt(labels: Sequence[int]) -> str:
+    """The prompt of `findings_by_name_chat`, up to the assistant header (what generation starts from)."""
+    names = [findings.CLASS_NAMES[c] for c in sorted(findings.indices_from_labels(labels))]
+    return chat_prompt(0, image="Findings: " + (", ".join(names) + "." if names else "None."))
+
+
 def findings_by_name_chat(labels: Sequence[int], response: str) -> str:
     """A conversation whose user turn names the positive classes (in CT-RATE order; "None." when
     normal) where the image would be, and whose answer is `response`.
@@ -104,9 +110,7 @@ def findings_by_name_chat(labels: Sequence[int], response: str) -> str:
     write a findings paragraph from its prompt; the tiny decoder learns that skill here, so that
     phase 3 has to teach only what the visual tokens say, not how to follow a prompt at all.
     """
-    names = [findings.CLASS_NAMES[c] for c in sorted(findings.indices_from_labels(labels))]
-    listed = "Findings: " + (", ".join(names) + "." if names else "None.")
-    return chat_prompt(0, image=listed) + response + EOT
+    return findings_by_name_prompt(labels) + response + EOT
 
 
 def chat_text(response: str, num_visual_tokens: int, **prompt_kwargs) -> str:

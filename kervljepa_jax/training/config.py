@@ -99,8 +99,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Phase 0 (no llm_path): the tiny decoder is LM-pretrained on the training reports, standing in
     # for a pretrained Llama, and saved as a HF folder in WORKDIR/base_llm.
     c.model.pretrain_steps = 300
-    c.model.pretrain_batch_size = 16
-    c.model.pretrain_seq_len = 192
+    c.model.pretrain_batch_size = 8
+    c.model.pretrain_seq_len = 384     # rows start at documents; the longest report is ~350 tokens
     c.model.pretrain_lr = 1e-2
 
     c.train = ml_collections.ConfigDict()

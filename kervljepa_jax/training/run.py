@@ -95,8 +95,8 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
     # Documents packed into rows: reports as plain text, the findings-by-name conversations in the
     # chat template (see pretraining_corpus).
     eot = tokenizers.special_ids(tokenizer)["eot"]
-    tokens = pack_documents(text_lib.encode_texts(tokenizer, texts), eot, int(config.model.pretrain_seq_len))
-    mask = np.ones_like(tokens, bool)
+    tokens, mask = pack_documents(text_lib.encode_texts(tokenizer, texts), eot, int(config.model.pretrain_seq_len),
+                                  pad=tokenizers.special_ids(tokenizer)["pad"])
     model = llama_lib.Llama(cfg)
     params = jax.jit(model.init)(jax.random.key(int(config.train.seed)), jnp.zeros((1, 8), jnp.int32))
     params = nn.unbox(params)["params"]
@@ -128,18 +128,31 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
     return out
 
 
-def pack_documents(docs: list[list[int]], eot: int, seq_len: int) -> np.ndarray:
-    """[M, seq_len] int32: the documents, each followed by `eot`, concatenated and cut into rows.
+def pack_documents(docs: list[list[int]], eot: int, seq_len: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """([M, seq_len] int32 ids, [M, seq_len] bool mask): whole documents, each followed by `eot`,
+    packed greedily into rows that each start at a document; the rest of a row is padding.
 
-    Packing, not one padded row per document: a synthetic report (~290 tokens) is not truncated
-    and a findings text (~45 tokens) does not leave most of its row as padding.
+    Rows start at documents, not at arbitrary offsets of one long stream: a conversation cut in two
+    would train its answer without the prompt it answers (a findings-by-name chat, ~150 tokens, lost
+    its list of names in most rows that way). A document longer than a row is cut to the row.
     """
-    stream = np.fromiter((t for doc in docs for t in (*doc, eot)), np.int32)
-    rows = len(stream) // seq_len
-    if rows == 0:
-        raise TrainError(f"phase 0: the corpus has {len(stream)} tokens, fewer than one "
-                         f"model.pretrain_seq_len={seq_len} row; lower it or add training reports")
-    return stream[: rows * seq_len].reshape(rows, seq_len)
+    rows, row = [], []
+    for doc in docs:
+        piece = [*doc, eot][:seq_len]
+        if len(row) + len(piece) > seq_len:
+            rows.append(row)
+            row = []
+        row += piece
+    if row:
+        rows.append(row)
+    if not rows or not any(rows):
+        raise TrainError("phase 0: the pretraining corpus is empty; pass --config.model.llm_path=HF_DIR "
+                         "or give the data source training reports")
+    ids = np.full((len(rows), seq_len), pad, np.int32)
+    mask = np.zeros((len(rows), seq_len), bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = r, True
+    return ids, mask
 
 
 def training_reports(data) -> list[str]:

@@ -195,4 +195,5 @@ def test_findings_by_name_chat_names_the_positive_classes_where_the_image_goes()
     assert chat == text.chat_prompt(32).replace(text.VISUAL_TOKEN * 32, named) + \
         "A nodule. The heart is enlarged." + text.EOT
     assert "Findings: None." in text.findings_by_name_chat(np.zeros(findings.NUM_CLASSES, int), "x")
+    assert chat.startswith(text.findings_by_name_prompt(labels))
     assert text.VISUAL_TOKEN not in chat

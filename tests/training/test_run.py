@@ -23,12 +23,15 @@ def _config(phase=3, **extra):
     return config_lib.apply_overrides(config_lib.load_phase_config(phase), {**TINY, **extra})
 
 
-def test_pack_documents_joins_documents_with_eot_and_cuts_full_rows():
-    rows = run_lib.pack_documents([[1, 2, 3], [4], [5, 6, 7]], eot=0, seq_len=3)
-    np.testing.assert_array_equal(rows, [[1, 2, 3], [0, 4, 0], [5, 6, 7]])   # the last eot starts no full row
-    assert rows.dtype == np.int32
-    with pytest.raises(run_lib.TrainError, match="model.pretrain_seq_len=64"):
-        run_lib.pack_documents([[1, 2]], eot=0, seq_len=64)
+def test_pack_documents_starts_every_row_at_a_document():
+    ids, mask = run_lib.pack_documents([[1, 2], [3], [4, 5, 6], [7, 8, 9, 10, 11]], eot=0, seq_len=5, pad=-1)
+    # "1 2 0 3 0" fills a row; "4 5 6 0" would not fit after it, so it opens the next row (padded);
+    # the 6-token "7..11 0" is cut to the row.
+    np.testing.assert_array_equal(ids, [[1, 2, 0, 3, 0], [4, 5, 6, 0, -1], [7, 8, 9, 10, 11]])
+    np.testing.assert_array_equal(mask, ids != -1)
+    assert ids.dtype == np.int32
+    with pytest.raises(run_lib.TrainError, match="corpus is empty"):
+        run_lib.pack_documents([], eot=0, seq_len=64)
 
 
 def test_pretraining_corpus_is_every_report_plus_a_findings_by_name_chat_per_volume():
