@@ -77,9 +77,9 @@ def test_default_curriculum_writes_the_report_and_figures(default_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 6: phase-3 generated-report macro F1 is ~0.42 on the default run "
-                   "(zeroed visual tokens ~0.29, phase 4 ~phase 3); the 0.8 target is not reached yet: the tiny "
-                   "decoder writes fluent findings but grounds them weakly in the visual tokens")
+@pytest.mark.xfail(strict=False, reason="issue 6: phase-3 generated-report macro F1 is 0.35-0.43 on the default run "
+                   "(zeroed visual tokens 0.24-0.30, phase 4 ~phase 3), not 0.8: the tiny stand-in decoder writes "
+                   "findings at ~0.3 F1 even when the prompt names them (benchmarks/stand_in_llm.py)")
 def test_paper_claims_in_miniature(default_run):
     """Generated-report F1 >= 0.8; zeroing the visual tokens removes >= 50% of it; phase 4 keeps phase 3's F1."""
     report, _ = default_run
