@@ -223,6 +223,10 @@ class CtRateSource:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def texts(self) -> tuple[list[str], list[np.ndarray]]:
+        """(Findings_EN, [C] labels) of every indexed volume, without reading any embedding."""
+        return [e["report"] for e in self._entries], [np.asarray(e["labels"]) for e in self._entries]
+
     def __getitem__(self, index: int) -> dict:
         return self.get(index)
 

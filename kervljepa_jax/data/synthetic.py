@@ -432,9 +432,10 @@ class SyntheticSource:
                 "z_mm": z_mm, "labels": volume["labels"], "report": volume["report"],
                 "impression": volume["impression"], "z_spacing": spacing, "subsampled": subsampled}
 
-    def reports(self) -> list[str]:
-        """Every report of the split (text only, no slices)."""
-        return [sample_volume_text(self.seed, self.split, i)["report"] for i in range(self.length)]
+    def texts(self) -> tuple[list[str], list[np.ndarray]]:
+        """(reports, [C] labels) of every volume of the split, without making any slice."""
+        volumes = [sample_volume_text(self.seed, self.split, i) for i in range(self.length)]
+        return [v["report"] for v in volumes], [np.asarray(v["labels"]) for v in volumes]
 
     def __repr__(self) -> str:
         return f"SyntheticSource(split={self.split!r}, n={self.length}, seed={self.seed}, D={self.embed_dim})"

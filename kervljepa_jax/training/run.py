@@ -155,15 +155,6 @@ def pack_documents(docs: list[list[int]], eot: int, seq_len: int, pad: int = 0) 
     return ids, mask
 
 
-def training_reports(data) -> list[str]:
-    """The training split's Findings_EN texts (the phase-0 corpus)."""
-    if data.source == "synthetic":
-        return list(pipeline_lib.synthetic.SyntheticSource(data, "train").reports())
-    path = pipeline_lib.ctrate.resolve(data.root, data.reports_csv["train"])
-    return [f["Findings_EN"] for _, f in pipeline_lib.ctrate.read_csv(path, pipeline_lib.ctrate.REPORT_COLUMNS,
-                                                                       "reports_csv.train")]
-
-
 def pretraining_corpus(data, seed: int) -> list[str]:
     """Phase-0 documents: every training report, and a conversation per volume whose prompt names its
     positive findings and whose answer is its positive-findings text (`text.findings_by_name_chat`).
@@ -181,12 +172,7 @@ def pretraining_corpus(data, seed: int) -> list[str]:
 
 def training_texts(data) -> tuple[list[str], list[np.ndarray]]:
     """(Findings_EN, labels) of every training volume, without reading slices."""
-    source = pipeline_lib.make_source(data, "train")
-    if data.source == "synthetic":
-        volumes = [pipeline_lib.synthetic.sample_volume_text(source.seed, "train", i) for i in range(len(source))]
-        return [v["report"] for v in volumes], [np.asarray(v["labels"]) for v in volumes]
-    entries = source._entries
-    return [e["report"] for e in entries], [np.asarray(e["labels"]) for e in entries]
+    return pipeline_lib.make_source(data, "train").texts()
 
 
 def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tuple[llama_lib.LlamaConfig, Any]:

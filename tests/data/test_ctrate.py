@@ -67,6 +67,10 @@ def test_reads_synthetic_layout_like_the_synthetic_source(layout):
         np.testing.assert_allclose(got["z_mm"], want["z_mm"], rtol=1e-6)
         assert got["z_mm"][1] == pytest.approx(want["z_spacing"])
     assert len(ctrate.CtRateSource(config, "valid")) == 3
+    # Texts without slices (phase 0, whitening, pos_weight) agree with the records.
+    (reports, labels), (want_reports, want_labels) = source.texts(), synth.texts()
+    assert reports == want_reports and len(reports) == 10
+    np.testing.assert_array_equal(np.stack(labels), np.stack(want_labels))
 
 
 def test_npz_with_z_mm_and_no_metadata(tmp_path):

@@ -39,6 +39,9 @@ def test_records_are_deterministic_and_split_seed_dependent():
     assert not np.array_equal(valid["slices"][:10], r1["slices"][:10])
     with pytest.raises(IndexError):
         a[20]
+    reports, labels = a.texts()                     # the same texts, without making slices
+    assert len(reports) == len(labels) == 20 and reports[5] == r1["report"]
+    np.testing.assert_array_equal(labels[5], r1["labels"])
 
 
 def test_record_format_and_geometry():
