@@ -47,7 +47,7 @@ def test_each_phase_trains_checkpoints_and_resumes(tmp_path):
         assert (workdir / f"phase{phase}" / "checkpoints").is_dir()
         # The final evaluation is evaluate's: its metrics.json and figures land in the phase folder.
         metrics = json.load(open(workdir / f"phase{phase}" / "metrics.json"))
-        assert metrics["phase"] == phase and (workdir / f"phase{phase}" / "per_class_f1.png").is_file()
+        assert metrics["phase"] == int(phase) and (workdir / f"phase{phase}" / "per_class_f1.png").is_file()
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert {r["phase"] for r in records} == {0, 1, 2, 3, 4}
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)          # finite, logged every step
@@ -77,8 +77,8 @@ def test_default_curriculum_writes_the_report_and_figures(default_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 6: phase-3 generated-report macro F1 is 0.35-0.43 on the default run "
-                   "(zeroed visual tokens 0.24-0.30, phase 4 ~phase 3), not 0.8: the tiny stand-in decoder writes "
+@pytest.mark.xfail(strict=False, reason="issue 6: phase-3 generated-report macro F1 is ~0.43-0.46 on the default run "
+                   "(zeroed visual tokens ~0.22-0.24, phase 4 ~phase 3), not 0.8: the tiny stand-in decoder writes "
                    "findings at ~0.3 F1 even when the prompt names them (benchmarks/stand_in_llm.py)")
 def test_paper_claims_in_miniature(default_run):
     """Generated-report F1 >= 0.8; zeroing the visual tokens removes >= 50% of it; phase 4 keeps phase 3's F1."""

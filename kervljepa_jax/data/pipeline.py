@@ -87,7 +87,9 @@ def make_tokenizer(config):
     if config.source == "synthetic":
         key = f"synthetic|seed={config.seed}|n={config.num_train}"
         source = synthetic.SyntheticSource(config, "train")
-        reports = source.reports
+
+        def reports():
+            return source.texts()[0]
     else:
         path = ctrate.resolve(config.root, config.reports_csv["train"])
         stat = os.stat(path) if os.path.isfile(path) else None
