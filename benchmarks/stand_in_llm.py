@@ -57,17 +57,22 @@ def answers(run: run_lib.Run, config, label_sets: list[np.ndarray], seed: int) -
 
 
 def answer_nll(run: run_lib.Run, label_sets: list[np.ndarray], answers_text: list[str]) -> float:
-    """Mean NLL per answer token (+ eot) after the names prompt of `label_sets`."""
+    """Mean NLL per answer token (+ eot) after the names prompt of `label_sets`: one forward of
+    every conversation, right-padded to one width (one compilation)."""
     model = llama_lib.Llama(run.llm_cfg)
-    forward = jax.jit(lambda ids: model.apply({"params": run.llm_params}, ids).logits)
-    total, count = 0.0, 0
-    for y, answer in zip(label_sets, answers_text):
-        prompt, target = text_lib.encode_texts(run.tokenizer, [text_lib.findings_by_name_prompt(y), answer + text_lib.EOT])
-        ids = np.asarray([prompt + target], np.int32)
-        logp = jax.nn.log_softmax(np.asarray(forward(ids))[0, :-1].astype(np.float32))
-        picked = np.asarray(logp)[np.arange(ids.shape[1] - 1), ids[0, 1:]][len(prompt) - 1:]
-        total, count = total - float(picked.sum()), count + len(picked)
-    return total / count
+    pad = tokenizers.special_ids(run.tokenizer)["pad"]
+    prompts = text_lib.encode_texts(run.tokenizer, [text_lib.findings_by_name_prompt(y) for y in label_sets])
+    targets = text_lib.encode_texts(run.tokenizer, [a + text_lib.EOT for a in answers_text])
+    rows = [p + t for p, t in zip(prompts, targets)]
+    ids = np.full((len(rows), max(map(len, rows))), pad, np.int32)
+    scored = np.zeros(ids.shape, bool)          # position i is scored when token i + 1 is an answer token
+    for i, (p, r) in enumerate(zip(prompts, rows)):
+        ids[i, :len(r)] = r
+        scored[i, len(p) - 1:len(r) - 1] = True
+    logits = model.apply({"params": run.llm_params}, ids, attention_mask=ids != pad).logits
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(np.float32)))[:, :-1]
+    picked = np.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return float(-(picked * scored[:, :-1]).sum() / scored.sum())
 
 
 def main(argv):

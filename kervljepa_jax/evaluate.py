@@ -694,7 +694,7 @@ def main(argv: list[str]) -> None:
             run = loaded.run
             with sharding.use_mesh(run.mesh):
                 payload = evaluate_phase(loaded, options, os.path.join(workdir, "eval", f"phase{loaded.phase}"))
-            results[f"phase{loaded.phase}"] = {k: payload.get(k) for k in ("macro_f1", "precision", "recall")}
+            results[f"phase{loaded.phase}"] = headline_numbers(payload)
     except (EvalError, run_lib.TrainError, DataError, label_lib.LabelError, FileNotFoundError, KeyError,
             ValueError) as e:
         logging.error("%s", e)

@@ -236,6 +236,8 @@ def test_generating_phase_metrics_reports_and_figures(evaluated):
     metrics = json.loads((out / "metrics.json").read_text())       # strict JSON (NaN would not parse back equal)
     assert metrics["phase"] == 3 and metrics["num_volumes"] == 16 and metrics["labeler"] == "rules"
     assert summary["phase3"]["macro_f1"] == metrics["macro_f1"]
+    assert summary["phase3"]["ablations"]["zero"]["macro_f1"] == metrics["ablations"]["zero"]["macro_f1"]
+    assert summary["phase3"]["per_class_f1"]["Cardiomegaly"] == metrics["report"]["per_class"][2]["f1"]
     ci = metrics["macro_f1_ci"]
     assert ci["low"] <= metrics["macro_f1"] <= ci["high"] and ci["n_resamples"] == 1000
     report = metrics["report"]
