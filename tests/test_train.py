@@ -76,16 +76,31 @@ def test_default_curriculum_writes_the_report_and_figures(default_run):
     assert (workdir / "loss_curves.png").is_file() and (workdir / "ablations.png").is_file()
 
 
+# The paper's claims in miniature (issue 6), one test each: the ones the default run meets are enforced;
+# the others are expected failures with the measured numbers, so an XPASS shows when they start to hold.
+
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 6: phase-3 generated-report macro F1 is ~0.43-0.46 on the default run "
-                   "(zeroed visual tokens ~0.22-0.24, phase 4 ~phase 3), not 0.8: the tiny stand-in decoder writes "
-                   "findings at ~0.3 F1 even when the prompt names them (benchmarks/stand_in_llm.py)")
-def test_paper_claims_in_miniature(default_run):
-    """Generated-report F1 >= 0.8; zeroing the visual tokens removes >= 50% of it; phase 4 keeps phase 3's F1."""
+@pytest.mark.xfail(strict=False, reason="issue 6: phase-3 generated-report macro F1 is ~0.42-0.46 on the default run, "
+                   "not 0.8: the decoder holds the findings (probe AUC 0.975 on its hidden state) but writes them "
+                   "at forced-choice AUC 0.81 (benchmarks/grounding_gap.py)")
+def test_generated_reports_reach_0_8_macro_f1(default_run):
+    report, _ = default_run
+    assert report["phase3"]["macro_f1"] >= 0.8, report["phase3"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="issue 6: zeroing removes 48-62% of phase-3 F1 (0.22 of 0.43 after 12 epochs, "
+                   "0.175 of 0.464 after 24; the default is 20): near the 50% line for one run on 64 volumes")
+def test_zeroed_visual_tokens_remove_half_the_f1(default_run):
+    report, _ = default_run
+    p3 = report["phase3"]
+    assert p3["ablations"]["zero"]["macro_f1"] <= 0.5 * p3["macro_f1"], p3
+
+
+@pytest.mark.slow
+def test_phase4_keeps_phase3_f1_and_the_run_fits_ten_minutes(default_run):
     report, _ = default_run
     p3, p4 = report["phase3"], report["phase4"]
-    assert p3["macro_f1"] >= 0.8, p3
-    assert p3["ablations"]["zero"]["macro_f1"] <= 0.5 * p3["macro_f1"], p3
     assert p4["macro_f1"] >= p3["macro_f1"] - 0.02, (p3, p4)
     assert report["wall_seconds"] <= 600, report["wall_seconds"]
 
