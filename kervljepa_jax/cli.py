@@ -32,6 +32,54 @@ def bad_config_field(prog: str, argv: list[str], error: Exception) -> NoReturn:
     fail(prog, f"{bad}: no field {missing!r} in the config; see the phase's configs/phaseN.py", 2)
 
 
+# `--config.a.b=v` overrides of list-valued fields (config.trainable, config.train.lr_multipliers):
+# ml_collections' config_flags cannot parse a list and fails while the --config flag is being defined,
+# so they are taken out of sys.argv before that and applied with every other override by
+# `training.config.apply_overrides` (which parses lists).
+_held_out: dict[str, str] = {}
+
+
+def hold_out_list_overrides(argv: list[str], config) -> dict[str, str]:
+    """Remove from argv (in place) each `--config.a.b=v` / `--config.a.b v` whose field in `config`
+    holds a list; return them, and keep them for `config_overrides`. Unknown fields stay in argv
+    (config_flags reports them)."""
+    kept, held, i = argv[:1], {}, 1
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg[len("--config."):].partition("=") if arg.startswith("--config.") else ("", "", "")
+        takes_next = bool(key) and not eq and i + 1 < len(argv)
+        if key and isinstance(_field(config, key), list):
+            held[key] = value if eq else (argv[i + 1] if takes_next else "")
+            i += 2 if takes_next else 1
+            continue
+        kept.append(arg)
+        i += 1
+    argv[:] = kept
+    _held_out.update(held)
+    return held
+
+
+def _field(config, key: str):
+    node = config
+    for name in key.split("."):
+        try:
+            node = node[name]
+        except (KeyError, TypeError, AttributeError):
+            return None
+    return node
+
+
+def config_overrides(argv: list[str]) -> dict[str, str]:
+    """Every `--config.a.b=v` of the command line, the held-out list overrides included."""
+    from kervljepa_jax.training import config as config_lib
+
+    return {**config_lib.command_line_overrides(argv), **_held_out}
+
+
+def held_out_overrides() -> dict[str, str]:
+    return dict(_held_out)
+
+
 def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
     """An `app.run(..., flags_parser=...)` that turns flag and config-field errors into one line."""
     def parse(argv: list[str]) -> list[str]:

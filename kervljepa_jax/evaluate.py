@@ -668,7 +668,7 @@ def main(argv: list[str]) -> None:
         if FLAGS[name].present:
             _fail(f"--{name} is a training flag; evaluate reads DIR/phaseN/checkpoints", 2)
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    overrides = config_lib.command_line_overrides(sys.argv[1:])
+    overrides = cli_lib.config_overrides(sys.argv[1:])
     config_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     workdir = FLAGS.workdir

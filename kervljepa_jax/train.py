@@ -51,16 +51,17 @@ flags.DEFINE_string("warm_bridge_from", "", "Phase-3 checkpoint whose bridge (pr
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU / TPU pod).")
 
 
-def _default_config_file(argv: list[str]) -> str:
-    """configs/phaseN.py for `--phase=N` (so `--config.x` may name a field only phase N has), else phase 1."""
+def _default_phase(argv: list[str]) -> int:
+    """N for `--phase=N` (so `--config.x` may name a field only phase N has), else 1."""
     phase = next((a.split("=", 1)[1] for a in argv if a.startswith("--phase=")), None)
     if phase is None and "--phase" in argv[:-1]:
         phase = argv[argv.index("--phase") + 1]
-    return str(config_lib.CONFIGS_DIR / f"phase{phase if phase in ('1', '2', '3', '4') else 1}.py")
+    return int(phase) if phase in ("1", "2", "3", "4") else 1
 
 
 try:  # config_flags applies --config.a.b=v right here, at definition: a missing field fails now
-    config_flags.DEFINE_config_file("config", _default_config_file(sys.argv),
+    cli_lib.hold_out_list_overrides(sys.argv, config_lib.load_phase_config(_default_phase(sys.argv)))
+    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / f"phase{_default_phase(sys.argv)}.py"),
                                     "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")
 except (KeyError, AttributeError) as _error:
     cli_lib.bad_config_field(cli_lib.program_name(), sys.argv, _error)
@@ -279,7 +280,7 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize()
     # Orbax narrates every save at INFO; keep the log about training.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    overrides = config_lib.command_line_overrides(sys.argv[1:])
+    overrides = cli_lib.config_overrides(sys.argv[1:])
     config_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     phases_to_run = [1, 2, 3, 4] if FLAGS.phase == "all" else [int(FLAGS.phase)]
@@ -291,6 +292,8 @@ def main(argv: list[str]) -> None:
     init_from = FLAGS.init_from
     warm = FLAGS.warm_bridge_from
     try:
+        if explicit is not None:       # config_flags applied the other overrides to it
+            config_lib.apply_overrides(explicit, cli_lib.held_out_overrides())
         report = run_curriculum(phases_to_run, FLAGS.workdir, arg, overrides, explicit, init_from, warm)
     except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:   # OverrideError too
         logging.error("%s", e)

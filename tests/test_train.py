@@ -29,6 +29,14 @@ def test_unknown_config_field_on_the_command_line_is_one_line(tmp_path):
         "configs/phaseN.py"]
 
 
+def test_list_override_reaches_the_config_parser(tmp_path):
+    """config_flags cannot parse list fields; they are held out of it and parsed by training.config."""
+    out = _run(["--phase=3", "--config.train.lr_multipliers=5"], tmp_path / "w", timeout=300)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("error: --config.train.lr_multipliers='5' does not parse as "
+                                                   "the field's list")
+
+
 def test_missing_workdir_and_missing_previous_phase_are_one_line_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kervljepa_jax.train", "--phase=1"], capture_output=True, text=True,
                          timeout=300)
