@@ -282,3 +282,16 @@ def test_classifier_phase_is_scored_without_generation(evaluated):
 def test_untrained_phase_of_a_trained_workdir_is_a_one_line_error(trained):
     code, _, err = _finish(_cli(f"--workdir={trained}", "--phase=2"), timeout=300)
     assert code == 1 and "phase 2: no checkpoint in" in err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_grounding_gap_benchmark_reads_a_trained_workdir(trained):
+    """benchmarks/grounding_gap.py on the tiny trained workdir: one JSON line of AUCs and F1 in [0, 1]."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "grounding_gap.py")
+    out = subprocess.run([sys.executable, script, f"--workdir={trained}", "--num_train=32", "--num_valid=16"],
+                         capture_output=True, text=True, timeout=900, env=ENV)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (figures["phase"], figures["num_train"], figures["num_valid"]) == (3, 32, 16)
+    for key in ("visual_probe_auc", "hidden_probe_auc", "forced_choice_auc", "generation_f1"):
+        assert 0.0 <= figures[key] <= 1.0, figures
