@@ -43,30 +43,16 @@ def hold_out_list_overrides(argv: list[str], config) -> dict[str, str]:
     """Remove from argv (in place) each `--config.a.b=v` / `--config.a.b v` whose field in `config`
     holds a list; return them, and keep them for `config_overrides`. Unknown fields stay in argv
     (config_flags reports them)."""
-    kept, held, i = argv[:1], {}, 1
-    while i < len(argv):
-        arg = argv[i]
-        key, eq, value = arg[len("--config."):].partition("=") if arg.startswith("--config.") else ("", "", "")
-        takes_next = bool(key) and not eq and i + 1 < len(argv)
-        if key and isinstance(_field(config, key), list):
-            held[key] = value if eq else (argv[i + 1] if takes_next else "")
-            i += 2 if takes_next else 1
-            continue
-        kept.append(arg)
-        i += 1
-    argv[:] = kept
+    from kervljepa_jax.training import config as config_lib
+
+    held, drop = {}, set()
+    for key, value, start, stop in config_lib.override_spans(argv[1:]):
+        if isinstance(config_lib.field_value(config, key), list):
+            held[key] = value
+            drop.update(range(start + 1, stop + 1))         # +1: the spans index argv[1:]
+    argv[:] = [a for i, a in enumerate(argv) if i not in drop]
     _held_out.update(held)
     return held
-
-
-def _field(config, key: str):
-    node = config
-    for name in key.split("."):
-        try:
-            node = node[name]
-        except (KeyError, TypeError, AttributeError):
-            return None
-    return node
 
 
 def config_overrides(argv: list[str]) -> dict[str, str]:

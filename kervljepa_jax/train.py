@@ -60,8 +60,9 @@ def _default_phase(argv: list[str]) -> int:
 
 
 try:  # config_flags applies --config.a.b=v right here, at definition: a missing field fails now
-    cli_lib.hold_out_list_overrides(sys.argv, config_lib.load_phase_config(_default_phase(sys.argv)))
-    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / f"phase{_default_phase(sys.argv)}.py"),
+    _phase = _default_phase(sys.argv)
+    cli_lib.hold_out_list_overrides(sys.argv, config_lib.load_phase_config(_phase))
+    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / f"phase{_phase}.py"),
                                     "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")
 except (KeyError, AttributeError) as _error:
     cli_lib.bad_config_field(cli_lib.program_name(), sys.argv, _error)

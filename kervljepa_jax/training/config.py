@@ -245,19 +245,38 @@ def parse_override(raw: str, current: Any, key: str = "") -> Any:
     return raw
 
 
-def command_line_overrides(argv: list[str]) -> dict[str, str]:
-    """`--config.a.b=v` / `--config.a.b v` pairs of the command line, in order."""
-    out, i = {}, 0
+def override_spans(argv: list[str]) -> list[tuple[str, str, int, int]]:
+    """(key, raw value, start, stop) of every `--config.a.b=v` / `--config.a.b v` in argv, in order;
+    argv[start:stop] is the one or two arguments it spans."""
+    spans, i = [], 0
     while i < len(argv):
-        arg = argv[i]
+        arg, start = argv[i], i
         if arg.startswith("--config."):
             key, eq, value = arg[len("--config."):].partition("=")
             if not eq:
                 i += 1
                 value = argv[i] if i < len(argv) else ""
-            out[key] = value
+            spans.append((key, value, start, min(i + 1, len(argv))))
         i += 1
-    return out
+    return spans
+
+
+def command_line_overrides(argv: list[str]) -> dict[str, str]:
+    """`--config.a.b=v` / `--config.a.b v` pairs of the command line, in order."""
+    return {key: value for key, value, _, _ in override_spans(argv)}
+
+
+_MISSING = object()
+
+
+def field_value(config: ml_collections.ConfigDict, key: str) -> Any:
+    """config[a][b] for the dotted key "a.b", or `_MISSING` when a name on the way does not exist."""
+    node = config
+    for name in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+            return _MISSING
+        node = node[name]
+    return node
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:

@@ -31,6 +31,19 @@ def test_command_line_overrides_are_typed_and_checked():
         _phase(3, {"train.lr_multipliers": "30.0"})
 
 
+def test_override_spans_cover_both_spellings_and_a_dangling_flag():
+    argv = ["--config.train.lr=0.5", "--phase=3", "--config.train.epochs", "7", "--config.trainable"]
+    assert config_lib.override_spans(argv) == [("train.lr", "0.5", 0, 1), ("train.epochs", "7", 2, 4),
+                                               ("trainable", "", 4, 5)]
+
+
+def test_field_value_walks_dotted_keys():
+    config = _phase(3)
+    assert config_lib.field_value(config, "train.lr") == config.train.lr
+    assert config_lib.field_value(config, "train.nope") is config_lib._MISSING
+    assert config_lib.field_value(config, "train.lr.deeper") is config_lib._MISSING
+
+
 @pytest.mark.parametrize("phase", [1, 2, 3, 4])
 def test_every_phase_config_survives_its_json_round_trip(phase):
     # Checkpoints store the config as JSON and evaluation rebuilds the run from it, so a tuple inside a
