@@ -374,8 +374,13 @@ def make_slices(labels: np.ndarray, num_slices: int, embed_dim: int, rng: np.ran
     return x.astype(np.float32)
 
 
+# Random streams: the two splits, and "pretrain", label sets and reports for the phase-0 stand-in's
+# corpus (text only; disjoint from both splits).
+STREAM_IDS = {**SPLIT_IDS, "pretrain": len(SPLIT_IDS)}
+
+
 def volume_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+    return np.random.default_rng([seed, STREAM_IDS[split], index])
 
 
 def sample_volume_text(seed: int, split: str, index: int) -> dict:

@@ -102,6 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pretrain_batch_size = 8
     c.model.pretrain_seq_len = 384     # rows start at documents; the longest report is ~350 tokens
     c.model.pretrain_lr = 1e-2
+    # Extra findings-by-name conversations from fresh synthetic label sets (data.source=synthetic).
+    # Without them a longer phase 0 memorises the training split's conversations instead of learning
+    # to follow its prompt; see README "What to expect".
+    c.model.pretrain_chats = 0
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1

@@ -1,6 +1,7 @@
 """The shared run state: phase-0 corpus and packing, the stand-in base LLM (checked against
 transformers), the metric log, and the per-run caches (pipelines, compiled samplers)."""
 
+import collections
 import json
 
 import jax
@@ -10,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from kervljepa_jax.data import synthetic
 from kervljepa_jax.data import text as text_lib
 from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import run as run_lib
@@ -44,6 +46,22 @@ def test_pretraining_corpus_is_every_report_plus_a_findings_by_name_chat_per_vol
     chats = [d for d in corpus if d not in set(reports)]
     assert len(chats) == 24 and all(d.endswith(text_lib.EOT) for d in chats)
     assert corpus != run_lib.pretraining_corpus(data, seed=1)                  # shuffled by the seed
+
+
+def test_pretraining_corpus_extra_chats_come_from_outside_both_splits():
+    data = _config().data
+    base = run_lib.pretraining_corpus(data, seed=0)
+    corpus = run_lib.pretraining_corpus(data, seed=0, extra_chats=5)
+    extra = list((collections.Counter(corpus) - collections.Counter(base)).elements())  # normal chats repeat
+    assert len(corpus) == len(base) + 5 and len(extra) == 5
+    assert all("Findings:" in d and d.endswith(text_lib.EOT) for d in extra)
+    split_reports = {synthetic.sample_volume_text(int(data.seed), s, i)["report"] for s in ("train", "valid")
+                     for i in range(5)}
+    assert split_reports.isdisjoint(synthetic.sample_volume_text(int(data.seed), "pretrain", i)["report"]
+                                    for i in range(5))
+    with pytest.raises(run_lib.TrainError, match="pretrain_chats=5"):
+        run_lib.pretraining_corpus(config_lib.apply_overrides(_config(), {"data.source": "ctrate"}).data,
+                                   seed=0, extra_chats=5)
 
 
 def test_metric_log_appends_one_json_object_per_write(tmp_path):
