@@ -270,15 +270,15 @@ def command_line_overrides(argv: list[str]) -> dict[str, str]:
     return {key: value for key, value, _, _ in override_spans(argv)}
 
 
-_MISSING = object()
+MISSING = object()
 
 
 def field_value(config: ml_collections.ConfigDict, key: str) -> Any:
-    """config[a][b] for the dotted key "a.b", or `_MISSING` when a name on the way does not exist."""
+    """config[a][b] for the dotted key "a.b", or `MISSING` when a name on the way does not exist."""
     node = config
     for name in key.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            return _MISSING
+            return MISSING
         node = node[name]
     return node
 

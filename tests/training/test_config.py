@@ -40,8 +40,8 @@ def test_override_spans_cover_both_spellings_and_a_dangling_flag():
 def test_field_value_walks_dotted_keys():
     config = _phase(3)
     assert config_lib.field_value(config, "train.lr") == config.train.lr
-    assert config_lib.field_value(config, "train.nope") is config_lib._MISSING
-    assert config_lib.field_value(config, "train.lr.deeper") is config_lib._MISSING
+    assert config_lib.field_value(config, "train.nope") is config_lib.MISSING
+    assert config_lib.field_value(config, "train.lr.deeper") is config_lib.MISSING
 
 
 @pytest.mark.parametrize("phase", [1, 2, 3, 4])
