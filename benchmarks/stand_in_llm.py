@@ -1,8 +1,9 @@
-"""How well the phase-0 stand-in LLM follows a prompt that NAMES the findings: a ceiling for phase 3.
+"""How well the stand-in LLM follows a prompt that NAMES the findings: a ceiling for phase 3.
 
 Phase 3 has to turn visual tokens into a findings text. A real Llama 3.2 3B can already write the
-findings it is told about; the tiny stand-in learns that in phase 0 from findings-by-name
-conversations (`data.text.findings_by_name_chat`). If it cannot write the right findings when the
+findings it is told about; the tiny stand-in learns that from findings-by-name conversations
+(`data.text.findings_by_name_chat`): the packaged one (`kervljepa_jax/stand_in.py`) once, offline,
+or a phase 0 in the workdir (`--stand_in=phase0`, the embedded 300 steps). If it cannot write the right findings when the
 prompt spells out their names, it will not write them from visual tokens either, whatever the
 bridge learns. Measured on the validation volumes' label sets, sampling with the eval settings:
   names_macro_f1     the rule labeler on the answer vs the named classes (macro F1, P, R)
@@ -12,7 +13,7 @@ bridge learns. Measured on the validation volumes' label sets, sampling with the
                      volume's names (no gap: the names are ignored)
 Ends with one JSON line of these figures.
 
-  python benchmarks/stand_in_llm.py [--workdir=DIR]   # DIR of a training run (reuses DIR/base_llm)
+  python benchmarks/stand_in_llm.py [--workdir=DIR] [--stand_in=phase0]   # DIR: reuses DIR/base_llm
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from kervljepa_jax.model import llama as llama_lib
 from kervljepa_jax.training import config as config_lib, run as run_lib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "", "A training workdir whose base_llm/ and tokenizers/ to use (default: a "
-                    "temporary one, where phase 0 runs with the embedded config).")
+flags.DEFINE_string("workdir", "", "A training workdir whose base_llm/ to use (default: a temporary one, "
+                    "which gets the stand-in --stand_in names).")
+flags.DEFINE_enum("stand_in", "packaged", ["packaged", "phase0"], "Base LLM of a fresh workdir: the packaged "
+                  "stand-in, or a phase 0 with the embedded config.")
 flags.DEFINE_integer("num_volumes", 64, "Validation label sets to prompt with.")
 flags.DEFINE_integer("max_new_tokens", 160, "Answer length cap (the embedded eval.max_new_tokens).")
 
@@ -79,8 +82,9 @@ def main(argv):
     del argv
     workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="stand_in_llm_")
     config = config_lib.apply_overrides(config_lib.load_phase_config(3),
-                                        {"eval.max_new_tokens": str(FLAGS.max_new_tokens)})
-    run = run_lib.Run(config, workdir)                     # phase 0 runs here when base_llm/ is absent
+                                        {"eval.max_new_tokens": str(FLAGS.max_new_tokens),
+                                         "model.stand_in": FLAGS.stand_in})
+    run = run_lib.Run(config, workdir)                     # installs or pretrains base_llm/ when absent
     seed, labeler = int(config.data.seed), RuleLabeler()
     volumes = [synthetic.sample_volume_text(seed, "valid", i) for i in range(FLAGS.num_volumes)]
     truth = np.stack([np.asarray(v["labels"]) for v in volumes])

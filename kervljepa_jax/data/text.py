@@ -113,6 +113,11 @@ def findings_by_name_chat(labels: Sequence[int], response: str) -> str:
     return findings_by_name_prompt(labels) + response + EOT
 
 
+def findings_by_name_conversation(report: str, labels: Sequence[int], rng: np.random.Generator) -> str:
+    """`findings_by_name_chat` answering with the volume's positive-findings text (random class order)."""
+    return findings_by_name_chat(labels, positive_findings_text(report, labels, rng))
+
+
 def chat_text(response: str, num_visual_tokens: int, **prompt_kwargs) -> str:
     """The full training conversation as one string (for reading; ids come from `encode_chat`)."""
     return chat_prompt(num_visual_tokens, **prompt_kwargs) + response + EOT

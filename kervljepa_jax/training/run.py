@@ -1,10 +1,11 @@
 """The state every phase shares (paper III-C): the base LLM, tokenizer, VLM config, text whitening,
 pos_weight, mesh, data pipelines, compiled samplers and the metric log.
 
-The base LLM is a HF Llama folder (`model.llm_path`), or for the tiny preset a "phase 0" stand-in:
-Llama 3.2 3B arrives knowing English and following prompts, so without `llm_path` the tiny decoder
-is LM-pretrained on the training reports (text only, no slice is read) and saved as a HF Llama
-folder in WORKDIR/base_llm, which is then loaded exactly like a real checkpoint.
+The base LLM is a HF Llama folder (`model.llm_path`), or for the tiny preset a stand-in for the
+pretrained Llama: the one packaged with kervljepa_jax (`stand_in.py`, `model.stand_in=packaged`, the
+default on synthetic data) or one LM-pretrained here by a "phase 0" on the training reports
+(`model.stand_in=phase0`). Either is a HF Llama folder in WORKDIR/base_llm, with its tokenizer,
+loaded exactly like a real checkpoint.
 
     run = Run(config, workdir)                       # loads or pretrains the base LLM once
     run.prepare_targets(config, {"llm": run.llm_params})
@@ -27,7 +28,7 @@ import tqdm
 from absl import logging
 from flax import linen as nn
 
-from kervljepa_jax import hf, losses, sharding, whitening as whitening_lib
+from kervljepa_jax import hf, losses, sharding, stand_in, whitening as whitening_lib
 from kervljepa_jax.data import pipeline as pipeline_lib
 from kervljepa_jax.data import synthetic
 from kervljepa_jax.data import text as text_lib
@@ -87,23 +88,31 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
     out = os.path.join(workdir, "base_llm")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
-    steps = int(config.model.pretrain_steps)
-    cfg = llama_lib.preset(config.model.preset, vocab_size=tokenizers.vocab_size(tokenizer), lora=None)
     texts = pretraining_corpus(config.data, int(config.train.seed), int(config.model.pretrain_chats))
     if not texts:
         raise TrainError("model.llm_path is empty and the data source has no report corpus to pretrain on; "
                          "pass --config.model.llm_path=HF_DIR")
-    # Documents packed into rows: reports as plain text, the findings-by-name conversations in the
-    # chat template (see pretraining_corpus).
-    eot = tokenizers.special_ids(tokenizer)["eot"]
-    tokens, mask = pack_documents(text_lib.encode_texts(tokenizer, texts), eot, int(config.model.pretrain_seq_len),
-                                  pad=tokenizers.special_ids(tokenizer)["pad"])
+    m = config.model
+    pretrain_llm(m.preset, tokenizer, texts, out, steps=int(m.pretrain_steps), lr=float(m.pretrain_lr),
+                 batch=int(m.pretrain_batch_size), seq_len=int(m.pretrain_seq_len), seed=int(config.train.seed),
+                 metric_log=metric_log)
+    return out
+
+
+def pretrain_llm(preset: str, tokenizer, texts: list[str], out: str, *, steps: int, lr: float, batch: int,
+                 seq_len: int, seed: int, metric_log: MetricLog | None = None) -> float:
+    """LM-pretrain a fresh `preset` decoder on `texts` (whole documents packed into rows; reports as
+    plain text, conversations in the chat template); save it and `tokenizer` as a HF folder in `out`.
+    Returns the final LM loss."""
+    cfg = llama_lib.preset(preset, vocab_size=tokenizers.vocab_size(tokenizer), lora=None)
+    ids = tokenizers.special_ids(tokenizer)
+    tokens, mask = pack_documents(text_lib.encode_texts(tokenizer, texts), ids["eot"], seq_len, pad=ids["pad"])
     model = llama_lib.Llama(cfg)
-    params = jax.jit(model.init)(jax.random.key(int(config.train.seed)), jnp.zeros((1, 8), jnp.int32))
+    params = jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
     params = nn.unbox(params)["params"]
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, config.model.pretrain_lr, max(1, steps // 10), max(steps, 2)), 0.9,
-                                 0.95, weight_decay=0.01))
+                     optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2)),
+                                 0.9, 0.95, weight_decay=0.01))
     opt_state = tx.init(params)
 
     @jax.jit
@@ -115,18 +124,20 @@ def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) ->
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    rng = np.random.default_rng(int(config.train.seed))
-    batch = int(config.model.pretrain_batch_size)
+    rng = np.random.default_rng(seed)
     bar = tqdm.tqdm(range(steps), desc="phase 0 (base LLM)", disable=jax.process_index() != 0)
+    loss = float("nan")
     for s in bar:
         idx = rng.integers(0, len(tokens), batch)
         params, opt_state, loss = train_step(params, opt_state, tokens[idx], mask[idx])
         if s % 20 == 0 or s == steps - 1:
             bar.set_postfix(loss=f"{float(loss):.3f}")
-            metric_log.write(0, s, {"loss": loss})
+            if metric_log is not None:
+                metric_log.write(0, s, {"loss": loss})
     hf.save_llama(cfg, params, out)
+    tokenizer.save_pretrained(out)     # the folder is self-contained, like a HF Llama checkpoint
     logging.info("phase 0: base LLM (%d steps, final LM loss %.3f) saved to %s", steps, float(loss), out)
-    return out
+    return float(loss)
 
 
 def pack_documents(docs: list[list[int]], eot: int, seq_len: int, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +183,7 @@ def pretraining_corpus(data, seed: int, extra_chats: int = 0) -> list[str]:
                          f"data.source={data.source} set it to 0 (or pass model.llm_path)")
     reports, labels = training_texts(data)
     rng = np.random.default_rng(seed)
-    corpus = reports + [text_lib.findings_by_name_chat(y, text_lib.positive_findings_text(r, y, rng))
-                        for r, y in zip(reports, labels)]
+    corpus = reports + [text_lib.findings_by_name_conversation(r, y, rng) for r, y in zip(reports, labels)]
     corpus += extra_findings_chats(data, extra_chats, rng)
     return [corpus[i] for i in rng.permutation(len(corpus))]   # mixed, for packing
 
@@ -183,8 +193,7 @@ def extra_findings_chats(data, count: int, rng: np.random.Generator) -> list[str
     chats = []
     for i in range(count):
         volume = synthetic.sample_volume_text(int(data.seed), "pretrain", i)
-        y = np.asarray(volume["labels"])
-        chats.append(text_lib.findings_by_name_chat(y, text_lib.positive_findings_text(volume["report"], y, rng)))
+        chats.append(text_lib.findings_by_name_conversation(volume["report"], np.asarray(volume["labels"]), rng))
     return chats
 
 
@@ -212,6 +221,32 @@ def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tup
     elif vocab < cfg.vocab_size:
         logging.info("tokenizer has %d ids, the LLM %d rows: the extra rows stay unused", vocab, cfg.vocab_size)
     return cfg, params
+
+
+def base_llm_folder(config, workdir: str) -> str:
+    """WORKDIR/base_llm: the packaged stand-in copied there when the config starts from it, a phase-0
+    model once one was trained, or (until then) an empty path."""
+    folder = os.path.join(workdir, "base_llm")
+    try:
+        packaged = stand_in.wanted(config)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if packaged:
+        stand_in.install(folder)
+    return folder
+
+
+def tokenizer_config(config, base_folder: str) -> ml_collections.ConfigDict:
+    """config.data, with the base LLM's own tokenizer when it has one and none was given.
+
+    A HF folder carries its tokenizer (the packaged stand-in, a phase-0 model); without one
+    (a phase-0 model from before they were saved with it) the BPE cached in the workdir applies."""
+    data = config.data
+    if data.tokenizer_path or config.model.llm_path or not os.path.isfile(os.path.join(base_folder, "tokenizer.json")):
+        return data
+    data = ml_collections.ConfigDict(data.to_dict())
+    data.tokenizer_path = base_folder
+    return data
 
 
 def make_vlm_config(config, tokenizer, llm_cfg: llama_lib.LlamaConfig) -> vlm_lib.VLMConfig:
@@ -261,7 +296,7 @@ class Run:
         os.makedirs(workdir, exist_ok=True)
         config.data.workdir = workdir
         self.mesh = sharding.make_mesh(data=-1)
-        self.tokenizer = pipeline_lib.make_tokenizer(config.data)
+        self.tokenizer = pipeline_lib.make_tokenizer(tokenizer_config(config, base_llm_folder(config, workdir)))
         self.log = MetricLog(workdir)
         self.llm_cfg, self.llm_params = load_base_llm(config, self.tokenizer, workdir, self.log)
         self.vcfg = make_vlm_config(config, self.tokenizer, self.llm_cfg)

@@ -197,3 +197,13 @@ def test_findings_by_name_chat_names_the_positive_classes_where_the_image_goes()
     assert "Findings: None." in text.findings_by_name_chat(np.zeros(findings.NUM_CLASSES, int), "x")
     assert chat.startswith(text.findings_by_name_prompt(labels))
     assert text.VISUAL_TOKEN not in chat
+
+
+def test_findings_by_name_conversation_answers_with_the_positive_findings_text():
+    labels = np.zeros(findings.NUM_CLASSES, int)
+    labels[[2, 9]] = 1
+    report = "The heart is enlarged. A 5 mm nodule is seen in the lingula. The trachea is patent."
+    chat = text.findings_by_name_conversation(report, labels, np.random.default_rng(3))
+    answer = text.positive_findings_text(report, labels, np.random.default_rng(3))
+    assert chat == text.findings_by_name_chat(labels, answer)
+    assert "nodule" in answer and "trachea" not in answer

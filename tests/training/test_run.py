@@ -18,7 +18,8 @@ from kervljepa_jax.training import run as run_lib
 
 TINY = {"data.num_train": "24", "data.num_valid": "8", "data.min_synthetic_slices": "40",
         "data.max_synthetic_slices": "60", "data.max_slices": "60", "model.pretrain_steps": "3",
-        "model.pretrain_batch_size": "4", "model.pretrain_seq_len": "64", "eval.max_new_tokens": "4"}
+        "model.pretrain_batch_size": "4", "model.pretrain_seq_len": "64", "eval.max_new_tokens": "4",
+        "model.stand_in": "phase0"}
 
 
 def _config(phase=3, **extra):
