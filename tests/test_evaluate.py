@@ -24,7 +24,7 @@ from kervljepa_jax.training import checkpoint as ckpt_lib
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}   # one device: the CLI as a user runs it
-SMALL = {"train.max_steps": "2", "model.pretrain_steps": "10", "data.num_train": "64", "data.num_valid": "16",
+SMALL = {"train.max_steps": "2", "data.num_train": "64", "data.num_valid": "16",
          "eval.num_examples": "8", "eval.max_new_tokens": "8"}
 
 

@@ -49,8 +49,8 @@ def test_missing_workdir_and_missing_previous_phase_are_one_line_errors(tmp_path
 @pytest.mark.slow
 def test_each_phase_trains_checkpoints_and_resumes(tmp_path):
     workdir = tmp_path / "run"
-    for phase in ("1", "2", "3", "4"):
-        out = _run([f"--phase={phase}", *SMALL], workdir)
+    for phase in ("1", "2", "3", "4"):     # from a phase-0 base LLM (the packaged one: the default run)
+        out = _run([f"--phase={phase}", *SMALL, "--config.model.stand_in=phase0"], workdir)
         assert out.returncode == 0, out.stderr[-3000:]
         assert (workdir / f"phase{phase}" / "checkpoints").is_dir()
         # The final evaluation is evaluate's: its metrics.json and figures land in the phase folder.
