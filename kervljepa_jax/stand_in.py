@@ -97,12 +97,13 @@ def stale_reason(folder: os.PathLike | str = PACKAGED_DIR) -> str:
 
 
 def wanted(config) -> bool:
-    """Does this config start from the packaged stand-in? (tiny preset, synthetic data, no llm_path)."""
+    """Does this config start from the packaged stand-in? (tiny preset, synthetic data, neither an
+    llm_path nor a tokenizer_path: the stand-in's embeddings belong to its own tokenizer)."""
     choice = str(config.model.stand_in)
     if choice not in CHOICES:
         raise ValueError(f"--config.model.stand_in={choice!r}: use one of {', '.join(CHOICES)}")
-    return (choice == "packaged" and not config.model.llm_path and config.model.preset == "tiny"
-            and config.data.source == "synthetic")
+    return (choice == "packaged" and not config.model.llm_path and not config.data.tokenizer_path
+            and config.model.preset == "tiny" and config.data.source == "synthetic")
 
 
 def install(dest: str, source: os.PathLike | str = PACKAGED_DIR) -> bool:

@@ -49,6 +49,7 @@ def test_wanted_only_for_the_tiny_preset_on_synthetic_data_without_an_llm_path()
     assert not stand_in.wanted(_config(**{"model.stand_in": "phase0"}))
     assert not stand_in.wanted(_config(**{"model.llm_path": "/models/llama"}))
     assert not stand_in.wanted(_config(**{"data.source": "ctrate"}))
+    assert not stand_in.wanted(_config(**{"data.tokenizer_path": "/models/llama"}))   # phase 0 with that one
     with pytest.raises(ValueError, match="model.stand_in='pretrained'"):
         stand_in.wanted(_config(**{"model.stand_in": "pretrained"}))
 

@@ -96,9 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_visual_tokens = c.data.get_ref("num_visual_tokens")
     c.model.jepa_dim = 256             # whitened text space (capped at the LLM width by vlm.make_config)
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
-    # The tiny preset's base LLM when llm_path is empty (synthetic data): "packaged" copies the
-    # stand-in shipped with the package (kervljepa_jax/stand_in.py: pretrained once, like Llama) to
-    # WORKDIR/base_llm; "phase0" pretrains one there first with the settings below.
+    # The tiny preset's base LLM when llm_path and tokenizer_path are empty (synthetic data):
+    # "packaged" copies the stand-in shipped with the package (kervljepa_jax/stand_in.py: pretrained
+    # once, like Llama) to WORKDIR/base_llm; "phase0" pretrains one there with the settings below.
     c.model.stand_in = "packaged"
     # Phase 0: the tiny decoder is LM-pretrained on the training reports (and findings-by-name
     # conversations), standing in for a pretrained Llama, and saved as a HF folder in WORKDIR/base_llm.

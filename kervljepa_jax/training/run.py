@@ -75,7 +75,7 @@ class MetricLog:
             self._tb.flush()
 
 
-# ----------------------------------------------------------------------------- the base LLM (phase 0 when none is given)
+# ----------------------------------------------------------------------------- the base LLM (a stand-in when none is given)
 
 
 def lora_config(config) -> lora_lib.LoraConfig:
