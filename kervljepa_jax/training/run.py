@@ -224,8 +224,8 @@ def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tup
 
 
 def base_llm_folder(config, workdir: str) -> str:
-    """WORKDIR/base_llm: the packaged stand-in copied there when the config starts from it, a phase-0
-    model once one was trained, or (until then) an empty path."""
+    """WORKDIR/base_llm: the packaged stand-in, copied there when the config starts from it; else a
+    phase-0 model once one is trained there (the folder does not exist before)."""
     folder = os.path.join(workdir, "base_llm")
     try:
         packaged = stand_in.wanted(config)

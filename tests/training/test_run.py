@@ -112,3 +112,15 @@ def test_restored_variables_place_params_and_alpha_on_the_mesh(run):
     assert run_lib.alpha_of(run_lib.restored_variables(params, None)) == 1.0     # no alpha saved: identity
     leaf = variables["params"]["compressor"]["queries"]
     assert leaf.sharding.mesh.shape == run.mesh.shape
+
+
+def test_tokenizer_config_prefers_the_base_llms_own_tokenizer(tmp_path):
+    config = _config()
+    base = tmp_path / "base_llm"
+    assert run_lib.tokenizer_config(config, str(base)) is config.data                   # none there yet: BPE
+    base.mkdir()
+    (base / "tokenizer.json").write_text("{}")
+    assert run_lib.tokenizer_config(config, str(base)).tokenizer_path == str(base)
+    assert config.data.tokenizer_path == ""                                               # not mutated
+    given = _config(**{"data.tokenizer_path": "/models/llama"})
+    assert run_lib.tokenizer_config(given, str(base)).tokenizer_path == "/models/llama"
