@@ -34,8 +34,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from kervljepa_jax import data as data_lib, findings
-from kervljepa_jax.data import synthetic
+from kervljepa_jax import data as data_lib
+from kervljepa_jax.data import pipeline as pipeline_lib, synthetic
 from kervljepa_jax.data import text as text_lib
 
 PACKAGED_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "stand_in_llm"
@@ -55,9 +55,8 @@ def volume_texts(seed: int, count: int) -> list[dict]:
 
 
 def fixed_texts() -> list[str]:
-    """Strings the tokenizer must know whatever the corpus: the prompt, the normal and fallback sentences."""
-    return [text_lib.chat_prompt(data_lib.default_data_config().num_visual_tokens),
-            findings.NORMAL_SENTENCE, *(f.fallback_sentence for f in findings.FINDINGS)]
+    """The tokenizer's fixed texts (prompt, normal and fallback sentences) for the default 32 tokens."""
+    return pipeline_lib.tokenizer_fixed_texts(data_lib.default_data_config().num_visual_tokens)
 
 
 def corpus(seed: int, num_reports: int, num_chats: int) -> tuple[list[str], list[str]]:
@@ -130,22 +129,22 @@ def install(dest: str, source: os.PathLike | str = PACKAGED_DIR) -> bool:
     return True
 
 
-def build(out: str, *, steps: int, lr: float, batch: int, seq_len: int, num_reports: int, num_chats: int,
-          vocab_size: int, seed: int) -> dict:
-    """Train the BPE and the tiny decoder on the pretrain stream; write the HF folder + provenance to `out`."""
+def build(out: str, recipe: dict) -> dict:
+    """Train the BPE and the tiny decoder on the pretrain stream with `recipe` (the keys of RECIPE);
+    write the HF folder + provenance to `out`."""
     from kervljepa_jax.data import tokenizer as tokenizers
     from kervljepa_jax.training import run as run_lib   # the phase-0 loop (imports this module)
 
-    t0 = time.time()
-    reports, documents = corpus(seed, num_reports, num_chats)
-    tokenizer = tokenizers.train_bpe(fixed_texts() + reports, vocab_size)
+    if set(recipe) != set(RECIPE):
+        raise ValueError(f"stand_in.build: recipe keys {sorted(recipe)} != {sorted(RECIPE)}")
+    t0, r = time.time(), recipe
+    reports, documents = corpus(r["seed"], r["num_reports"], r["num_chats"])
+    tokenizer = tokenizers.train_bpe(fixed_texts() + reports, r["vocab_size"])
     staging = f"{out.rstrip('/')}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    loss = run_lib.pretrain_llm("tiny", tokenizer, documents, staging, steps=steps, lr=lr, batch=batch,
-                                seq_len=seq_len, seed=seed)
-    recipe = dict(steps=steps, lr=lr, batch=batch, seq_len=seq_len, num_reports=num_reports, num_chats=num_chats,
-                  vocab_size=vocab_size, seed=seed)
-    provenance = {"fingerprint": fingerprint(seed), "recipe": recipe, "final_lm_loss": round(loss, 4),
+    loss = run_lib.pretrain_llm("tiny", tokenizer, documents, staging, steps=r["steps"], lr=r["lr"],
+                                batch=r["batch"], seq_len=r["seq_len"], seed=r["seed"])
+    provenance = {"fingerprint": fingerprint(r["seed"]), "recipe": recipe, "final_lm_loss": round(loss, 4),
                   "documents": len(documents), "build_seconds": round(time.time() - t0, 1),
                   "command": "python -m kervljepa_jax.stand_in " + " ".join(f"--{k}={v}" for k, v in recipe.items())}
     with open(os.path.join(staging, PROVENANCE), "w", encoding="utf-8") as f:
@@ -169,7 +168,7 @@ def main(argv):
     bad = [k for k in RECIPE if k != "seed" and getattr(FLAGS, k) <= 0]
     if bad:
         raise app.UsageError(f"--{bad[0]}={getattr(FLAGS, bad[0])} must be positive")
-    provenance = build(FLAGS.out, **{k: getattr(FLAGS, k) for k in RECIPE})
+    provenance = build(FLAGS.out, {k: getattr(FLAGS, k) for k in RECIPE})
     print(json.dumps(provenance))
 
 

@@ -73,8 +73,8 @@ def test_install_copies_once_and_refuses_a_stale_stand_in(tmp_path):
 
 def test_build_writes_a_current_hf_folder(tmp_path):
     out = tmp_path / "stand_in"
-    provenance = stand_in.build(str(out), steps=3, lr=1e-3, batch=2, seq_len=64, num_reports=8, num_chats=8,
-                                vocab_size=400, seed=0)
+    provenance = stand_in.build(str(out), dict(steps=3, lr=1e-3, batch=2, seq_len=64, num_reports=8, num_chats=8,
+                                               vocab_size=400, seed=0))
     assert stand_in.stale_reason(out) == ""
     assert provenance["recipe"]["steps"] == 3 and np.isfinite(provenance["final_lm_loss"])
     cfg, _ = hf.load_llama(str(out))

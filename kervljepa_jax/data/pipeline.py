@@ -100,10 +100,14 @@ def make_tokenizer(config):
                     ctrate.read_csv(path, ctrate.REPORT_COLUMNS, "reports_csv.train")]
 
     def corpus():
-        fixed = [text.chat_prompt(config.num_visual_tokens), findings.NORMAL_SENTENCE,
-                 *(f.fallback_sentence for f in findings.FINDINGS)]
-        return fixed + reports()
+        return tokenizer_fixed_texts(config.num_visual_tokens) + reports()
     return tokenizers.build_tokenizer(config, corpus, key)
+
+
+def tokenizer_fixed_texts(num_visual_tokens: int) -> list[str]:
+    """What a BPE must know whatever its corpus: the chat prompt, the normal and fallback sentences."""
+    return [text.chat_prompt(num_visual_tokens), findings.NORMAL_SENTENCE,
+            *(f.fallback_sentence for f in findings.FINDINGS)]
 
 
 def stack_slices(slices: list[np.ndarray], out: np.ndarray) -> np.ndarray:
