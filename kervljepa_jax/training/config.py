@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.pretrain_lr = 1e-2
     # Extra findings-by-name conversations from fresh synthetic label sets (data.source=synthetic).
     # Without them a longer phase 0 memorises the training split's conversations instead of learning
-    # to follow its prompt; see README "What to expect".
+    # to follow its prompt (the packaged stand-in, kervljepa_jax/stand_in.py, is built the same way).
     c.model.pretrain_chats = 0
 
     c.train = ml_collections.ConfigDict()
