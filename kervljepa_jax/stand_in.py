@@ -155,10 +155,15 @@ def build(out: str, recipe: dict) -> dict:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Folder to write the stand-in to (e.g. kervljepa_jax/assets/stand_in_llm).")
-for _name, _value in RECIPE.items():
-    (flags.DEFINE_float if isinstance(_value, float) else flags.DEFINE_integer)(
-        _name, _value, f"Recipe: {_name} (packaged stand-in: {_value}).")
+
+
+def define_flags() -> None:
+    """The CLI's flags. Not at import: `python -m` runs this file as __main__, and `build` imports it
+    again as kervljepa_jax.stand_in (through training.run), which would define every flag twice."""
+    flags.DEFINE_string("out", None, "Folder to write the stand-in to (e.g. kervljepa_jax/assets/stand_in_llm).")
+    for name, value in RECIPE.items():
+        (flags.DEFINE_float if isinstance(value, float) else flags.DEFINE_integer)(
+            name, value, f"Recipe: {name} (packaged stand-in: {value}).")
 
 
 def main(argv):
@@ -173,4 +178,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

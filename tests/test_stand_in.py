@@ -71,10 +71,15 @@ def test_install_copies_once_and_refuses_a_stale_stand_in(tmp_path):
     assert "holds no stand-in" in stand_in.stale_reason(tmp_path)
 
 
-def test_build_writes_a_current_hf_folder(tmp_path):
+def test_cli_builds_a_current_hf_folder(tmp_path):
+    """Through `python -m kervljepa_jax.stand_in`, the documented rebuild command."""
     out = tmp_path / "stand_in"
-    provenance = stand_in.build(str(out), dict(steps=3, lr=1e-3, batch=2, seq_len=64, num_reports=8, num_chats=8,
-                                               vocab_size=400, seed=0))
+    recipe = dict(steps=3, lr=1e-3, batch=2, seq_len=64, num_reports=8, num_chats=8, vocab_size=400, seed=0)
+    cli = subprocess.run([sys.executable, "-m", "kervljepa_jax.stand_in", f"--out={out}",
+                          *(f"--{k}={v}" for k, v in recipe.items())], capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    provenance = json.loads(cli.stdout.strip().splitlines()[-1])
+    assert provenance == json.loads((out / stand_in.PROVENANCE).read_text())
     assert stand_in.stale_reason(out) == ""
     assert provenance["recipe"]["steps"] == 3 and np.isfinite(provenance["final_lm_loss"])
     cfg, _ = hf.load_llama(str(out))
