@@ -103,5 +103,5 @@ def test_packaged_stand_in_writes_the_findings_its_prompt_names(tmp_path):
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = json.loads(out.stdout.strip().splitlines()[-1])
-    assert figures["names_macro_f1"] >= 0.7, figures
-    assert figures["answer_nll_own_names"] < 0.8 * figures["answer_nll_other_names"], figures
+    assert figures["names_macro_f1"] >= 0.9, figures                   # 0.963 measured
+    assert figures["answer_nll_own_names"] < 0.6 * figures["answer_nll_other_names"], figures   # 0.344 vs 0.800
