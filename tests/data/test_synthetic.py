@@ -44,6 +44,29 @@ def test_records_are_deterministic_and_split_seed_dependent():
     np.testing.assert_array_equal(labels[5], r1["labels"])
 
 
+def test_records_are_made_once_read_only_and_not_pickled(monkeypatch):
+    import pickle
+    source = synthetic.SyntheticSource(config(), "train")
+    first = source[3]
+    made = []
+    monkeypatch.setattr(source, "_make", lambda i: made.append(i))   # a second read must not make it again
+    again = source[3]
+    assert made == [] and again is not first and again["slices"] is first["slices"]
+    with pytest.raises(ValueError, match="read-only"):
+        again["slices"][0, 0] = 1.0                                   # the memo cannot be corrupted
+    again["report"] = "changed"                                       # a record is a copy of the memo's dict
+    assert source[3]["report"] == first["report"]
+    monkeypatch.undo()
+    copy = pickle.loads(pickle.dumps(source))                        # grain worker processes start empty
+    assert copy._memo == {} and copy._memo_bytes == 0
+    np.testing.assert_array_equal(copy[3]["slices"], first["slices"])
+    small = synthetic.SyntheticSource(config(), "train")
+    monkeypatch.setattr(small, "MEMO_BYTES", first["slices"].nbytes)   # room for one volume only
+    small[3], small[4]
+    assert list(small._memo) == [3]
+    np.testing.assert_array_equal(small[4]["slices"], source[4]["slices"])
+
+
 def test_record_format_and_geometry():
     source = synthetic.SyntheticSource(config(slice_dtype="float16"), "valid")
     spacings, lengths = set(), set()
