@@ -231,15 +231,65 @@ def lm_loss(logits: Array, tokens: Array, loss_mask: Array) -> Array:
     if logits.ndim != 3 or tokens.shape != logits.shape[:2] or loss_mask.shape != tokens.shape:
         raise ValueError(f"lm_loss: want logits [B,T,V], tokens [B,T], loss_mask [B,T]; got "
                          f"{logits.shape}, {tokens.shape}, {loss_mask.shape}")
-    # Shift the targets, not the logits: no [B, T-1, V] copy of the largest activation.
+    targets, mask = _next_token_targets(tokens, loss_mask)
+    return jnp.sum(_token_nll(logits, targets) * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+def _next_token_targets(tokens: Array, loss_mask: Array) -> tuple[Array, Array]:
+    """tokens, loss_mask [B, T] -> (targets [B, T], float mask [B, T]) aligned with the logits:
+    position t predicts tokens[t + 1]. Shift the targets, not the logits: no [B, T-1, V] copy of
+    the largest activation."""
     targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
     mask = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    return targets, mask
+
+
+def _token_nll(logits: Array, targets: Array) -> Array:
+    """logits [..., V], targets [...] -> -log softmax(logits)[target], float32 [...]."""
     logits = logits.astype(jnp.float32)
     # one-hot product instead of a gather: elementwise + reduce stays local when the vocab
     # axis is sharded over `tensor`, and XLA fuses it without materialising the one-hot.
     target_logit = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T]
-    return jnp.sum(nll * mask) / jnp.maximum(mask.sum(), 1.0)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def lm_loss_from_hidden(hidden: Array, tokens: Array, loss_mask: Array, logits_fn: Callable[[Array], Array],
+                        chunk: int = 32) -> Array:
+    """`lm_loss(logits_fn(hidden), tokens, loss_mask)` without the logits of positions that are no target.
+
+    hidden: [B, T, D] last hidden states; logits_fn: [B, c, D] -> [B, c, V] (the LM head).
+    The targets are ~40% of a phase-3 batch (prompt, visual slots and padding are not), and the
+    head (+ its softmax) is the largest single cost of the tiny decoder's step and the largest
+    activation of the 3B one ([B, T, 128256] float32). So each row's target positions are moved to
+    its front (a stable sort keeps their order), the positions are cut into chunks of `chunk`, and
+    a chunk where no row of the batch has a target is skipped (`lax.cond`, forward and backward).
+    Each chunk's logits are recomputed in the backward pass instead of stored: peak memory is one
+    chunk's [B, chunk, V]. Rows stay whole, so a batch sharded over data-parallel devices stays so.
+    """
+    if hidden.ndim != 3 or tokens.shape != hidden.shape[:2] or loss_mask.shape != tokens.shape or chunk < 1:
+        raise ValueError(f"lm_loss_from_hidden: want hidden [B,T,D], tokens [B,T], loss_mask [B,T], chunk >= 1; "
+                         f"got {hidden.shape}, {tokens.shape}, {loss_mask.shape}, chunk={chunk}")
+    targets, mask = _next_token_targets(tokens, loss_mask)
+    b, t, d = hidden.shape
+    order = jnp.argsort(mask == 0, axis=1, stable=True)                 # [B, T] targets first, in order
+    pad = (-t) % chunk
+
+    def chunked(x: Array) -> Array:  # [B, T, ...] -> [T/chunk, B, chunk, ...], padded with non-targets
+        x = jnp.take_along_axis(x, order.reshape(b, t, *([1] * (x.ndim - 2))), axis=1)
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape(b, (t + pad) // chunk, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint
+    def chunk_nll_sum(h: Array, y: Array, m: Array) -> Array:
+        return jnp.sum(_token_nll(logits_fn(h), y) * m)
+
+    def body(total: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, None]:
+        h, y, m = xs
+        skip = lambda h, y, m: jnp.zeros((), jnp.float32)  # noqa: E731
+        return total + jax.lax.cond(jnp.any(m > 0), chunk_nll_sum, skip, h, y, m), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunked(hidden), chunked(targets), chunked(mask)))
+    return total / jnp.maximum(mask.sum(), 1.0)
 
 
 def jepa_loss(z_visual: Array, target: Array) -> Array:

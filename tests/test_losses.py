@@ -272,6 +272,41 @@ def test_lm_loss_empty_mask_is_zero():
     assert float(losses.lm_loss(jnp.zeros((1, 4, 3)), jnp.zeros((1, 4), jnp.int32), jnp.zeros((1, 4)))) == 0.0
 
 
+def _hidden_case(b=3, t=11, d=6, v=40):
+    hidden = jnp.asarray(RNG.normal(size=(b, t, d)).astype(np.float32))
+    head = jnp.asarray(RNG.normal(size=(d, v)).astype(np.float32))
+    tokens = jnp.asarray(RNG.integers(0, v, size=(b, t)))
+    mask = np.zeros((b, t), np.int32)
+    mask[0, 3:9] = 1
+    mask[1, [2, 5, 6, 10]] = 1    # holes: targets need not be contiguous
+    return hidden, head, tokens, jnp.asarray(mask)       # row 2: no target at all
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 11, 64])
+def test_lm_loss_from_hidden_equals_lm_loss_on_full_logits(chunk):
+    hidden, head, tokens, mask = _hidden_case()
+    full = lambda h, w: losses.lm_loss(h @ w, tokens, mask)  # noqa: E731
+    chunked = lambda h, w: losses.lm_loss_from_hidden(h, tokens, mask, lambda x: x @ w, chunk)  # noqa: E731
+    np.testing.assert_allclose(float(chunked(hidden, head)), float(full(hidden, head)), rtol=1e-6)
+    for got, want in zip(jax.grad(chunked, (0, 1))(hidden, head), jax.grad(full, (0, 1))(hidden, head)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-7)
+    assert float(losses.lm_loss_from_hidden(hidden, tokens, jnp.zeros_like(mask), lambda x: x @ head, chunk)) == 0.0
+
+
+def test_lm_loss_from_hidden_runs_the_head_only_on_chunks_with_targets():
+    hidden, head, tokens, mask = _hidden_case()
+    calls = []
+
+    def head_fn(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x @ head
+    # targets per row after the shift: 6, 4, 0 -> sorted to the front, chunks of 2: 3 of 6 run.
+    jax.block_until_ready(jax.jit(lambda h: losses.lm_loss_from_hidden(h, tokens, mask, head_fn, 2))(hidden))
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="lm_loss_from_hidden"):
+        losses.lm_loss_from_hidden(hidden[0], tokens, mask, head_fn)
+
+
 # ----------------------------------------------------------------------------- JEPA
 
 

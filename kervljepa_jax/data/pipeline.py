@@ -23,8 +23,11 @@ D = embed_dim, C = 18 classes, T = max_tokens, Tc = max_condition_tokens:
   condition_ids     [B, C, Tc] int32         per-condition texts (MMD / InfoNCE targets), padded
   condition_lengths [B, C]     int32         0 for absent classes
   condition_valid   [B, C]     bool          = labels
-  target_ids        [B, T]     int32         positive-findings-only text, no template (contrastive target)
+  target_ids        [B, T]     int32         the positive findings in class order, no template (InfoNCE / JEPA target)
   target_mask       [B, T]     bool
+  record_index      [B]        int32         the record's index in its split
+  target_embedding, condition_embedding  [B, D_w], [B, C, D_w] float32: only after
+                    `attach_text_embeddings` (the trainer's cache of the frozen LLM's text targets)
   meta              dict of host lists [B]: volume_name, response (the text trained on),
                     condition_texts ([C] strings)
 With a mesh, every array is a global jax.Array with [B] on the logical 'batch' axis (mesh axes
@@ -142,7 +145,7 @@ class VolumeText:
     condition_cuts: int                 # per-condition texts cut to Tc
     sentence_ids: dict | None           # text.sentence_token_table of the positive sentences
     report_ids: np.ndarray | None       # raw mode: the Findings_EN ids, int32
-    fixed_target: tuple | None          # (text, int32 ids) when there is no class order to draw (<= 1 class)
+    target: tuple                       # (text, int32 ids): the findings in class order (contrastive / JEPA target)
 
 
 class ExampleBuilder:
@@ -189,18 +192,16 @@ class ExampleBuilder:
         lengths[list(segments)] = [length for _, length, _ in rows]
         sentences = [s for c in segments for s in segments[c]] or [findings.NORMAL_SENTENCE]
         table = text.sentence_token_table(self.tokenizer, sentences)
-        fixed = None
-        if len(segments) <= 1:     # nothing to shuffle: the same text every epoch
-            fixed_sentences = text.ordered_sentences(segments)
-            fixed = (" ".join(fixed_sentences),
-                     text.joined_ids(fixed_sentences, table) if table is not None else
-                     np.asarray(text.encode_texts(self.tokenizer, [" ".join(fixed_sentences)])[0], np.int32))
+        canonical = text.ordered_sentences(segments)
+        target = (" ".join(canonical),
+                  text.joined_ids(canonical, table) if table is not None else
+                  np.asarray(text.encode_texts(self.tokenizer, [" ".join(canonical)])[0], np.int32))
         volume = VolumeText(
             segments, conditions, condition_classes=np.fromiter(segments, np.int64, len(segments)),
             condition_block=np.stack([row for row, _, _ in rows]) if rows else
             np.zeros((0, self.max_condition_tokens), np.int32),
             condition_lengths=lengths, condition_cuts=sum(cut for _, _, cut in rows), sentence_ids=table,
-            report_ids=np.asarray(encoded[-1], np.int32) if self.text_mode == "raw" else None, fixed_target=fixed)
+            report_ids=np.asarray(encoded[-1], np.int32) if self.text_mode == "raw" else None, target=target)
         # A report holding the literal placeholder text would add placeholders to the chat.
         texts_ids = [i for pair in (table or {}).values() for i in pair]
         texts_ids += [volume.report_ids] if volume.report_ids is not None else []
@@ -231,8 +232,8 @@ class ExampleBuilder:
 
     def positive_findings(self, volume: VolumeText, record: dict) -> tuple[str, np.ndarray]:
         """This epoch's positive-findings text (class order from (seed, epoch, index)) and its ids."""
-        if volume.fixed_target is not None:
-            return volume.fixed_target
+        if len(volume.segments) <= 1:     # nothing to shuffle: the same text every epoch
+            return volume.target
         order = sorted(volume.segments, key=self.class_ranks(int(record["index"])).__getitem__)
         sentences = text.ordered_sentences(volume.segments, order)
         if volume.sentence_ids is not None:
@@ -242,12 +243,15 @@ class ExampleBuilder:
 
     def __call__(self, record: dict) -> dict:
         volume = self.volume_text(record)
-        target, target_ids = self.positive_findings(volume, record)
+        # The response (the LM's text) draws its class order each epoch; the contrastive / JEPA
+        # target is a function of the volume alone, so that its embedding can be cached.
+        target, target_ids = volume.target
         if self.text_mode == "raw":
             response, response_ids = record["report"], volume.report_ids
         else:
-            response, response_ids = target, target_ids
-        return {"slices": record["slices"], "z_mm": record["z_mm"], "labels": np.asarray(record["labels"], np.int32),
+            response, response_ids = self.positive_findings(volume, record)
+        return {"index": int(record["index"]),
+                "slices": record["slices"], "z_mm": record["z_mm"], "labels": np.asarray(record["labels"], np.int32),
                 "response_ids": response_ids, "target_ids": target_ids, "volume": volume,
                 "subsampled": bool(record.get("subsampled")),
                 "volume_name": record["volume_name"], "response": response,
@@ -290,6 +294,7 @@ class ExampleBuilder:
             "condition_lengths": np.stack([e["volume"].condition_lengths for e in examples]),
             "condition_valid": labels.astype(bool), "target_ids": target_ids,
             "target_mask": tokens < np.minimum(target_len, t_max)[:, None],
+            "record_index": np.array([e["index"] for e in examples], np.int32),
             "meta": {k: [e[k] for e in examples] for k in META_KEYS},
         }
         events = {"subsampled_slices": sum(e["subsampled"] for e in examples),
@@ -575,6 +580,44 @@ class Pipeline:
         self.buffer_pool = BufferPool(4 * max(1, int(config.read_threads)) + 8)
         # Fail at construction, not in a reader thread, on a template without the placeholders.
         self.prompt_ids = ExampleBuilder(config, self.tokenizer, split, 0).prompt_ids
+        # Per record, the frozen LLM's embeddings of its texts (`attach_text_embeddings`).
+        self.text_embeddings: dict[str, np.ndarray] | None = None
+
+    def text_rows(self) -> dict[str, np.ndarray]:
+        """Every record's texts exactly as its batches carry them, without reading a slice:
+        condition_ids [N, C, Tc], condition_lengths [N, C], target_ids [N, T], target_lengths [N].
+        A record whose text is unusable gets empty rows when data.skip_bad_records (it is skipped
+        when read) and raises otherwise."""
+        builder = ExampleBuilder(self.config, self.tokenizer, self.split, 0, self.text_cache, self.prompt_ids)
+        reports, labels = self.source.texts()
+        n, c = len(reports), findings.NUM_CLASSES
+        t, tc, pad = builder.max_tokens, builder.max_condition_tokens, builder.ids["pad"]
+        rows = {"condition_ids": np.full((n, c, tc), pad, np.int32), "condition_lengths": np.zeros((n, c), np.int32),
+                "target_ids": np.full((n, t), pad, np.int32), "target_lengths": np.zeros(n, np.int32)}
+        for i, (report, label) in enumerate(zip(reports, labels)):
+            record = {"index": i, "report": report, "labels": label,
+                      "volume_name": f"record {i} of the {self.split} split"}
+            try:
+                volume = builder.volume_text(record)
+            except records.DataError:
+                if not self.config.skip_bad_records:
+                    raise
+                continue
+            rows["condition_ids"][i, volume.condition_classes] = volume.condition_block
+            rows["condition_lengths"][i] = volume.condition_lengths
+            ids = volume.target[1][:t]
+            rows["target_ids"][i, :len(ids)] = ids
+            rows["target_lengths"][i] = len(ids)
+        return rows
+
+    def attach_text_embeddings(self, target: np.ndarray, conditions: np.ndarray) -> None:
+        """From now on every batch also carries target_embedding [B, D_w] and condition_embedding
+        [B, C, D_w]: rows of target [N, D_w] / conditions [N, C, D_w] (one per record of the split,
+        e.g. the frozen LLM's whitened embeddings of `text_rows`), looked up by record_index."""
+        if len(target) != len(self.source) or len(conditions) != len(self.source):
+            raise ValueError(f"text embeddings for {len(target)} / {len(conditions)} records; the {self.split} "
+                             f"split has {len(self.source)}")
+        self.text_embeddings = {"target_embedding": target, "condition_embedding": conditions}
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This process's record indices for an epoch: a (seed, epoch) permutation of all records,
@@ -605,6 +648,8 @@ class Pipeline:
             read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
 
     def finalize(self, batch: dict) -> dict:
+        if self.text_embeddings is not None:   # in the main process: worker processes never hold the tables
+            batch.update({k: table[batch["record_index"]] for k, table in self.text_embeddings.items()})
         return to_global(batch, self.mesh) if self.mesh is not None else batch
 
     def epoch(self, epoch: int) -> BatchIterator:
@@ -641,4 +686,5 @@ def batch_spec(config, embed_dim: int | None = None) -> dict[str, Any]:
             "valid": ((n,), bool), "num_slices": ((), np.int32), "labels": ((c,), np.int32),
             "input_ids": ((t,), np.int32), "loss_mask": ((t,), bool), "attention_mask": ((t,), bool),
             "condition_ids": ((c, tc), np.int32), "condition_lengths": ((c,), np.int32),
-            "condition_valid": ((c,), bool), "target_ids": ((t,), np.int32), "target_mask": ((t,), bool)}
+            "condition_valid": ((c,), bool), "target_ids": ((t,), np.int32), "target_mask": ((t,), bool),
+            "record_index": ((), np.int32)}

@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 
 from kervljepa_jax.findings import NUM_CLASSES
+from kervljepa_jax.model.dropout import Dropout
 from kervljepa_jax.sharding import constrain
 
 CALIBRATION = "calibration"  # the flax collection holding alpha
@@ -103,7 +104,7 @@ class JEPAPredictor(nn.Module):
     def __call__(self, tokens: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
         _check_last_dim("JEPAPredictor", tokens, cfg.d_visual, "compressor tokens V'")
-        x = nn.Dropout(cfg.predictor_dropout)(tokens, deterministic=deterministic)
+        x = Dropout(cfg.predictor_dropout)(tokens, deterministic=deterministic)
         x = _dense(cfg, cfg.d_llm, cfg.d_visual, ("visual_embed", "embed"), "linear")(x)
         x = _layer_norm(cfg, "embed", "norm")(x)
         return constrain(x, ("batch", "zones", "act_embed"))

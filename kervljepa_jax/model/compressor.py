@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kervljepa_jax.model.dropout import Dropout
 from kervljepa_jax.sharding import constrain
 
 # Additive bias for a key outside the zone: exp() of it underflows to exactly 0 in f32.
@@ -214,7 +215,7 @@ class TorchMultiheadAttention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1)                         # [B, H, L, S]
         if self.sow_weights:
             self.sow("intermediates", "attention_weights", weights)
-        weights = nn.Dropout(self.dropout)(weights, deterministic=deterministic)
+        weights = Dropout(self.dropout)(weights, deterministic=deterministic)
         out = jnp.einsum("bhls,bshe->blhe", weights.astype(self.dtype), v)
         out = HeadProjection((self.num_heads, head_dim), (self.d_model,), ("heads", "head_dim", "visual_embed"),
                              _uniform(1.0 / math.sqrt(self.d_model)), dtype=self.dtype,
@@ -247,7 +248,7 @@ class TransformerEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         cfg = self.config
-        drop = lambda y: nn.Dropout(cfg.dropout)(y, deterministic=deterministic)  # noqa: E731
+        drop = lambda y: Dropout(cfg.dropout)(y, deterministic=deterministic)  # noqa: E731
         attn = TorchMultiheadAttention(cfg.d_visual, cfg.num_heads, cfg.dropout, "zones", cfg.dtype,
                                        cfg.param_dtype, name="self_attn")(x, x, None, deterministic)
         x = self._norm("norm1")(x + drop(attn))

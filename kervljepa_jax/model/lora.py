@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from kervljepa_jax.model.dropout import Dropout
+
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_LEAVES = ("lora_A", "lora_B")
 # Any LoRA tensor in a param tree, for the phase tables and the warm bridge.
@@ -79,7 +81,7 @@ class LoraDense(nn.Module):
                             (in_features, self.lora.rank), self.param_dtype)
         lora_b = self.param("lora_B", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
                             (self.lora.rank, self.features), self.param_dtype)
-        x_in = nn.Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
+        x_in = Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
         return y + (x_in @ lora_a.astype(self.dtype)) @ lora_b.astype(self.dtype) * self.lora.scale
 
 

@@ -202,21 +202,26 @@ class VLM(nn.Module):
 
     def __call__(self, slices: Array, z_mm: Array, valid: Array, input_ids: Array | None = None,
                  attention_mask: Array | None = None, response_mask: Array | None = None, *,
-                 visual_mode: str = "normal", rng: Array | None = None) -> VLMOutput:
+                 visual_mode: str = "normal", rng: Array | None = None, return_logits: bool = True) -> VLMOutput:
         """Every output in one forward. Without `input_ids` only the visual path runs (phases 1-2).
 
         input_ids / attention_mask / response_mask [B, T]; response_mask (the assistant tokens)
-        feeds the LLM-visual classifier.
+        feeds the LLM-visual classifier. return_logits=False leaves the LM head to the caller
+        (`token_logits`, e.g. only where a loss needs it: losses.lm_loss_from_hidden).
         """
         visual = self.encode_visual(slices, z_mm, valid, visual_mode, rng)
         if input_ids is None:
             return VLMOutput(visual=visual)
         out = self.llm(inputs_embeds=self._embed(input_ids, visual.calibrated), attention_mask=attention_mask,
-                       adapter_context=self.visual_context(visual.calibrated))
+                       adapter_context=self.visual_context(visual.calibrated), return_logits=return_logits)
         if response_mask is None:
             response_mask = jnp.ones(input_ids.shape, jnp.bool_) if attention_mask is None else attention_mask
         return VLMOutput(visual=visual, logits=out.logits, hidden=out.hidden,
                          llm_cls_logits=self.llm_classifier(out.hidden, response_mask))
+
+    def token_logits(self, hidden: Array) -> Array:
+        """The LM head: last hidden states [B, T, D] -> logits [B, T, V] float32."""
+        return self.llm.logits(hidden)
 
     # ------------------------------------------------------------------ decoding
 

@@ -135,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.log_every = 10
     c.train.eval_every_epochs = 1
+    # Embed every record's text targets (per-condition texts, class-ordered findings) with the frozen
+    # LLM once per run instead of in every step; False embeds them in the step (same values).
+    c.train.cache_text_targets = True
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000    # 0 = only at evaluations and at phase end

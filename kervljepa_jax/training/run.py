@@ -305,11 +305,18 @@ class Run:
         self.text_rows = emb[[i for i in range(min(len(emb), len(self.tokenizer))) if i not in special]]
         self.whiten_layer = int(config.model.whiten_layer) if config.model.whiten_layer >= 0 else \
             self.llm_cfg.num_hidden_layers // 2
+        if self.whiten_layer > self.llm_cfg.num_hidden_layers:
+            raise TrainError(f"--config.model.whiten_layer={self.whiten_layer}: the LLM has "
+                             f"{self.llm_cfg.num_hidden_layers} layers; choose 0..{self.llm_cfg.num_hidden_layers} "
+                             f"or -1 for the middle one")
         self.encoder = step_lib.TextEncoder(self.llm_cfg, self.whiten_layer)
         self.whitening = None
         self.pos_weight = None
         self.configs: dict[int, Any] = {}
         self._pipelines: dict[tuple, pipeline_lib.Pipeline] = {}
+        self._text_targets_enabled = False
+        self._raw_text_targets: dict[str, dict[str, np.ndarray]] = {}   # Run._text_key -> _embedded_rows
+        self._embed = None
         self._generators: dict[SamplingConfig, ReportGenerator] = {}
         self._classifier_logits = None
         # Where every param lives on the mesh: the logical axis names of an abstract init.
@@ -336,6 +343,7 @@ class Run:
         key = (split, data.to_json(sort_keys=True))
         if key not in self._pipelines:
             self._pipelines[key] = pipeline_lib.Pipeline(data, split, self.tokenizer, self.mesh)
+            self._attach_text_targets(self._pipelines[key])
         return self._pipelines[key]
 
     def report_generator(self, config) -> ReportGenerator:
@@ -355,44 +363,78 @@ class Run:
         return self._classifier_logits
 
     def prepare_targets(self, config, params: Any) -> None:
-        """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings.
+        """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings;
+        the whitened text targets of every record (train and valid), attached to the pipelines.
 
-        Text only (no slice is read): the per-condition texts and the positive-findings texts of
-        the training split, embedded by the frozen base LLM (layer `whiten_layer`, mean-pooled).
+        Text only (no slice is read): the per-condition texts and the class-ordered findings
+        texts, embedded by the frozen base LLM (layer `whiten_layer`, mean-pooled) exactly as the
+        batches carry them; the whitening is fitted on the training split's.
         """
         if self.whitening is not None:
             return
         path = os.path.join(self.workdir, "whitening.npz")
-        reports, labels = training_texts(config.data)
+        _, labels = training_texts(config.data)
         self.pos_weight = jnp.asarray(losses.pos_weight_from_labels(np.stack(labels)))
+        self._text_targets_enabled = bool(config.train.cache_text_targets)
+        train_raw = self._embedded_rows(self.pipeline(config, "train"), {"llm": self.llm_params})
         if os.path.isfile(path):
             w = whitening_lib.load(path)
         else:
-            rng = np.random.default_rng(int(config.data.seed))
-            conditions = [t for r, l in zip(reports, labels) for t in text_lib.condition_texts(r, l) if t]
-            targets = [text_lib.positive_findings_text(r, l, rng) for r, l in zip(reports, labels)]
-            params = {"llm": self.llm_params}
-            emb = np.concatenate([self.embed_texts(conditions, int(config.data.max_condition_tokens), params),
-                                  self.embed_texts(targets, int(config.data.max_tokens), params)])
+            emb = np.concatenate([train_raw["conditions"][train_raw["present"]], train_raw["target"]])
             w, stats = whitening_lib.fit_and_report(emb, dim=self.vcfg.bridge.jepa_dim)
             whitening_lib.save(w, path)
             logging.info("whitening (layer %d, %d texts): %s", self.whiten_layer, len(emb), json.dumps(stats))
         self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32), "projection": jnp.asarray(w.projection, jnp.float32)}
+        if self._text_targets_enabled:
+            self._raw_text_targets[self._text_key(self.pipeline(config, "train"))] = train_raw
+            for pipe in list(self._pipelines.values()):
+                self._attach_text_targets(pipe)
 
-    def embed_texts(self, texts: list[str], max_len: int, params: Any, batch: int = 256) -> np.ndarray:
-        """[M, D] unwhitened text embeddings (fixed-size batches: one compilation)."""
-        pad = tokenizers.special_ids(self.tokenizer)["pad"]
-        rows = [text_lib.encode_padded(self.tokenizer, t, max_len, pad) for t in texts]
-        ids = np.stack([r[0] for r in rows])
-        mask = np.arange(max_len)[None] < np.array([r[1] for r in rows])[:, None]
-        embed = jax.jit(lambda p, i, m: self.encoder(p, i, m, None))
+    def _text_key(self, pipe: pipeline_lib.Pipeline) -> str:
+        """What a split's text targets depend on: its records and text settings, not batching."""
+        data = {k: v for k, v in pipe.config.to_dict().items()
+                if k not in ("batch_size", "shuffle", "drop_remainder", "read_threads", "num_workers")}
+        return json.dumps([pipe.split, data], sort_keys=True, default=str)
+
+    def _embedded_rows(self, pipe: pipeline_lib.Pipeline, params: Any) -> dict[str, np.ndarray]:
+        """Unwhitened embeddings of a split's records: target [N, D], conditions [N, C, D] (zero rows
+        where a class is absent) and present [N, C]."""
+        rows = pipe.text_rows()
+        present = rows["condition_lengths"] > 0
+        tc = rows["condition_ids"].shape[-1]
+        cond_mask = np.arange(tc) < rows["condition_lengths"][present][:, None]
+        cond = self.embed_ids(rows["condition_ids"][present], cond_mask, params)
+        conditions = np.zeros((*present.shape, cond.shape[-1]), np.float32)
+        conditions[present] = cond
+        t = rows["target_ids"].shape[-1]
+        target = self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], params)
+        return {"target": target, "conditions": conditions, "present": present}
+
+    def _attach_text_targets(self, pipe: pipeline_lib.Pipeline) -> None:
+        """Give `pipe`'s batches their whitened text targets (embedded once per split and text setting)."""
+        if not self._text_targets_enabled or self.whitening is None:
+            return
+        key = self._text_key(pipe)
+        if key not in self._raw_text_targets:
+            self._raw_text_targets[key] = self._embedded_rows(pipe, {"llm": self.llm_params})
+        raw = self._raw_text_targets[key]
+        mean, projection = (np.asarray(self.whitening[k], np.float32) for k in ("mean", "projection"))
+        conditions = np.where(raw["present"][..., None], (raw["conditions"] - mean) @ projection, 0.0)
+        pipe.attach_text_embeddings(((raw["target"] - mean) @ projection).astype(np.float32),
+                                    conditions.astype(np.float32))
+
+    def embed_ids(self, ids: np.ndarray, mask: np.ndarray, params: Any, batch: int = 256) -> np.ndarray:
+        """[M, T] ids with their mask -> [M, D] unwhitened text embeddings (fixed-size batches: one
+        compilation per length)."""
+        if self._embed is None:
+            self._embed = jax.jit(lambda p, i, m: self.encoder(p, i, m, None))
         llm = step_lib.base_llm_params(params)
-        out = []
+        out = [np.zeros((0, self.llm_cfg.hidden_size), np.float32)]
         for start in range(0, len(ids), batch):
             i, m = ids[start:start + batch], mask[start:start + batch]
             n = len(i)
-            i, m = np.pad(i, ((0, batch - n), (0, 0)), constant_values=pad), np.pad(m, ((0, batch - n), (0, 0)))
-            out.append(np.asarray(embed(llm, jnp.asarray(i), jnp.asarray(m)))[:n])
+            i, m = np.pad(i, ((0, batch - n), (0, 0))), np.pad(m, ((0, batch - n), (0, 0)))
+            out.append(np.asarray(self._embed(llm, jnp.asarray(i), jnp.asarray(m)), np.float32)[:n])
         return np.concatenate(out)
 
     def consts(self) -> dict:

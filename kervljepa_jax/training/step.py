@@ -7,7 +7,10 @@
 
 Text targets (condition texts, the report text) are embedded by the frozen base LLM without
 LoRA (mean over the tokens of hidden layer `whiten.layer`) and whitened with the PCA fitted by
-`kervljepa_jax.whiten`; they are constants of the step (stop_gradient).
+`kervljepa_jax.whiten`; they are constants of the step (stop_gradient). Neither the frozen LLM nor
+a record's condition texts and class-ordered findings text change within a run, so the trainer
+embeds them once per record (Run.prepare_targets) and the batches carry them (target_embedding,
+condition_embedding); a batch without them is embedded here, with the same result.
 Decision the paper leaves open: the focal loss of eq. 12-13 is on the LLM-visual classifier's
 logits (the only classification head that LoRA, the one trainable part of phase 4, can move);
 LLM-cls is the pos-weighted BCE on the same logits.
@@ -31,6 +34,10 @@ from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.training import phases
 
 Array = jax.Array
+
+# Positions per LM-head chunk (losses.lm_loss_from_hidden): 64 measured fastest on 2 CPU cores for
+# the tiny decoder (16-128 all beat full logits); bounds the 3B head's live logits to [B, 64, V].
+LM_CHUNK = 64
 
 
 def base_llm_params(params: Any) -> Any:
@@ -66,6 +73,20 @@ def _texts(encoder: TextEncoder, params: Any, ids: Array, mask: Array, whitening
     return jax.lax.stop_gradient(flat.reshape(*ids.shape[:-1], flat.shape[-1]))
 
 
+def condition_targets(encoder: TextEncoder, params: Any, batch: dict[str, Array], whitening) -> Array:
+    """[B, C, D_w] per-condition text embeddings: the batch's cached ones, else embedded here."""
+    if "condition_embedding" in batch:
+        return batch["condition_embedding"]
+    return _texts(encoder, params, batch["condition_ids"], condition_mask(batch), whitening)
+
+
+def report_targets(encoder: TextEncoder, params: Any, batch: dict[str, Array], whitening) -> Array:
+    """[B, D_w] embeddings of the positive-findings texts: the batch's cached ones, else embedded here."""
+    if "target_embedding" in batch:
+        return batch["target_embedding"]
+    return _texts(encoder, params, batch["target_ids"], batch["target_mask"], whitening)
+
+
 def condition_mask(batch: dict[str, Array]) -> Array:
     """[B, C, Tc] token mask of the per-condition texts."""
     tc = batch["condition_ids"].shape[-1]
@@ -83,7 +104,7 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
         out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], rngs=rngs)
     else:
         out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], batch["input_ids"],
-                          batch["attention_mask"], batch["loss_mask"], rngs=rngs)
+                          batch["attention_mask"], batch["loss_mask"], rngs=rngs, return_logits=False)
     visual = out.visual
     terms = {}
     if phase == 1:
@@ -91,16 +112,18 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
         terms["mil"] = losses.bce_with_logits(visual.mil_logits, labels, pos_weight)
         terms["orth"] = losses.orthogonality_loss(visual.tokens)
     if phase in (1, 2):
-        cond = _texts(encoder, params, batch["condition_ids"], condition_mask(batch), whitening)
+        cond = condition_targets(encoder, params, batch, whitening)
         terms["mmd"] = losses.mmd_imq_loss(visual.z_tokens, cond, batch["condition_valid"])
     if phase == 2:
-        target = _texts(encoder, params, batch["target_ids"], batch["target_mask"], whitening)
+        target = report_targets(encoder, params, batch, whitening)
         terms["infonce"] = losses.info_nce_loss(visual.z_visual, target, params["log_temperature"])
     if phase in (3, 4):
-        terms["lm"] = losses.lm_loss(out.logits, batch["input_ids"], batch["loss_mask"])
+        head = lambda hidden: model.apply(variables, hidden, method=vlm_lib.VLM.token_logits)  # noqa: E731
+        terms["lm"] = losses.lm_loss_from_hidden(out.hidden, batch["input_ids"], batch["loss_mask"], head,
+                                                 LM_CHUNK)
         terms["focal"] = losses.focal_loss(out.llm_cls_logits, labels)
     if phase == 3:
-        target = _texts(encoder, params, batch["target_ids"], batch["target_mask"], whitening)
+        target = report_targets(encoder, params, batch, whitening)
         terms["jepa"] = losses.jepa_loss(visual.z_visual, target)
         terms["llm_cls"] = losses.llm_visual_cls_loss(out.llm_cls_logits, labels, pos_weight)
     return terms

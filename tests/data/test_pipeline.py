@@ -123,15 +123,22 @@ def test_batch_rows_equal_the_per_text_reference(workdir, tokenizer, epoch0):
     ids = pipeline.tokenizers.special_ids(tokenizer)
     prompt = text.encode_prompt(tokenizer, config.num_visual_tokens)
     raw = list(make(workdir, tokenizer, text_mode="raw", max_tokens=150, max_condition_tokens=6).epoch(0))
+    source = synthetic.SyntheticSource(config, "train")
     for batch, mode, t, tc in [(b, "positive_findings", T, TC) for b in epoch0[0]] + [(b, "raw", 150, 6) for b in raw]:
         for row, response in enumerate(batch["meta"]["response"]):
             chat, _ = text.encode_chat(tokenizer, prompt, response, t, ids["pad"], ids["eot"])
             for key, want in chat.items():
                 np.testing.assert_array_equal(batch[key][row], want, err_msg=key)
-            if mode == "positive_findings":        # the target is the response without the template
-                target, length, _ = text.encode_padded(tokenizer, response, t, ids["pad"])
-                np.testing.assert_array_equal(batch["target_ids"][row], target)
-                np.testing.assert_array_equal(batch["target_mask"][row], np.arange(t) < length)
+            # The target: the positive findings in class order (the response draws its order per epoch).
+            record = source[int(batch["meta"]["volume_name"][row].split("_")[1]) - 1]
+            sentences = text.ordered_sentences(text.class_segments(record["report"], record["labels"]))
+            ordered = " ".join(sentences)
+            target, length, _ = text.encode_padded(tokenizer, ordered, t, ids["pad"])
+            np.testing.assert_array_equal(batch["target_ids"][row], target)
+            np.testing.assert_array_equal(batch["target_mask"][row], np.arange(t) < length)
+            if mode == "positive_findings":
+                assert len(response) == len(ordered) and all(sentence in response for sentence in sentences)
+            assert batch["record_index"][row] == int(batch["meta"]["volume_name"][row].split("_")[1]) - 1
             for c, condition in enumerate(batch["meta"]["condition_texts"][row]):
                 want, length, _ = text.encode_padded(tokenizer, condition, tc, ids["pad"])
                 np.testing.assert_array_equal(batch["condition_ids"][row, c], want)

@@ -15,6 +15,7 @@ from kervljepa_jax.data import synthetic
 from kervljepa_jax.data import text as text_lib
 from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import run as run_lib
+from kervljepa_jax.training import step as step_lib
 
 TINY = {"data.num_train": "24", "data.num_valid": "8", "data.min_synthetic_slices": "40",
         "data.max_synthetic_slices": "60", "data.max_slices": "60", "model.pretrain_steps": "3",
@@ -124,3 +125,30 @@ def test_tokenizer_config_prefers_the_base_llms_own_tokenizer(tmp_path):
     assert config.data.tokenizer_path == ""                                               # not mutated
     given = _config(**{"data.tokenizer_path": "/models/llama"})
     assert run_lib.tokenizer_config(given, str(base)).tokenizer_path == "/models/llama"
+
+
+def test_cached_text_targets_equal_what_the_step_embeds(run):
+    # prepare_targets embeds every record's texts once; the batches then carry them, and the step
+    # uses them instead of running the frozen LLM: the values must be the step's own.
+    config = _config()
+    run.prepare_targets(config, {"llm": run.llm_params})
+    params = {"llm": run.llm_params}
+    for split in ("train", "valid"):
+        batch = next(iter(run.pipeline(config, split, shuffle=False).epoch(0)))
+        assert {"target_embedding", "condition_embedding"} <= set(batch)
+        bare = {k: v for k, v in batch.items() if not k.endswith("_embedding")}
+        want_target = step_lib.report_targets(run.encoder, params, bare, run.whitening)
+        want_cond = step_lib.condition_targets(run.encoder, params, bare, run.whitening)
+        np.testing.assert_allclose(np.asarray(batch["target_embedding"]), np.asarray(want_target), atol=2e-4)
+        present = np.asarray(batch["condition_valid"])
+        assert present.any() and not np.asarray(batch["condition_embedding"])[~present].any()
+        np.testing.assert_allclose(np.asarray(batch["condition_embedding"])[present],
+                                   np.asarray(want_cond)[present], atol=2e-4)
+        # The cached path returns the batch's arrays unchanged.
+        assert step_lib.report_targets(run.encoder, params, batch, run.whitening) is batch["target_embedding"]
+    # A fresh pipeline (another batch size) gets them too; turned off, none do.
+    other = run.pipeline(_config(**{"train.batch_size": "4"}), "train")
+    assert other.text_embeddings is not None
+    off = run_lib.Run(_config(**{"train.cache_text_targets": "false"}), run.workdir)
+    off.prepare_targets(_config(**{"train.cache_text_targets": "false"}), {"llm": off.llm_params})
+    assert "target_embedding" not in next(iter(off.pipeline(config, "train").epoch(0)))
