@@ -581,7 +581,7 @@ class Pipeline:
         # Fail at construction, not in a reader thread, on a template without the placeholders.
         self.prompt_ids = ExampleBuilder(config, self.tokenizer, split, 0).prompt_ids
         # Per record, the frozen LLM's embeddings of its texts (`attach_text_embeddings`).
-        self.text_embeddings: dict[str, np.ndarray] | None = None
+        self.text_embeddings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def text_rows(self) -> dict[str, np.ndarray]:
         """Every record's texts exactly as its batches carry them, without reading a slice:
@@ -610,14 +610,26 @@ class Pipeline:
             rows["target_lengths"][i] = len(ids)
         return rows
 
-    def attach_text_embeddings(self, target: np.ndarray, conditions: np.ndarray) -> None:
+    def attach_text_embeddings(self, target: np.ndarray, condition_rows: np.ndarray,
+                               condition_index: np.ndarray) -> None:
         """From now on every batch also carries target_embedding [B, D_w] and condition_embedding
-        [B, C, D_w]: rows of target [N, D_w] / conditions [N, C, D_w] (one per record of the split,
-        e.g. the frozen LLM's whitened embeddings of `text_rows`), looked up by record_index."""
-        if len(target) != len(self.source) or len(conditions) != len(self.source):
-            raise ValueError(f"text embeddings for {len(target)} / {len(conditions)} records; the {self.split} "
-                             f"split has {len(self.source)}")
-        self.text_embeddings = {"target_embedding": target, "condition_embedding": conditions}
+        [B, C, D_w] (zeros for absent classes), looked up by record_index: target [N, D_w] has a row
+        per record of the split; condition_index [N, C] points into condition_rows [M, D_w] (-1 for
+        an absent class). E.g. the frozen LLM's whitened embeddings of `text_rows`."""
+        n = len(self.source)
+        if len(target) != n or condition_index.shape != (n, findings.NUM_CLASSES) or \
+                condition_index.max(initial=-1) >= len(condition_rows):
+            raise ValueError(f"text embeddings: target {target.shape}, condition_index {condition_index.shape} "
+                             f"(max {condition_index.max(initial=-1)}) for {len(condition_rows)} condition rows; "
+                             f"the {self.split} split has {n} records")
+        self.text_embeddings = (target, condition_rows, condition_index)
+
+    def _add_text_embeddings(self, batch: dict) -> None:
+        target, rows, index = self.text_embeddings
+        idx = index[batch["record_index"]]                                   # [B, C]
+        gathered = rows[np.maximum(idx, 0)] if len(rows) else np.zeros((*idx.shape, target.shape[-1]), target.dtype)
+        batch["target_embedding"] = target[batch["record_index"]]
+        batch["condition_embedding"] = np.where(idx[..., None] >= 0, gathered, 0).astype(target.dtype)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This process's record indices for an epoch: a (seed, epoch) permutation of all records,
@@ -649,7 +661,7 @@ class Pipeline:
 
     def finalize(self, batch: dict) -> dict:
         if self.text_embeddings is not None:   # in the main process: worker processes never hold the tables
-            batch.update({k: table[batch["record_index"]] for k, table in self.text_embeddings.items()})
+            self._add_text_embeddings(batch)
         return to_global(batch, self.mesh) if self.mesh is not None else batch
 
     def epoch(self, epoch: int) -> BatchIterator:

@@ -315,7 +315,7 @@ class Run:
         self.configs: dict[int, Any] = {}
         self._pipelines: dict[tuple, pipeline_lib.Pipeline] = {}
         self._text_targets_enabled = False
-        self._raw_text_targets: dict[str, dict[str, np.ndarray]] = {}   # Run._text_key -> _embedded_rows
+        self._text_targets: dict[str, tuple] = {}   # Run._text_key -> the whitened tables of a split
         self._embed = None
         self._generators: dict[SamplingConfig, ReportGenerator] = {}
         self._classifier_logits = None
@@ -376,19 +376,20 @@ class Run:
         _, labels = training_texts(config.data)
         self.pos_weight = jnp.asarray(losses.pos_weight_from_labels(np.stack(labels)))
         self._text_targets_enabled = bool(config.train.cache_text_targets)
-        train_raw = self._embedded_rows(self.pipeline(config, "train"), {"llm": self.llm_params})
+        train = self.pipeline(config, "train")
+        train_raw = None
         if os.path.isfile(path):
             w = whitening_lib.load(path)
         else:
-            emb = np.concatenate([train_raw["conditions"][train_raw["present"]], train_raw["target"]])
+            train_raw = self._embedded_rows(train, {"llm": self.llm_params})
+            emb = np.concatenate([train_raw["condition_rows"], train_raw["target"]])
             w, stats = whitening_lib.fit_and_report(emb, dim=self.vcfg.bridge.jepa_dim)
             whitening_lib.save(w, path)
             logging.info("whitening (layer %d, %d texts): %s", self.whiten_layer, len(emb), json.dumps(stats))
         self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32), "projection": jnp.asarray(w.projection, jnp.float32)}
-        if self._text_targets_enabled:
-            self._raw_text_targets[self._text_key(self.pipeline(config, "train"))] = train_raw
-            for pipe in list(self._pipelines.values()):
-                self._attach_text_targets(pipe)
+        self._attach_text_targets(train, train_raw)
+        for pipe in list(self._pipelines.values()):
+            self._attach_text_targets(pipe)
 
     def _text_key(self, pipe: pipeline_lib.Pipeline) -> str:
         """What a split's text targets depend on: its records and text settings, not batching."""
@@ -397,31 +398,31 @@ class Run:
         return json.dumps([pipe.split, data], sort_keys=True, default=str)
 
     def _embedded_rows(self, pipe: pipeline_lib.Pipeline, params: Any) -> dict[str, np.ndarray]:
-        """Unwhitened embeddings of a split's records: target [N, D], conditions [N, C, D] (zero rows
-        where a class is absent) and present [N, C]."""
+        """Unwhitened embeddings of a split's records: target [N, D]; the present classes' condition
+        texts as condition_rows [M, D] with condition_index [N, C] (their row, -1 when absent)."""
         rows = pipe.text_rows()
         present = rows["condition_lengths"] > 0
-        tc = rows["condition_ids"].shape[-1]
-        cond_mask = np.arange(tc) < rows["condition_lengths"][present][:, None]
-        cond = self.embed_ids(rows["condition_ids"][present], cond_mask, params)
-        conditions = np.zeros((*present.shape, cond.shape[-1]), np.float32)
-        conditions[present] = cond
-        t = rows["target_ids"].shape[-1]
-        target = self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], params)
-        return {"target": target, "conditions": conditions, "present": present}
+        tc, t = rows["condition_ids"].shape[-1], rows["target_ids"].shape[-1]
+        index = np.full(present.shape, -1, np.int32)
+        index[present] = np.arange(int(present.sum()), dtype=np.int32)
+        return {"target": self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], params),
+                "condition_rows": self.embed_ids(rows["condition_ids"][present],
+                                                 np.arange(tc) < rows["condition_lengths"][present][:, None], params),
+                "condition_index": index}
 
-    def _attach_text_targets(self, pipe: pipeline_lib.Pipeline) -> None:
-        """Give `pipe`'s batches their whitened text targets (embedded once per split and text setting)."""
+    def _attach_text_targets(self, pipe: pipeline_lib.Pipeline, raw: dict[str, np.ndarray] | None = None) -> None:
+        """Give `pipe`'s batches their whitened text targets, embedded once per split and text
+        setting (`raw`: the split's `_embedded_rows` when already computed). Only whitened tables
+        are kept: [N + M, jepa_dim] floats, ~5 KB per CT-RATE volume."""
         if not self._text_targets_enabled or self.whitening is None:
             return
         key = self._text_key(pipe)
-        if key not in self._raw_text_targets:
-            self._raw_text_targets[key] = self._embedded_rows(pipe, {"llm": self.llm_params})
-        raw = self._raw_text_targets[key]
-        mean, projection = (np.asarray(self.whitening[k], np.float32) for k in ("mean", "projection"))
-        conditions = np.where(raw["present"][..., None], (raw["conditions"] - mean) @ projection, 0.0)
-        pipe.attach_text_embeddings(((raw["target"] - mean) @ projection).astype(np.float32),
-                                    conditions.astype(np.float32))
+        if key not in self._text_targets:
+            raw = raw if raw is not None else self._embedded_rows(pipe, {"llm": self.llm_params})
+            mean, projection = (np.asarray(self.whitening[k], np.float32) for k in ("mean", "projection"))
+            whiten = lambda x: ((x - mean) @ projection).astype(np.float32)  # noqa: E731
+            self._text_targets[key] = (whiten(raw["target"]), whiten(raw["condition_rows"]), raw["condition_index"])
+        pipe.attach_text_embeddings(*self._text_targets[key])
 
     def embed_ids(self, ids: np.ndarray, mask: np.ndarray, params: Any, batch: int = 256) -> np.ndarray:
         """[M, T] ids with their mask -> [M, D] unwhitened text embeddings (fixed-size batches: one

@@ -383,3 +383,30 @@ def test_ctrate_tokenizer_is_trained_on_the_reports_and_cached(ctrate_config):
     report = test_ctrate.ctrate.CtRateSource(ctrate_config, "train")[0]["report"]
     assert tok.decode(tok.encode(report, add_special_tokens=False)) == report
     assert int((text.encode_prompt(tok, 32) == tok.convert_tokens_to_ids(text.VISUAL_TOKEN)).sum()) == 32
+
+
+def test_text_rows_and_attached_embeddings_follow_each_record(workdir, tokenizer, epoch0):
+    pipe = make(workdir, tokenizer)
+    rows = pipe.text_rows()
+    n, c = len(pipe.source), findings.NUM_CLASSES
+    assert rows["condition_ids"].shape == (n, c, TC) and rows["target_ids"].shape == (n, T)
+    # The rows are what the batches carry for that record.
+    batch = epoch0[0][0]
+    for row, index in enumerate(batch["record_index"]):
+        np.testing.assert_array_equal(rows["condition_ids"][index], batch["condition_ids"][row])
+        np.testing.assert_array_equal(rows["condition_lengths"][index], batch["condition_lengths"][row])
+        np.testing.assert_array_equal(rows["target_ids"][index], batch["target_ids"][row])
+        assert rows["target_lengths"][index] == batch["target_mask"][row].sum()
+    # Tables whose values name their record and class: each batch row gets its own.
+    present = rows["condition_lengths"] > 0
+    index = np.where(present, np.cumsum(present).reshape(present.shape) - 1, -1).astype(np.int32)
+    condition_rows = np.repeat(np.arange(1, present.sum() + 1, dtype=np.float32)[:, None], 3, axis=1)
+    target = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
+    pipe.attach_text_embeddings(target, condition_rows, index)
+    got = next(iter(pipe.epoch(0)))
+    for row, record in enumerate(got["record_index"]):
+        np.testing.assert_array_equal(got["target_embedding"][row], [record] * 3)
+        want = np.where(index[record] >= 0, index[record] + 1, 0).astype(np.float32)
+        np.testing.assert_array_equal(got["condition_embedding"][row], np.repeat(want[:, None], 3, axis=1))
+    with pytest.raises(ValueError, match="the train split has 40 records"):
+        pipe.attach_text_embeddings(target[:-1], condition_rows, index)
