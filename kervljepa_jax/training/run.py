@@ -28,7 +28,7 @@ import tqdm
 from absl import logging
 from flax import linen as nn
 
-from kervljepa_jax import hf, losses, sharding, stand_in, whitening as whitening_lib
+from kervljepa_jax import findings, hf, losses, sharding, stand_in, whitening as whitening_lib
 from kervljepa_jax.data import pipeline as pipeline_lib
 from kervljepa_jax.data import synthetic
 from kervljepa_jax.data import text as text_lib
@@ -381,15 +381,29 @@ class Run:
         if os.path.isfile(path):
             w = whitening_lib.load(path)
         else:
-            train_raw = self._embedded_rows(train, {"llm": self.llm_params})
-            emb = np.concatenate([train_raw["condition_rows"], train_raw["target"]])
-            w, stats = whitening_lib.fit_and_report(emb, dim=self.vcfg.bridge.jepa_dim)
+            w, _, train_raw = self.fit_whitening(config)
             whitening_lib.save(w, path)
-            logging.info("whitening (layer %d, %d texts): %s", self.whiten_layer, len(emb), json.dumps(stats))
         self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32), "projection": jnp.asarray(w.projection, jnp.float32)}
         self._attach_text_targets(train, train_raw)
         for pipe in list(self._pipelines.values()):
             self._attach_text_targets(pipe)
+
+    def fit_whitening(self, config) -> tuple[whitening_lib.Whitening, dict[str, float], dict[str, np.ndarray]]:
+        """Fit the PCA whitening on the training split's text targets (per-condition texts and
+        class-ordered findings texts, embedded as the batches carry them) and measure it: mean
+        pairwise cosine and d' before and after (a pair is "same" when its label rows match: a
+        condition text is labelled with its class, a findings text with its volume's labels),
+        retained variance. Returns (whitening, stats, the split's `_embedded_rows`)."""
+        pipe = self.pipeline(config, "train")
+        raw = self._embedded_rows(pipe, {"llm": self.llm_params})
+        _, labels = training_texts(config.data)
+        classes = np.nonzero(raw["condition_index"] >= 0)[1]     # row-major: the order of condition_rows
+        label_rows = np.concatenate([np.eye(findings.NUM_CLASSES, dtype=np.int32)[classes],
+                                     np.stack(labels).astype(np.int32)])
+        emb = np.concatenate([raw["condition_rows"], raw["target"]])
+        w, stats = whitening_lib.fit_and_report(emb, label_rows, dim=self.vcfg.bridge.jepa_dim)
+        logging.info("whitening (layer %d, %d texts): %s", self.whiten_layer, len(emb), json.dumps(stats))
+        return w, stats, raw
 
     def _text_key(self, pipe: pipeline_lib.Pipeline) -> str:
         """What a split's text targets depend on: its records and text settings, not batching."""
