@@ -33,6 +33,7 @@ def test_paper_profile(phase):
     assert c.early_stop.patience == (8 if phase == 2 else 0)
     assert c.ewc.lam == (100.0 if phase == 4 else 0.0)
     assert c.data.text_mode == ("raw" if phase == 4 else "positive_findings")
+    assert c.data.repeat_factor_threshold == 0.0           # the paper shuffles; no class-balanced sampling
     assert c.eval.max_new_tokens == 384 and c.eval.temperature == 0.6 and c.eval.top_p == 0.9
 
 

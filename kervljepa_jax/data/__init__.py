@@ -55,5 +55,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.num_workers = 0                  # grain worker processes (0 = in-process)
     c.read_threads = 8                 # grain threads reading records in each worker
     c.shuffle = True
+    # Repeat-factor sampling of the train split (LVIS, Gupta et al. 2019; not in the paper): a class
+    # in a fraction f of the volumes gets r = max(1, sqrt(t / f)), a volume the largest r of its
+    # findings; each epoch draws that many copies and keeps N. 0 = off (a plain shuffle).
+    c.repeat_factor_threshold = 0.0
     c.drop_remainder = True
     return c

@@ -52,6 +52,7 @@ work: use it when the in-process readers are the bottleneck.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -554,6 +555,28 @@ class BatchIterator:
                 "counts": dict(self.report.counts)}
 
 
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """[N, C] 0/1 labels -> [N] repeat factors (LVIS repeat-factor sampling, Gupta et al. 2019).
+
+    A class present in a fraction f_c of the records gets r_c = max(1, sqrt(threshold / f_c)); a
+    record gets the largest r_c of its positive classes (1 for a normal one). Rare findings are then
+    seen more often without changing how often a common one is written next to them.
+    """
+    labels = np.asarray(labels) > 0
+    frequency = labels.mean(axis=0) if len(labels) else np.zeros(labels.shape[1])
+    per_class = np.sqrt(threshold / np.maximum(frequency, 1e-12))
+    per_class = np.where(frequency > 0, np.maximum(1.0, per_class), 1.0)
+    return np.where(labels, per_class[None, :], 1.0).max(axis=1, initial=1.0)
+
+
+def repeat_factor_order(factors: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """An epoch of `n` record indices: record i repeated floor(r_i) times plus once more with
+    probability frac(r_i), shuffled, then cut to n so that an epoch keeps its number of steps."""
+    copies = np.floor(factors).astype(np.int64) + (rng.random(len(factors)) < factors - np.floor(factors))
+    order = rng.permutation(np.repeat(np.arange(len(factors)), copies))
+    return order[:n]
+
+
 class Pipeline:
     """The loader for one split: `epoch(e)` iterates it, `restore(state)` resumes mid-epoch."""
 
@@ -566,8 +589,8 @@ class Pipeline:
             raise records.DataError(f"data.batch_size={config.batch_size} is not divisible by the "
                                     f"{self.process_count} processes; make it a multiple")
         self.local_batch_size = config.batch_size // self.process_count
-        for flag in ("num_workers", "read_threads"):
-            if int(config[flag]) < 0:
+        for flag in ("num_workers", "read_threads", "repeat_factor_threshold"):
+            if float(config.get(flag, 0)) < 0:
                 raise records.DataError(f"data.{flag}={config[flag]}: must be >= 0")
         self.source = make_source(config, split)
         self.tokenizer = tokenizer if tokenizer is not None else make_tokenizer(config)
@@ -632,12 +655,25 @@ class Pipeline:
         batch["condition_embedding"] = np.where(idx[..., None] >= 0, gathered, 0).astype(target.dtype)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """This process's record indices for an epoch: a (seed, epoch) permutation of all records,
+        """This process's record indices for an epoch: a (seed, epoch) permutation of all records
+        (or, with data.repeat_factor_threshold on the train split, N draws of `repeat_factor_order`),
         cut to a multiple of process_count and dealt round-robin to the processes."""
         n = len(self.source)
-        order = (np.random.default_rng([int(self.config.seed), int(epoch)]).permutation(n)
-                 if self.config.shuffle else np.arange(n))
+        rng = np.random.default_rng([int(self.config.seed), int(epoch)])
+        if self.repeat_factors is not None:
+            order = repeat_factor_order(self.repeat_factors, n, rng)
+        else:
+            order = rng.permutation(n) if self.config.shuffle else np.arange(n)
         return order[: n - n % self.process_count][self.process_index::self.process_count]
+
+    @functools.cached_property
+    def repeat_factors(self) -> np.ndarray | None:
+        """[N] per-record repeat factors of the train split when data.repeat_factor_threshold > 0."""
+        threshold = float(self.config.get("repeat_factor_threshold", 0.0))
+        if threshold == 0 or self.split != "train" or not self.config.shuffle:
+            return None
+        _, labels = self.source.texts()
+        return repeat_factors(np.stack(labels) if labels else np.zeros((0, findings.NUM_CLASSES)), threshold)
 
     def grain_loader(self, epoch: int) -> grain.DataLoader:
         text_cache = self.text_cache if int(self.config.num_workers) == 0 else None

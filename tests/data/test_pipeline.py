@@ -168,6 +168,50 @@ def test_each_epoch_is_a_seeded_shuffle_of_every_record(workdir, tokenizer, epoc
     assert ordered == [synthetic.volume_name("train", i) for i in range(40)]
 
 
+def test_repeat_factors_by_hand():
+    labels = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0]])     # f = 0.75, 0.25, 0 (class 3 absent)
+    factors = pipeline.repeat_factors(labels, 0.5)
+    # r_c = max(1, sqrt(0.5 / f)) = 1, sqrt(2); a volume takes its largest r_c, a normal one 1
+    np.testing.assert_allclose(factors, [1.0, np.sqrt(2.0), 1.0, 1.0])
+    np.testing.assert_allclose(pipeline.repeat_factors(labels, 0.25), 1.0)   # sqrt(0.25/0.25) = 1
+
+
+def test_repeat_factor_order_draws_records_in_proportion_to_their_factors():
+    factors = np.array([1.0, 1.0, 2.5, 1.0, 1.6, 1.0])
+    rng = np.random.default_rng(0)
+    counts = np.zeros(len(factors))
+    for _ in range(4000):
+        order = pipeline.repeat_factor_order(factors, len(factors), rng)
+        assert len(order) == len(factors) and order.min() >= 0 and order.max() < len(factors)
+        counts += np.bincount(order, minlength=len(factors))
+    share = counts / counts.sum()
+    np.testing.assert_allclose(share, factors / factors.sum(), atol=0.01)
+    ones = pipeline.repeat_factor_order(np.ones(5), 5, np.random.default_rng(1))
+    assert sorted(ones) == list(range(5))                                 # all factors 1: a permutation
+
+
+def test_repeat_factor_sampling_shows_rare_findings_more_often_in_train_only(workdir, tokenizer):
+    config = small_config(workdir, num_train=200, repeat_factor_threshold=0.5)
+    source = pipeline.make_source(config, "train")
+    labels = np.stack(source.texts()[1])
+    factors = pipeline.repeat_factors(labels, 0.5)
+    balanced, plain = pipeline.Pipeline(config, "train", tokenizer), make(workdir, tokenizer, num_train=200)
+    seen_balanced = np.concatenate([balanced.epoch_order(e) for e in range(30)])
+    seen_plain = np.concatenate([plain.epoch_order(e) for e in range(30)])
+    assert len(seen_balanced) == len(seen_plain) == 30 * 200              # an epoch keeps its steps
+    boosted = factors > 1.5
+    assert boosted.any()
+    share = lambda seen: np.isin(seen, np.flatnonzero(boosted)).mean()    # noqa: E731
+    assert share(seen_plain) == boosted.mean()                            # a permutation per epoch
+    expected = factors[boosted].sum() / factors.sum()                     # draws in proportion to r
+    assert expected > boosted.mean() + 0.1 and abs(share(seen_balanced) - expected) < 0.02
+    np.testing.assert_array_equal(balanced.epoch_order(3), pipeline.Pipeline(config, "train", tokenizer).epoch_order(3))
+    valid = pipeline.Pipeline(config, "valid", tokenizer)
+    assert valid.repeat_factors is None and sorted(valid.epoch_order(0)) == list(range(12))
+    with pytest.raises(records.DataError, match="data.repeat_factor_threshold=-1"):
+        make(workdir, tokenizer, repeat_factor_threshold=-1.0)
+
+
 def test_shards_by_process_index(workdir, tokenizer):
     config = small_config(workdir, num_train=41)
     shards = []
