@@ -560,7 +560,7 @@ def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
 
     A class present in a fraction f_c of the records gets r_c = max(1, sqrt(threshold / f_c)); a
     record gets the largest r_c of its positive classes (1 for a normal one). Rare findings are then
-    seen more often without changing how often a common one is written next to them.
+    seen more often (and the common findings that share their volumes with them).
     """
     labels = np.asarray(labels) > 0
     frequency = labels.mean(axis=0) if len(labels) else np.zeros(labels.shape[1])
