@@ -150,16 +150,19 @@ def generate_text(model: llama_lib.Llama, params: Any, prompt_ids: Array, prompt
 # ----------------------------------------------------------------------------- the VLM
 
 
-def vlm_decode_model(model: vlm_lib.VLM, visual_mode: str = "normal") -> DecodeModel:
+def vlm_decode_model(model: vlm_lib.VLM, visual_mode: str | None = "normal") -> DecodeModel:
     """Ker-VLJEPA decoding: inputs = {slices [B, N, d_v], z_mm [B, N], valid [B, N], input_ids [B, P],
     rng (noise ablation)}; the projected visual tokens are the loop's context, so the adapters fire
-    on every step. `visual_mode` (normal | zero | shuffle | noise) is the paper's Table IX ablation."""
-    if visual_mode not in vlm_lib.VISUAL_MODES:
-        raise ValueError(f"visual_mode={visual_mode!r}: choose one of {vlm_lib.VISUAL_MODES}")
+    on every step. `visual_mode` (normal | zero | shuffle | noise) is the paper's Table IX ablation;
+    None reads it from inputs["visual_mode"] (`vlm.visual_mode_index`), so one compiled loop serves
+    every mode."""
+    if visual_mode is not None:
+        vlm_lib.visual_mode_index(visual_mode)             # fails on an unknown mode
 
     def prefill(variables, inputs, prompt_mask, cache):
+        mode = inputs["visual_mode"] if visual_mode is None else visual_mode
         return model.apply(variables, inputs["slices"], inputs["z_mm"], inputs["valid"], inputs["input_ids"],
-                           prompt_mask, cache, visual_mode, inputs.get("rng"), method="prefill")
+                           prompt_mask, cache, mode, inputs.get("rng"), method="prefill")
 
     def extend(variables, token, cache, context):
         return model.apply(variables, token, cache, context, method="extend")
@@ -168,7 +171,8 @@ def vlm_decode_model(model: vlm_lib.VLM, visual_mode: str = "normal") -> DecodeM
 
 
 class ReportGenerator:
-    """Reports from slice embeddings: the chat prompt with K placeholders, one jitted loop per mode.
+    """Reports from slice embeddings: the chat prompt with K placeholders, one jitted loop for every
+    visual mode (the mode is an input of the loop, not a constant of it: the ablations cost no compile).
 
         gen = ReportGenerator(vlm_lib.VLM(cfg), tokenizer, SamplingConfig())
         texts = gen(variables, slices, z_mm, valid)            # list of B strings
@@ -181,19 +185,18 @@ class ReportGenerator:
                                       if prompt_ids is None else prompt_ids, jnp.int32)
         ids = tokenizers.special_ids(tokenizer)
         self.eos_ids, self.pad_id = (ids["eot"], ids["eos"]), ids["pad"]
-        self._generators: dict[str, Generator] = {}
+        self.generator = Generator(vlm_decode_model(model, None), cfg, self.eos_ids, self.pad_id)
 
     def tokens(self, variables: Any, slices: Array, z_mm: Array, valid: Array, *, visual_mode: str = "normal",
                rng: Array | None = None) -> GenerateOutput:
-        if visual_mode not in self._generators:
-            self._generators[visual_mode] = Generator(vlm_decode_model(self.model, visual_mode), self.cfg,
-                                                      self.eos_ids, self.pad_id)
+        mode = jnp.asarray(vlm_lib.visual_mode_index(visual_mode), jnp.int32)
         batch = slices.shape[0]
         prompt = jnp.broadcast_to(self.prompt_ids, (batch, self.prompt_ids.shape[0]))
         rng = jax.random.key(0) if rng is None else rng
         noise_key, sample_key = jax.random.split(rng)
-        inputs = {"slices": slices, "z_mm": z_mm, "valid": valid, "input_ids": prompt, "rng": noise_key}
-        return self._generators[visual_mode](variables, inputs, prompt, None, sample_key)
+        inputs = {"slices": slices, "z_mm": z_mm, "valid": valid, "input_ids": prompt, "rng": noise_key,
+                  "visual_mode": mode}
+        return self.generator(variables, inputs, prompt, None, sample_key)
 
     def __call__(self, variables: Any, slices: Array, z_mm: Array, valid: Array, *, visual_mode: str = "normal",
                  rng: Array | None = None) -> list[str]:

@@ -191,3 +191,18 @@ def test_vlm_visual_ablations_change_what_is_generated(vlm):
         runs["normal"][0], runs["normal"][1]) else None
     with pytest.raises(ValueError, match="visual_mode"):
         generate.vlm_decode_model(model, "blur")
+
+
+def test_one_compiled_loop_serves_every_visual_mode(vlm):
+    """The mode as an input (ReportGenerator's loop) generates what a loop compiled for that mode does."""
+    model, variables, inputs = vlm
+    cfg = SamplingConfig(max_new_tokens=6)                       # sampled: the noise and sampling keys matter
+    two = {**inputs, "slices": inputs["slices"].at[1].set(-inputs["slices"][1]), "rng": jax.random.key(3)}
+    shared = generate.Generator(generate.vlm_decode_model(model, None), cfg)
+    for mode in vlm_lib.VISUAL_MODES:
+        fixed = generate.Generator(generate.vlm_decode_model(model, mode), cfg)(
+            variables, two, two["input_ids"], rng=jax.random.key(4))
+        traced = shared(variables, {**two, "visual_mode": jnp.asarray(vlm_lib.visual_mode_index(mode), jnp.int32)},
+                        two["input_ids"], rng=jax.random.key(4))
+        np.testing.assert_array_equal(np.asarray(traced.tokens), np.asarray(fixed.tokens))
+    assert shared._fn._cache_size() == 1

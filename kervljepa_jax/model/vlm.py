@@ -118,24 +118,47 @@ class VLMOutput:
     llm_cls_logits: Array | None = None  # [B, C] LLM-visual classifier on the response tokens
 
 
-def ablate(visual: Array, mode: str, rng: Array | None = None) -> Array:
+def _keep(visual: Array, rng: Array | None) -> Array:
+    return visual
+
+
+def _zero(visual: Array, rng: Array | None) -> Array:
+    return jnp.zeros_like(visual)
+
+
+def _shuffle(visual: Array, rng: Array | None) -> Array:
+    return jnp.roll(visual, 1, axis=0)
+
+
+def _noise(visual: Array, rng: Array | None) -> Array:
+    noise = jax.random.normal(jax.random.key(0) if rng is None else rng, visual.shape, jnp.float32)
+    norm = jnp.linalg.norm(visual.astype(jnp.float32), axis=-1, keepdims=True)
+    return (noise * norm / jnp.linalg.norm(noise, axis=-1, keepdims=True)).astype(visual.dtype)
+
+
+_ABLATIONS = (_keep, _zero, _shuffle, _noise)     # in VISUAL_MODES order
+
+
+def ablate(visual: Array, mode: str | Array, rng: Array | None = None) -> Array:
     """The paper's visual-grounding ablations (Table IX) on V~ [B, K, D].
 
     zero: all zeros. shuffle: every row gets the next row's tokens (a roll over the batch: no row
     keeps its own when B > 1). noise: Gaussian directions with each token's own norm, so only the
     content is destroyed, not the scale the LLM sees.
+    `mode` is a name in VISUAL_MODES, or its index as an int32 array: then the mode is data
+    (lax.switch), and one compiled program serves every mode (`visual_mode_index`).
     """
-    if mode == "normal":
-        return visual
-    if mode == "zero":
-        return jnp.zeros_like(visual)
-    if mode == "shuffle":
-        return jnp.roll(visual, 1, axis=0)
-    if mode == "noise":
-        noise = jax.random.normal(jax.random.key(0) if rng is None else rng, visual.shape, jnp.float32)
-        norm = jnp.linalg.norm(visual.astype(jnp.float32), axis=-1, keepdims=True)
-        return (noise * norm / jnp.linalg.norm(noise, axis=-1, keepdims=True)).astype(visual.dtype)
-    raise ValueError(f"visual_mode={mode!r}: choose one of {VISUAL_MODES}")
+    if isinstance(mode, str):
+        return _ABLATIONS[visual_mode_index(mode)](visual, rng)
+    rng = jax.random.key(0) if rng is None else rng
+    return jax.lax.switch(jnp.asarray(mode, jnp.int32), _ABLATIONS, visual, rng)
+
+
+def visual_mode_index(mode: str) -> int:
+    """The position of `mode` in VISUAL_MODES (what `ablate` takes as a traced mode)."""
+    if mode not in VISUAL_MODES:
+        raise ValueError(f"visual_mode={mode!r}: choose one of {VISUAL_MODES}")
+    return VISUAL_MODES.index(mode)
 
 
 def graft(embeds: Array, input_ids: Array, visual: Array, visual_token_id: int) -> Array:
@@ -181,7 +204,7 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------ visual path
 
-    def encode_visual(self, slices: Array, z_mm: Array, valid: Array, visual_mode: str = "normal",
+    def encode_visual(self, slices: Array, z_mm: Array, valid: Array, visual_mode: str | Array = "normal",
                       rng: Array | None = None) -> VisualOutput:
         """`slices [B, N, d_v], z_mm [B, N], valid [B, N]` -> V', V~ and the visual heads."""
         tokens = self.compressor(slices, z_mm, valid, self.deterministic)
@@ -202,7 +225,8 @@ class VLM(nn.Module):
 
     def __call__(self, slices: Array, z_mm: Array, valid: Array, input_ids: Array | None = None,
                  attention_mask: Array | None = None, response_mask: Array | None = None, *,
-                 visual_mode: str = "normal", rng: Array | None = None, return_logits: bool = True) -> VLMOutput:
+                 visual_mode: str | Array = "normal", rng: Array | None = None,
+                 return_logits: bool = True) -> VLMOutput:
         """Every output in one forward. Without `input_ids` only the visual path runs (phases 1-2).
 
         input_ids / attention_mask / response_mask [B, T]; response_mask (the assistant tokens)
@@ -226,7 +250,7 @@ class VLM(nn.Module):
     # ------------------------------------------------------------------ decoding
 
     def prefill(self, slices: Array, z_mm: Array, valid: Array, input_ids: Array, attention_mask: Array,
-                cache: dict[str, Any], visual_mode: str = "normal",
+                cache: dict[str, Any], visual_mode: str | Array = "normal",
                 rng: Array | None = None) -> tuple[Array, dict[str, Any], tuple[Array, ...]]:
         """The prompt [B, P] (left-padded) into the cache -> (last logits [B, V], cache, decode context)."""
         calibrated = self.encode_visual(slices, z_mm, valid, visual_mode, rng).calibrated

@@ -128,6 +128,18 @@ def test_ablations(variables):
         vlm_lib.ablate(outs["normal"], "blur")
 
 
+def test_ablation_by_traced_index_equals_by_name(variables):
+    """One jitted function, the mode as data (lax.switch): the same V~ as each named mode."""
+    visual = MODEL.apply(variables, *INPUTS[:3]).visual.calibrated
+    by_index = jax.jit(lambda v, mode, key: vlm_lib.ablate(v, mode, key))
+    by_name = jax.jit(vlm_lib.ablate, static_argnums=1)
+    key = jax.random.key(2)
+    for mode in vlm_lib.VISUAL_MODES:
+        np.testing.assert_array_equal(by_index(visual, jnp.int32(vlm_lib.visual_mode_index(mode)), key),
+                                      by_name(visual, mode, key))
+    assert by_index._cache_size() == 1
+
+
 def test_gradients_reach_the_compressor_through_the_graft(variables):
     slices, z, valid, ids = INPUTS
     v = _with_gates(variables, 0.0)
