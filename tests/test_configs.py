@@ -34,6 +34,7 @@ def test_paper_profile(phase):
     assert c.ewc.lam == (100.0 if phase == 4 else 0.0)
     assert c.data.text_mode == ("raw" if phase == 4 else "positive_findings")
     assert c.data.repeat_factor_threshold == 0.0           # the paper shuffles; no class-balanced sampling
+    assert list(c.train.lr_multipliers) == []              # one lr per phase
     assert c.eval.max_new_tokens == 384 and c.eval.temperature == 0.6 and c.eval.top_p == 0.9
 
 
