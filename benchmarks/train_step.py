@@ -3,8 +3,10 @@
 On the embedded default (tiny decoder, batch 8 x 256 tokens, real batches of the synthetic
 pipeline, a fresh bridge: the step's cost does not depend on the weights' values), one process:
   step            the phase-3 train step as the trainer jits it: ms/step and volumes/s, with the
-                  text targets cached per record (what the trainer does) vs embedded by the
-                  frozen LLM inside the step (train.cache_text_targets=False)
+                  text targets and the frozen compressor's V' cached per record (what the trainer
+                  does) vs the text targets embedded by the frozen LLM inside the step
+                  (train.cache_text_targets=False) vs the compressor run inside the step, with its
+                  dropout (train.cache_visual_tokens=False)
   dropout         the dropout masks of one step's 28 LoRA sites ([B, T, in] of q/k/v/o/gate/up/down
                   x 4 layers): jax.random.bernoulli (flax.linen.Dropout's 32 bits per element)
                   vs model.dropout.keep_mask (16 bits per element)
@@ -63,9 +65,10 @@ def main(argv):
     run.configs = {3: config}
     run.prepare_targets(config, {"llm": run.llm_params})
     pipe = run.pipeline(config, "train")
-    batch = evaluate.as_jnp(next(iter(pipe.epoch(0))))
     variables = run.place(train.starting_variables(run, train.phase_config(1, None, {}), 1, ""))
     labels = phases.trainable_labels(variables["params"], config.trainable, 3)
+    pipe.attach_visual_tokens(run.compressor_tokens(config, variables["params"], labels))
+    batch = evaluate.as_jnp(next(iter(pipe.epoch(0))))
     trainable, frozen = phases.split_params(variables["params"], labels)
     tx = optim.make_optimizer(config, trainable, labels, pipe.steps_per_epoch())
     opt_state = jax.jit(tx.init)(trainable)
@@ -73,14 +76,19 @@ def main(argv):
     train_step = jax.jit(step_lib.make_train_step(3, model, run.encoder, tx, dict(config.loss_weights)))
     rng = jax.random.key(0)
     step_args = (trainable, frozen, opt_state, variables["calibration"], batch, rng, run.consts())
-    # The batch as the trainer's pipeline gives it (text targets embedded once per run) vs the same
-    # batch without them (the step runs the frozen LLM on the report text).
-    bare = {k: v for k, v in batch.items() if not k.endswith("_embedding")}
-    steps = best_ms({"cached": lambda *a: train_step(*a)[2]["loss"], "embedded": lambda *a: train_step(*a)[2]["loss"]},
-                    {"cached": step_args, "embedded": (*step_args[:4], bare, *step_args[5:])},
+    # The batch as the trainer's pipeline gives it (text targets embedded once per run, V' once per
+    # phase) vs the same batch without the text targets (the step runs the frozen LLM on the report
+    # text) or without V' (the step runs the frozen compressor).
+    without = lambda drop: (*step_args[:4], {k: v for k, v in batch.items() if not drop(k)},  # noqa: E731
+                            *step_args[5:])
+    loss = lambda *a: train_step(*a)[2]["loss"]  # noqa: E731
+    steps = best_ms({"cached": loss, "embedded": loss, "compressor": loss},
+                    {"cached": step_args, "embedded": without(lambda k: k.endswith("_embedding")),
+                     "compressor": without(lambda k: k == "visual_tokens")},
                     FLAGS.steps, FLAGS.repeats)
     step_ms = steps["cached"]
-    logging.info("phase-3 step: %.1f ms (%.1f ms embedding the text targets in the step)", step_ms, steps["embedded"])
+    logging.info("phase-3 step: %.1f ms (%.1f ms embedding the text targets in the step, %.1f ms running "
+                 "the compressor in it)", step_ms, steps["embedded"], steps["compressor"])
 
     # The dropout masks of one step's LoRA sites.
     llm = run.vcfg.llm
@@ -115,6 +123,7 @@ def main(argv):
     figures = {
         "step_ms": round(step_ms, 1), "volumes_per_s": round(1000 * b / step_ms, 1), "batch": [b, t],
         "step_embedding_targets_ms": round(steps["embedded"], 1),
+        "step_running_compressor_ms": round(steps["compressor"], 1),
         "dropout_sites": len(shapes), "dropout_bernoulli_ms": round(drop["bernoulli"], 2),
         "dropout_16bit_ms": round(drop["16bit"], 2), "dropout_speedup": round(drop["bernoulli"] / drop["16bit"], 2),
         "lm_full_ms": round(lm["full"], 2), "lm_chunked_ms": round(lm["chunked"], 2),

@@ -97,3 +97,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def shard_params(params: Any, shardings: Any) -> Any:
     """Place an (unboxed) param tree onto its shardings."""
     return jax.tree.map(jax.device_put, params, shardings)
+
+
+def host_copy(tree: Any) -> Any:
+    """A param tree as numpy on every process, whatever its sharding: device_get when this
+    process holds every shard, an all-gather over processes (multi-host FSDP) otherwise."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils  # only multi-host runs need it
+    return multihost_utils.process_allgather(tree, tiled=True)

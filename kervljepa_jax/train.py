@@ -153,6 +153,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         best = restored.host.get("best", {})
         logging.info("phase %d: resumed at step %d (epoch %d) from %s", phase, step, epoch, ckpt.directory)
 
+    train_pipe.attach_visual_tokens(run.compressor_tokens(config, phases.merge_params(trainable, frozen), labels))
     train_model = vlm_lib.VLM(run.vcfg, deterministic=False)
     eval_model = vlm_lib.VLM(run.vcfg)
     weights = dict(config.loss_weights)

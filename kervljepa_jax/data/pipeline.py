@@ -605,6 +605,8 @@ class Pipeline:
         self.prompt_ids = ExampleBuilder(config, self.tokenizer, split, 0).prompt_ids
         # Per record, the frozen LLM's embeddings of its texts (`attach_text_embeddings`).
         self.text_embeddings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # Per record, a frozen compressor's V' (`attach_visual_tokens`).
+        self.visual_tokens: np.ndarray | None = None
 
     def text_rows(self) -> dict[str, np.ndarray]:
         """Every record's texts exactly as its batches carry them, without reading a slice:
@@ -646,6 +648,28 @@ class Pipeline:
                              f"(max {condition_index.max(initial=-1)}) for {len(condition_rows)} condition rows; "
                              f"the {self.split} split has {n} records")
         self.text_embeddings = (target, condition_rows, condition_index)
+
+    def attach_visual_tokens(self, tokens: np.ndarray | None) -> None:
+        """From now on every batch also carries visual_tokens [B, K, d]: row record_index of
+        `tokens` [N, K, d] (e.g. a frozen compressor's V' of every record); None stops it."""
+        if tokens is not None and (tokens.ndim != 3 or len(tokens) != len(self.source)):
+            raise ValueError(f"visual tokens {tokens.shape}: need [N, K, d] with N = {len(self.source)}, "
+                             f"the records of the {self.split} split")
+        self.visual_tokens = tokens
+
+    def ordered_batches(self) -> Iterator[dict]:
+        """Every record of the split once, in index order, as process-local numpy batches of
+        data.batch_size / processes rows (the last one shorter): no shuffle, no repeat factors and
+        no sharding over processes, so that each process sees all of them. Bad records are left
+        out when data.skip_bad_records (and raise otherwise), as in an epoch."""
+        builder = ExampleBuilder(self.config, self.tokenizer, self.split, 0, self.text_cache, self.prompt_ids)
+        examples = ExampleSource(self.source, builder, bool(self.config.skip_bad_records))
+        chunks = ChunkSource(examples, np.arange(len(self.source)), self.local_batch_size,
+                             (int(self.config.max_slices), int(self.config.embed_dim)), self.config.slice_dtype)
+        for j in range(len(chunks)):
+            batch = chunk_batch(chunks[j])
+            if batch:
+                yield batch
 
     def _add_text_embeddings(self, batch: dict) -> None:
         target, rows, index = self.text_embeddings
@@ -698,6 +722,8 @@ class Pipeline:
     def finalize(self, batch: dict) -> dict:
         if self.text_embeddings is not None:   # in the main process: worker processes never hold the tables
             self._add_text_embeddings(batch)
+        if self.visual_tokens is not None:
+            batch["visual_tokens"] = self.visual_tokens[batch["record_index"]]
         return to_global(batch, self.mesh) if self.mesh is not None else batch
 
     def epoch(self, epoch: int) -> BatchIterator:

@@ -204,10 +204,16 @@ class VLM(nn.Module):
 
     # ------------------------------------------------------------------ visual path
 
-    def encode_visual(self, slices: Array, z_mm: Array, valid: Array, visual_mode: str | Array = "normal",
-                      rng: Array | None = None) -> VisualOutput:
-        """`slices [B, N, d_v], z_mm [B, N], valid [B, N]` -> V', V~ and the visual heads."""
-        tokens = self.compressor(slices, z_mm, valid, self.deterministic)
+    def encode_visual(self, slices: Array | None, z_mm: Array | None, valid: Array | None,
+                      visual_mode: str | Array = "normal", rng: Array | None = None,
+                      visual_tokens: Array | None = None) -> VisualOutput:
+        """`slices [B, N, d_v], z_mm [B, N], valid [B, N]` -> V', V~ and the visual heads.
+
+        `visual_tokens [B, K, d_v]`, when given, is V' itself (a frozen compressor's output
+        computed once per volume: Run.compressor_tokens) and the slices are not read.
+        """
+        tokens = self.compressor(slices, z_mm, valid, self.deterministic) if visual_tokens is None \
+            else visual_tokens.astype(self.cfg.compressor.dtype)
         cls_logits, mil_logits = self.visual_classifier(tokens)
         calibrated = ablate(self.calibrator(self.predictor(tokens, self.deterministic)), visual_mode, rng)
         return VisualOutput(tokens=tokens, calibrated=calibrated, cls_logits=cls_logits, mil_logits=mil_logits,
@@ -226,14 +232,15 @@ class VLM(nn.Module):
     def __call__(self, slices: Array, z_mm: Array, valid: Array, input_ids: Array | None = None,
                  attention_mask: Array | None = None, response_mask: Array | None = None, *,
                  visual_mode: str | Array = "normal", rng: Array | None = None,
-                 return_logits: bool = True) -> VLMOutput:
+                 return_logits: bool = True, visual_tokens: Array | None = None) -> VLMOutput:
         """Every output in one forward. Without `input_ids` only the visual path runs (phases 1-2).
 
         input_ids / attention_mask / response_mask [B, T]; response_mask (the assistant tokens)
         feeds the LLM-visual classifier. return_logits=False leaves the LM head to the caller
         (`token_logits`, e.g. only where a loss needs it: losses.lm_loss_from_hidden).
+        visual_tokens [B, K, d_v]: a precomputed V' in place of the compressor (see encode_visual).
         """
-        visual = self.encode_visual(slices, z_mm, valid, visual_mode, rng)
+        visual = self.encode_visual(slices, z_mm, valid, visual_mode, rng, visual_tokens)
         if input_ids is None:
             return VLMOutput(visual=visual)
         out = self.llm(inputs_embeds=self._embed(input_ids, visual.calibrated), attention_mask=attention_mask,

@@ -149,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Embed every record's text targets (per-condition texts, class-ordered findings) with the frozen
     # LLM once per run instead of in every step; False embeds them in the step (same values).
     c.train.cache_text_targets = True
+    # A phase with a frozen compressor (3, 4) computes each training volume's V' once, without
+    # dropout, and its steps read it instead of running the compressor (Run.compressor_tokens).
+    c.train.cache_visual_tokens = True
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000    # 0 = only at evaluations and at phase end

@@ -100,11 +100,15 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
     rngs = {"dropout": rng}
     labels = batch["labels"].astype(jnp.float32)
     whitening, pos_weight = consts["whitening"], consts["pos_weight"]
+    # A batch of a frozen-compressor phase may carry V' itself (Run.compressor_tokens).
+    cached = batch.get("visual_tokens")
     if phase in (1, 2):
-        out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], rngs=rngs)
+        out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], rngs=rngs,
+                          visual_tokens=cached)
     else:
         out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], batch["input_ids"],
-                          batch["attention_mask"], batch["loss_mask"], rngs=rngs, return_logits=False)
+                          batch["attention_mask"], batch["loss_mask"], rngs=rngs, return_logits=False,
+                          visual_tokens=cached)
     visual = out.visual
     terms = {}
     if phase == 1:

@@ -454,3 +454,27 @@ def test_text_rows_and_attached_embeddings_follow_each_record(workdir, tokenizer
         np.testing.assert_array_equal(got["condition_embedding"][row], np.repeat(want[:, None], 3, axis=1))
     with pytest.raises(ValueError, match="the train split has 40 records"):
         pipe.attach_text_embeddings(target[:-1], condition_rows, index)
+
+
+def test_ordered_batches_and_attached_visual_tokens_follow_each_record(workdir, tokenizer, epoch0):
+    pipe = make(workdir, tokenizer, repeat_factor_threshold=0.5)
+    # Every record once, in index order, whatever the shuffle and repeat factors; the rows are
+    # what an epoch's batches carry for that record.
+    ordered = list(pipe.ordered_batches())
+    index = np.concatenate([b["record_index"] for b in ordered])
+    np.testing.assert_array_equal(index, np.arange(len(pipe.source)))
+    by_record = {int(i): b["slices"][r] for b in ordered for r, i in enumerate(b["record_index"])}
+    batch = epoch0[0][0]
+    for row, record in enumerate(batch["record_index"]):
+        np.testing.assert_array_equal(by_record[int(record)], batch["slices"][row])
+    # A table whose rows name their record: each batch row gets its own, and None detaches it.
+    table = np.repeat(np.arange(len(pipe.source), dtype=np.float32)[:, None, None], 4, axis=1).repeat(2, axis=2)
+    pipe.attach_visual_tokens(table)
+    got = next(iter(pipe.epoch(0)))
+    assert got["visual_tokens"].shape == (len(got["record_index"]), 4, 2)
+    for row, record in enumerate(got["record_index"]):
+        assert (got["visual_tokens"][row] == record).all()
+    pipe.attach_visual_tokens(None)
+    assert "visual_tokens" not in next(iter(pipe.epoch(0)))
+    with pytest.raises(ValueError, match="the train split"):
+        pipe.attach_visual_tokens(table[:-1])

@@ -152,3 +152,39 @@ def test_cached_text_targets_equal_what_the_step_embeds(run):
     off = run_lib.Run(_config(**{"train.cache_text_targets": "false"}), run.workdir)
     off.prepare_targets(_config(**{"train.cache_text_targets": "false"}), {"llm": off.llm_params})
     assert "target_embedding" not in next(iter(off.pipeline(config, "train").epoch(0)))
+
+
+def test_frozen_compressor_tokens_are_what_the_step_computes(run):
+    # Phase 3 freezes the compressor: its V' of every training volume is computed once and the
+    # batches carry it. Without dropout the step's loss must be the same either way.
+    from kervljepa_jax.model import vlm as vlm_lib
+    from kervljepa_jax.training import phases as phases_lib
+
+    config = _config()
+    run.prepare_targets(config, {"llm": run.llm_params})
+    keys = iter(jax.random.split(jax.random.key(3), 1000))
+    params = jax.tree.map(lambda s: 0.05 * jax.random.normal(next(keys), s.shape, s.dtype), run.abstract_params)
+    variables = run.place(run_lib.restored_variables(params, 1.7))
+    labels = phases_lib.trainable_labels(variables["params"], config.trainable, 3)
+    table = run.compressor_tokens(config, variables["params"], labels)
+    cfg = run.vcfg.compressor
+    assert table.shape == (config.data.num_train, cfg.num_zones, cfg.d_visual) and np.abs(table).min(axis=(1, 2)).all()
+    pipe = run.pipeline(config, "train")
+    pipe.attach_visual_tokens(table)
+    try:
+        batch = next(iter(pipe.epoch(0)))
+    finally:
+        pipe.attach_visual_tokens(None)
+    eval_step = jax.jit(step_lib.make_eval_step(3, vlm_lib.VLM(run.vcfg), run.encoder, dict(config.loss_weights)))
+    batch = {k: v for k, v in batch.items() if k != "meta"}
+    bare = {k: v for k, v in batch.items() if k != "visual_tokens"}
+    got = eval_step(variables["params"], variables["calibration"], batch, run.consts())
+    want = eval_step(variables["params"], variables["calibration"], bare, run.consts())
+    for name in want:
+        np.testing.assert_allclose(float(got[name]), float(want[name]), rtol=1e-5, err_msg=name)
+    # A phase that trains the compressor, or the flag off: no table.
+    phase1 = _config(phase=1)
+    assert run.compressor_tokens(phase1, variables["params"],
+                                 phases_lib.trainable_labels(variables["params"], phase1.trainable, 1)) is None
+    off = _config(**{"train.cache_visual_tokens": "false"})
+    assert run.compressor_tokens(off, variables["params"], labels) is None
