@@ -16,7 +16,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
+
+# sklearn (with scipy, ~2 s) is imported in the functions that score: train and evaluate import this
+# module, and a command that fails on its flags should not wait for it.
 
 from kervljepa_jax import findings
 
@@ -55,6 +57,7 @@ def _class_names(num_classes: int, class_names: Sequence[str] | None) -> list[st
 
 def per_class_auc(y_true: np.ndarray, scores: np.ndarray) -> list[float | None]:
     """ROC AUC per column; None where a column holds a single class (AUC undefined)."""
+    from sklearn import metrics as skm
     y_true, scores = _check(y_true, scores, "scores")
     return [float(skm.roc_auc_score(y_true[:, c], scores[:, c])) if 0 < y_true[:, c].sum() < len(y_true)
             else None for c in range(y_true.shape[1])]
@@ -68,6 +71,7 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, scores: np.nd
     "micro_recall", "per_class": [{"name", "support", "predicted", "precision", "recall",
     "f1", ["auc"]}], ["macro_auc"]}.
     """
+    from sklearn import metrics as skm
     y_true, y_pred = _check(y_true, y_pred, "y_pred")
     y_pred = y_pred.astype(np.int8)
     names = _class_names(y_true.shape[1], class_names)

@@ -17,13 +17,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import joblib
 import numpy as np
-from sklearn import metrics as skm
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from kervljepa_jax import findings
 
@@ -49,6 +43,11 @@ def mean_pool(slices: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray
 def _probe_class(features: np.ndarray, y: np.ndarray, folds: int, seed: int, c_reg: float,
                  max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold (probability, prediction) for one class: [M], [M]."""
+    # sklearn is imported here and in linear_probe: evaluate imports this module for every run.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
     probability = np.zeros(len(y))
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for train, test in splitter.split(features, y):
@@ -94,6 +93,8 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed:
             skipped[name] = f"{positives} positives / {negatives} negatives, fewer than folds={folds}"
         else:
             todo.append((c, name))
+    import joblib
+    from sklearn import metrics as skm
     outputs = joblib.Parallel(n_jobs=n_jobs)(
         joblib.delayed(_probe_class)(features, labels[:, c].astype(np.int8), folds, seed, c_reg, max_iter)
         for c, _ in todo)

@@ -81,6 +81,11 @@ def phase_config(phase: int, arg: str | None, overrides: dict[str, str]) -> ml_c
 # ----------------------------------------------------------------------------- one phase
 
 
+def no_previous_phase(phase: int, workdir: str) -> str:
+    return (f"phase {phase}: no checkpoint of phase {phase - 1} in {workdir}; run phase {phase - 1} first or pass "
+            "--init_from=PATH")
+
+
 def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
     """--init_from, else the best checkpoint of phase N-1, else (phase 1) a fresh bridge."""
     if init_from:
@@ -92,8 +97,7 @@ def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
         restored = prev.restore_best(run.abstract_params)
         prev.close()
         if restored is None:
-            raise TrainError(f"phase {phase}: no checkpoint of phase {phase - 1} in {run.workdir}; run phase "
-                             f"{phase - 1} first or pass --init_from=PATH")
+            raise TrainError(no_previous_phase(phase, run.workdir))
         return restored_variables(restored.params, restored.alpha)
     first = next(iter(run.pipeline(config, "train", shuffle=False).epoch(0)))
     template = fresh_params(run.vcfg, run.llm_params, first, run.text_rows, int(config.train.seed))
@@ -241,6 +245,9 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
                    explicit_config=None, init_from: str = "", warm_bridge_from: str = "") -> dict:
     configs = {p: explicit_config if explicit_config is not None else phase_config(p, arg, overrides)
                for p in phases_to_run}
+    first = phases_to_run[0]
+    if first > 1 and not init_from and not ckpt_lib.has_checkpoint(workdir, first - 1):
+        raise TrainError(no_previous_phase(first, workdir))   # before minutes of set-up, not after
     t0 = time.time()          # wall_seconds is the whole job: tokenizer, phase 0, whitening, phases, evaluations
     run = Run(configs[phases_to_run[0]], workdir)
     run.configs = configs

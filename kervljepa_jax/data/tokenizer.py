@@ -12,13 +12,15 @@ import hashlib
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:   # transformers is imported where a tokenizer is built: it pulls in torch (~4 s), which a
+    from transformers import PreTrainedTokenizerFast    # CLI that only checks its flags should not wait for
 
 from kervljepa_jax.data import records
 from kervljepa_jax.data.text import BOS, END_HEADER, EOS, EOT, START_HEADER, VISUAL_TOKEN
@@ -41,6 +43,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
                                   special_tokens=list(BPE_SPECIAL_TOKENS),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(texts, trainer)
+    from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    extra_special_tokens=[START_HEADER, END_HEADER, EOT, VISUAL_TOKEN])
 
@@ -57,6 +60,7 @@ def cached_bpe(corpus: Callable[[], Iterable[str]], corpus_key: str, vocab_size:
     `corpus` is only called when the cache misses; `corpus_key` must identify its content
     (the synthetic source's seed and size, or a CSV's path, size and mtime).
     """
+    from transformers import PreTrainedTokenizerFast
     folder = cache_folder(workdir, vocab_size, corpus_key)
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(folder)
@@ -77,6 +81,7 @@ def load_hf(path: str) -> PreTrainedTokenizerFast:
     """A local HF tokenizer folder with the chat tokens and <|visual_region|> added as needed."""
     if not os.path.isdir(path):
         raise records.DataError(f"{path}: tokenizer folder not found; set --config.data.tokenizer_path")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
     if not isinstance(tokenizer, PreTrainedTokenizerFast):
         raise records.DataError(f"{path}: {type(tokenizer).__name__} is not a fast tokenizer; "

@@ -55,6 +55,13 @@ def phase_directory(workdir: str | pathlib.Path, phase: int) -> pathlib.Path:
     return pathlib.Path(workdir) / f"phase{phase}" / "checkpoints"
 
 
+def has_checkpoint(workdir: str | pathlib.Path, phase: int) -> bool:
+    """Whether the phase's checkpoint folder holds a finished step (a folder named by its step
+    number), without opening Orbax: a preflight check before any model is built."""
+    folder = phase_directory(workdir, phase)
+    return folder.is_dir() and any(entry.name.isdigit() and entry.is_dir() for entry in folder.iterdir())
+
+
 def abstract_target(tree: Any, shardings: Any = None) -> Any:
     """ShapeDtypeStructs of `tree` (arrays or structs), with `shardings` (a matching tree) if given."""
     if shardings is None:

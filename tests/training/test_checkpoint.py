@@ -83,7 +83,11 @@ def test_fresh_workdir_and_no_metrics(tmp_path, trained):
     params, _ = trained
     with _checkpointer(tmp_path) as ckpt:
         assert ckpt.latest_step() is None and ckpt.restore_latest(params) is None and ckpt.restore_best(params) is None
+        assert not checkpoint.has_checkpoint(tmp_path, 3)        # the folder exists, no step in it
+        (checkpoint.phase_directory(tmp_path, 3) / "3.orbax-checkpoint-tmp-1").mkdir()   # an unfinished save
+        assert not checkpoint.has_checkpoint(tmp_path, 3)
         ckpt.save(3, params=params)
+        assert checkpoint.has_checkpoint(tmp_path, 3) and not checkpoint.has_checkpoint(tmp_path, 2)
         assert ckpt.best_step() is None and ckpt.restore_best(params).step == 3     # best falls back to latest
         assert [ckpt.should_save(s) for s in (0, 5)] == [False, False]
     every = checkpoint.PhaseCheckpointer(tmp_path, 4, every_steps=5, async_save=False)
