@@ -84,17 +84,20 @@ def test_fresh_vlm_equals_base_llm_on_grafted_embeddings(variables):
 
 
 def _decode_logits(variables, slices, z, valid, ids, prompt_len, with_context=True):
-    """Prefill the first prompt_len tokens, then feed the rest one by one; logits at every position."""
+    """Prefill the first prompt_len tokens, then feed the rest one by one; logits at every position.
+    The steps are a scan, as in the sampling loop: one compiled step instead of T - prompt_len."""
     def run(v):
         cache = llama_lib.init_cache(CFG.llm, B, T)
-        logits, cache, context = MODEL.apply(v, slices, z, valid, ids[:, :prompt_len],
-                                             jnp.ones((B, prompt_len), bool), cache, method="prefill")
-        steps = [logits]
-        for t in range(prompt_len, T):
-            logits, cache = MODEL.apply(v, ids[:, t:t + 1], cache, context if with_context else None,
-                                        method="extend")
-            steps.append(logits)
-        return jnp.stack(steps, axis=1)
+        first, cache, context = MODEL.apply(v, slices, z, valid, ids[:, :prompt_len],
+                                            jnp.ones((B, prompt_len), bool), cache, method="prefill")
+
+        def step(cache, t):
+            token = jax.lax.dynamic_slice_in_dim(ids, t, 1, axis=1)
+            logits, cache = MODEL.apply(v, token, cache, context if with_context else None, method="extend")
+            return cache, logits
+
+        _, rest = jax.lax.scan(step, cache, jnp.arange(prompt_len, T))
+        return jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
     return jax.jit(run)(variables)
 
 
