@@ -24,7 +24,8 @@ overrides it), and writes DIR/eval/phaseN/:
 
 Scores for AUC and the threshold search. Phases 3-4: the LLM-visual classifier (the head trained
 in phase 3 on the response tokens' last hidden states) reading the model's own generated report
-(normal mode): sigmoid of its logits. Phases 1-2 (no language path trained): the visual
+(normal mode): sigmoid of its logits; where phase 3 did not train it (the default run's phase 3
+has no llm_cls or focal loss), the visual classifier on V' instead, and metrics.json says so. Phases 1-2 (no language path trained): the visual
 classifier on V' (mean-pooled compressor tokens); its F1 at 0.5 is then the headline number.
 The visual classifier's numbers are reported for every phase under "visual_classifier"; after
 phase 2 they are stale (phase 2 moves the compressor, not that head).
@@ -475,6 +476,13 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def llm_classifier_trained(config) -> bool:
+    """Whether phase 3 trained the LLM-visual classifier (only phase 3 does: a positive llm_cls or
+    focal weight); phase 4 asks its profile's phase-3 config."""
+    weights = config.loss_weights if int(config.phase) == 3 else config_lib.load_phase_config(3, config.profile).loss_weights
+    return float(weights.get("llm_cls", 0.0)) + float(weights.get("focal", 0.0)) > 0
+
+
 def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str]) -> dict:
     """One pass over the split: labels, visual features, reports per mode, classifier scores, NLL sums."""
     model = loaded.model
@@ -582,10 +590,15 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     figure_paths: dict[str, str | None] = {}
     if generating:
         labelled = {m: labeler(outputs["texts"][m]) for m in modes}
-        main = metrics_lib.evaluation_report(truth, labelled["normal"], outputs["llm_probs"])
-        payload.update({"labeler": getattr(labeler, "name", type(labeler).__name__),
-                        "scores": "LLM-visual classifier probabilities on the generated (normal-mode) report; "
-                                  "used for AUC and the threshold search",
+        if llm_classifier_trained(loaded.config):
+            scores, scores_note = outputs["llm_probs"], ("LLM-visual classifier probabilities on the generated "
+                                                         "(normal-mode) report; used for AUC and the threshold search")
+        else:
+            scores, scores_note = outputs["visual_probs"], (
+                "visual classifier probabilities (sigmoid of the head on mean V'; used for AUC and the threshold "
+                "search): the LLM-visual classifier is untrained, phase 3's llm_cls loss weight is 0")
+        main = metrics_lib.evaluation_report(truth, labelled["normal"], scores)
+        payload.update({"labeler": getattr(labeler, "name", type(labeler).__name__), "scores": scores_note,
                         "macro_f1": main["macro_f1"], "precision": main["macro_precision"],
                         "recall": main["macro_recall"], "macro_f1_ci": main["macro_f1_ci"], "report": main})
         payload["ablations"] = {}

@@ -243,7 +243,9 @@ def test_generating_phase_metrics_reports_and_figures(evaluated):
     report = metrics["report"]
     assert [row["name"] for row in report["per_class"]] == list(findings.CLASS_NAMES)
     assert report["threshold_tuned"]["tuned_on_eval_set"] is True
-    assert "LLM-visual classifier" in metrics["scores"]
+    # The default phase 3 trains no LLM-visual classifier: the scores are the visual classifier's, and say so.
+    assert "LLM-visual classifier is untrained" in metrics["scores"]
+    assert report["per_class"][0]["auc"] == metrics["visual_classifier"]["per_class"][0]["auc"]
     assert set(metrics["ablations"]) == {"zero", "shuffle", "noise"}
     for mode, ablation in metrics["ablations"].items():
         assert 0 <= ablation["macro_f1"] <= 1

@@ -48,6 +48,8 @@ PAPER_SETUP = {
     "data.source":                   "ctrate",
 }
 
+AS_PAPER = "<as in configs/phaseN.py>"   # an EMBEDDED cell that keeps the phase file's (paper's) value
+
 # "default" (embedded): synthetic data + tiny LLM on 2 CPU cores, all four phases + evaluation
 # <= 10 min. Dotted config key -> (phase 1, phase 2, phase 3, phase 4). Few epochs over a smaller
 # synthetic train split; learning rates raised for the tiny, freshly initialised model (phase 4
@@ -87,6 +89,14 @@ EMBEDDED = {
     # AUC stays 0.989 and the InfoNCE validation loss is lower (1.650 vs 1.674). Phase 3 on 512
     # validation volumes: 0.655 vs 0.628 (0.666 with the compressor held still, x0).
     "train.lr_multipliers":          ([], [[r"compressor/.*", 0.1]]) + ([[r"xattn_\d+/gate", 30.0]],) * 2,
+    # Phase 3 trains on the LM loss alone (paper: + focal + JEPA + 3.0 LLM-visual classification). The
+    # 64-wide tiny decoder has no room to spare for the auxiliary heads: from the same phases 1-2,
+    # generation F1 on 512 validation volumes 0.696 with them, 0.773 without the classifier's two
+    # terms (focal and LLM-cls), 0.798 without the JEPA term too. Phase 4's focal term reads that
+    # classifier, untrained here, so it goes as well.
+    "loss_weights.llm_cls":          (AS_PAPER, AS_PAPER, 0.0, AS_PAPER),
+    "loss_weights.focal":            (AS_PAPER, AS_PAPER, 0.0, 0.0),
+    "loss_weights.jepa":             (AS_PAPER, AS_PAPER, 0.0, AS_PAPER),
 }
 
 
@@ -211,7 +221,7 @@ def apply_profile(config: ml_collections.ConfigDict, phase: int, arg: str | None
     if profile == "paper":
         overrides = PAPER_SETUP
     else:
-        overrides = {key: column[phase - 1] for key, column in EMBEDDED.items()}
+        overrides = {key: column[phase - 1] for key, column in EMBEDDED.items() if column[phase - 1] != AS_PAPER}
     for key, value in overrides.items():
         _set_dotted(config, key, value)
     config.model.lora.update(LORA_VARIANTS[lora])
