@@ -476,10 +476,15 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def llm_classifier_trained(config) -> bool:
+def llm_classifier_trained(config, workdir: str) -> bool:
     """Whether phase 3 trained the LLM-visual classifier (only phase 3 does: a positive llm_cls or
-    focal weight); phase 4 asks its profile's phase-3 config."""
-    weights = config.loss_weights if int(config.phase) == 3 else config_lib.load_phase_config(3, config.profile).loss_weights
+    focal weight). Phase 4 reads the weights phase 3 ran with from that phase's saved config in the
+    same workdir, and only without one (phase 4 from --init_from) its profile's phase-3 config file."""
+    if int(config.phase) == 3:
+        weights = dict(config.loss_weights)
+    else:
+        saved = saved_config(workdir, 3).get("loss_weights") if 3 in trained_phases(workdir) else None
+        weights = saved or dict(config_lib.load_phase_config(3, config.profile).loss_weights)
     return float(weights.get("llm_cls", 0.0)) + float(weights.get("focal", 0.0)) > 0
 
 
@@ -590,7 +595,7 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     figure_paths: dict[str, str | None] = {}
     if generating:
         labelled = {m: labeler(outputs["texts"][m]) for m in modes}
-        if llm_classifier_trained(loaded.config):
+        if llm_classifier_trained(loaded.config, loaded.run.workdir):
             scores, scores_note = outputs["llm_probs"], ("LLM-visual classifier probabilities on the generated "
                                                          "(normal-mode) report; used for AUC and the threshold search")
         else:

@@ -154,6 +154,16 @@ def test_phase_config_comes_from_the_checkpoint_then_the_command_line(tmp_path):
         evaluate.check_phase(str(tmp_path), 4)
 
 
+def test_phase4_asks_the_saved_phase3_config_whether_the_llm_classifier_trained(tmp_path):
+    from kervljepa_jax import train
+
+    phase4 = train.phase_config(4, None, {})
+    assert not evaluate.llm_classifier_trained(phase4, str(tmp_path))    # no phase 3 here: the default profile's
+    assert evaluate.llm_classifier_trained(train.phase_config(4, "paper", {}), str(tmp_path))
+    _fake_checkpoint(tmp_path, 3, train.phase_config(3, None, {"loss_weights.llm_cls": "3.0"}))
+    assert evaluate.llm_classifier_trained(phase4, str(tmp_path))        # what phase 3 ran with wins
+
+
 def test_ablation_flag_and_strict_json(tmp_path):
     assert evaluate.parse_ablations("zero, noise,zero") == ("zero", "noise")
     assert evaluate.parse_ablations("") == ()

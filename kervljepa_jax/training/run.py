@@ -207,9 +207,15 @@ def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tup
     """The LLM (HF folder or the phase-0 tiny model), its vocabulary grown to the tokenizer's."""
     path = config.model.llm_path or pretrain_base_llm(config, tokenizer, workdir, metric_log)
     preset = llama_lib.preset(config.model.preset)
-    cfg, params = hf.load_llama(path, lora=lora_config(config), rng=jax.random.key(int(config.train.seed) + 1),
-                                injection_layers=preset.injection_layers, remat_policy=preset.remat_policy,
-                                dtype=preset.dtype, param_dtype=preset.param_dtype)
+    injection = tuple(int(i) for i in config.model.injection_layers) or preset.injection_layers
+    try:
+        cfg, params = hf.load_llama(path, lora=lora_config(config), rng=jax.random.key(int(config.train.seed) + 1),
+                                    injection_layers=injection, remat_policy=preset.remat_policy,
+                                    dtype=preset.dtype, param_dtype=preset.param_dtype)
+    except ValueError as e:
+        if "injection_layers" not in str(e):
+            raise
+        raise TrainError(f"--config.model.injection_layers: {e}") from None
     vocab = tokenizers.vocab_size(tokenizer)
     if vocab > cfg.vocab_size:
         key = jax.random.key(int(config.train.seed) + 2)

@@ -97,6 +97,16 @@ def test_phase_zero_writes_a_base_llm_that_transformers_loads_with_the_same_logi
     assert [r["step"] for r in rows if r["phase"] == 0] == [0, 2]          # every 20 steps and the last
 
 
+def test_injection_layers_come_from_the_config_else_the_preset(run):
+    assert run.llm_cfg.injection_layers == (1,)                                   # the tiny preset's
+    cfg, params = run_lib.load_base_llm(_config(**{"model.injection_layers": "(0, 2)"}), run.tokenizer,
+                                        run.workdir, run.log)
+    assert cfg.injection_layers == (0, 2)
+    assert jax.tree.leaves(params) and cfg.segments == ((0, 0), (1, 2), (3, 3))
+    with pytest.raises(run_lib.TrainError, match=r"--config.model.injection_layers: .*\[0, 2\]"):
+        run_lib.load_base_llm(_config(**{"model.injection_layers": "(3,)"}), run.tokenizer, run.workdir, run.log)
+
+
 def test_run_reuses_pipelines_and_compiled_samplers(run):
     config = _config()
     assert run.pipeline(config, "valid", shuffle=False) is run.pipeline(config, "valid", shuffle=False)
