@@ -118,8 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.jepa_dim = 256             # whitened text space (capped at the LLM width by vlm.make_config)
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
     # Decoder layers (0-based) followed by a gated cross-attention adapter; () = the preset's
-    # (3B: 7, 14, 21, the paper's). `--config.model.injection_layers=(0,1,2)`.
-    c.model.injection_layers = ()
+    # (3B: 7, 14, 21, the paper's). `--config.model.injection_layers=[0,1,2]`.
+    c.model.injection_layers = []
     # The tiny preset's base LLM when llm_path and tokenizer_path are empty (synthetic data):
     # "packaged" copies the stand-in shipped with the package (kervljepa_jax/stand_in.py: pretrained
     # once, like Llama) to WORKDIR/base_llm; "phase0" pretrains one there with the settings below.
