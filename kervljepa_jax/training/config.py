@@ -71,7 +71,9 @@ EMBEDDED = {
     # 100x fewer volumes than CT-RATE need a cleaner signal per volume for the same learnability:
     # at 2.0 a ridge probe of the 32 zones reaches ~0.92 macro F1 from 512 volumes (0.88 at 1.0).
     "data.signal_strength":          (2.0,) * 4,
-    "train.epochs":                  (4, 2, 20, 1),               # paper 20, 30, 50, 30
+    # Phase 3, 16 epochs: with the cosine decay below, as good as 20 (512 validation volumes: 0.814
+    # vs 0.807 seed 0, 0.805 vs 0.813 seed 1) and a fifth less time.
+    "train.epochs":                  (4, 2, 16, 1),               # paper 20, 30, 50, 30
     "train.batch_size":              (8, 16, 8, 8),               # paper 32, 512, 8, 8
     "train.lr":                      (1e-3, 5e-4, 3e-3, 7.5e-5),  # paper 5e-5, 3e-5, 2e-5, 5e-7
     "train.warmup_steps":            (10, 10, 10, 0),             # paper 0
@@ -84,8 +86,8 @@ EMBEDDED = {
     "checkpoint.every_steps":        (0,) * 4,                    # at evaluations and phase end only
     "eval.max_new_tokens":           (160,) * 4,                  # paper 384; longest findings text ~156
     "eval.num_examples":             (128,) * 4,                  # paper: all
-    "train.eval_every_epochs":       (2, 1, 20, 1),               # phase 3: generation F1 at its end only
-    "lora_freeze_epoch":             (0, 0, 13, 0),               # paper 6 (phase 3)
+    "train.eval_every_epochs":       (2, 1, 16, 1),               # phase 3: generation F1 at its end only
+    "lora_freeze_epoch":             (0, 0, 10, 0),               # paper 6 (phase 3)
     # Phases 3-4: the adapters' tanh gates start at 0 (a fresh model is the base LLM) and Adam moves
     # them ~lr per step: ~0.05 after 192 steps, against the paper's ~300k. Faster gates in this 1500x
     # shorter run.
