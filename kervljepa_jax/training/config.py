@@ -124,7 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_visual_tokens = c.data.get_ref("num_visual_tokens")
     c.model.jepa_dim = 256             # whitened text space (capped at the LLM width by vlm.make_config)
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
-    # Decoder layers (0-based) followed by a gated cross-attention adapter; () = the preset's
+    # Decoder layers (0-based) followed by a gated cross-attention adapter; [] = the preset's
     # (3B: 7, 14, 21, the paper's). `--config.model.injection_layers=[0,1,2]`.
     c.model.injection_layers = []
     # The tiny preset's base LLM when llm_path and tokenizer_path are empty (synthetic data):
