@@ -205,7 +205,9 @@ def transfer_state(old_state: Any, new_tx: optax.GradientTransformation, params:
 
     For a relabel inside a phase (phase 3 freezing LoRA after epoch 6): the step count, lr scale,
     skip counters, clip state and every optimizer group that exists in both keep their values;
-    a group that became frozen loses its moments.
+    a group that became frozen loses its moments. The schedule keeps its place: optax's
+    inject_hyperparams counts for a schedule in `hyperparams_states`, apart from `count`, and a
+    fresh one there would restart the warmup and the decay mid-phase.
     """
     new_state = new_tx.init(params)
     old_hyper, new_hyper = _hyper_state(old_state), _hyper_state(new_state)
@@ -214,7 +216,10 @@ def transfer_state(old_state: Any, new_tx: optax.GradientTransformation, params:
         if group in new_groups and (jax.tree.structure(state) == jax.tree.structure(new_groups[group])):
             new_groups[group] = state
     inner = new_hyper.inner_state._replace(inner_states=new_groups)
-    hyper = new_hyper._replace(count=old_hyper.count, hyperparams=dict(old_hyper.hyperparams), inner_state=inner)
+    kept = dict(count=old_hyper.count, hyperparams=dict(old_hyper.hyperparams), inner_state=inner)
+    if hasattr(old_hyper, "hyperparams_states"):
+        kept["hyperparams_states"] = old_hyper.hyperparams_states
+    hyper = new_hyper._replace(**kept)
     return new_state._replace(notfinite_count=old_state.notfinite_count, last_finite=old_state.last_finite,
                               total_notfinite=old_state.total_notfinite,
                               inner_state=(old_state.inner_state[0], hyper))

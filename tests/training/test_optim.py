@@ -228,6 +228,27 @@ def test_lora_freeze_keeps_the_other_groups_state(params, phase3):
     assert not any(p.endswith(("lora_A", "lora_B")) for p in _by_path(updates))
 
 
+def test_lora_freeze_continues_the_lr_schedule(params):
+    """The freeze rebuilds the optimizer mid-phase; its warmup and decay must go on from the step
+    reached, not start again (optax keeps a schedule's count apart from the state's `count`)."""
+    c = _config(3, schedule="cosine", warmup_steps=2, epochs=4)
+    schedule = optim.make_schedule(c.train, STEPS_PER_EPOCH)
+    labels = phases.trainable_labels(params, c.trainable, c.phase)
+    tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
+    trainable, frozen = phases.split_params(params, labels)
+    state = tx.init(trainable)
+    done = 5
+    for step in range(done):
+        _, state = tx.update(phases.split_params(_grads(params, seed=step), labels)[0], state, trainable)
+    frozen_labels = phases.freeze(labels, [LORA_PATTERN])
+    new_trainable, _ = phases.split_params(phases.merge_params(trainable, frozen), frozen_labels)
+    new_tx = optim.make_optimizer(c, params, frozen_labels, STEPS_PER_EPOCH)
+    new_state = optim.transfer_state(state, new_tx, new_trainable)
+    _, new_state = new_tx.update(phases.split_params(_grads(params), frozen_labels)[0], new_state, new_trainable)
+    assert optim.learning_rate(new_state) == pytest.approx(float(schedule(done)), rel=1e-6)
+    assert float(schedule(done)) != pytest.approx(float(schedule(0)))     # the check can tell a restart
+
+
 def test_lr_multipliers_scale_exactly_the_matched_trainable_leaves(params):
     plain = _config(3, lr_multipliers=[])
     scaled = _config(3, lr_multipliers=[(r"xattn_\d+/gate", 30.0), (r"predictor/.*", 0.5)])
