@@ -54,6 +54,16 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
 
+def injection_problem(injection_layers: Sequence[int], num_hidden_layers: int) -> str:
+    """Why adapters cannot run after `injection_layers` of a `num_hidden_layers` decoder ("" = they can)."""
+    layers = tuple(injection_layers)
+    bad = [i for i in layers if not 0 <= i < num_hidden_layers - 1]
+    if bad or list(layers) != sorted(set(layers)):
+        return (f"injection_layers={layers}: need sorted, unique indices in [0, {num_hidden_layers - 2}] "
+                f"(an adapter runs after that layer)")
+    return ""
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -80,10 +90,9 @@ class LlamaConfig:
                              f"num_key_value_heads={self.num_key_value_heads}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of {sorted(REMAT_POLICIES)}")
-        bad = [i for i in self.injection_layers if not 0 <= i < self.num_hidden_layers - 1]
-        if bad or list(self.injection_layers) != sorted(set(self.injection_layers)):
-            raise ValueError(f"injection_layers={self.injection_layers}: need sorted, unique indices in "
-                             f"[0, {self.num_hidden_layers - 2}] (an adapter runs after that layer)")
+        problem = injection_problem(self.injection_layers, self.num_hidden_layers)
+        if problem:
+            raise ValueError(problem)
 
     def replace(self, **kw) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)

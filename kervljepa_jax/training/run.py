@@ -203,19 +203,27 @@ def training_texts(data) -> tuple[list[str], list[np.ndarray]]:
     return pipeline_lib.make_source(data, "train").texts()
 
 
+def check_injection_layers(llm_path: str, injection: tuple[int, ...]) -> None:
+    """Fail on adapter positions the LLM in `llm_path` cannot take, before any weight is read."""
+    try:
+        with open(os.path.join(llm_path, "config.json"), encoding="utf-8") as f:
+            num_layers = json.load(f).get("num_hidden_layers")
+    except (OSError, ValueError):
+        return                                  # hf.load_llama names what is wrong with the folder
+    problem = llama_lib.injection_problem(injection, num_layers) if isinstance(num_layers, int) else ""
+    if problem:
+        raise TrainError(f"--config.model.injection_layers: {problem} for the {num_layers}-layer LLM in {llm_path}")
+
+
 def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tuple[llama_lib.LlamaConfig, Any]:
     """The LLM (HF folder or the phase-0 tiny model), its vocabulary grown to the tokenizer's."""
     path = config.model.llm_path or pretrain_base_llm(config, tokenizer, workdir, metric_log)
     preset = llama_lib.preset(config.model.preset)
     injection = tuple(int(i) for i in config.model.injection_layers) or preset.injection_layers
-    try:
-        cfg, params = hf.load_llama(path, lora=lora_config(config), rng=jax.random.key(int(config.train.seed) + 1),
-                                    injection_layers=injection, remat_policy=preset.remat_policy,
-                                    dtype=preset.dtype, param_dtype=preset.param_dtype)
-    except ValueError as e:
-        if "injection_layers" not in str(e):
-            raise
-        raise TrainError(f"--config.model.injection_layers: {e}") from None
+    check_injection_layers(path, injection)
+    cfg, params = hf.load_llama(path, lora=lora_config(config), rng=jax.random.key(int(config.train.seed) + 1),
+                                injection_layers=injection, remat_policy=preset.remat_policy,
+                                dtype=preset.dtype, param_dtype=preset.param_dtype)
     vocab = tokenizers.vocab_size(tokenizer)
     if vocab > cfg.vocab_size:
         key = jax.random.key(int(config.train.seed) + 2)
