@@ -64,6 +64,10 @@ def test_lora_variant_and_bad_args():
     c = config_lib.load_phase_config(3, "paper,lora=card")
     assert (c.model.lora.rank, c.model.lora.alpha, c.profile) == (64, 128.0, "paper")
     assert config_lib.load_phase_config(3, "lora=card").profile == "default"
+    default = config_lib.load_phase_config(3)            # the embedded run takes the card's LoRA ...
+    assert (default.model.lora.rank, default.model.lora.alpha) == (64, 128.0)
+    paper_lora = config_lib.load_phase_config(3, "default,lora=paper")   # ... unless told otherwise
+    assert (paper_lora.model.lora.rank, paper_lora.model.lora.alpha, paper_lora.profile) == (16, 32.0, "default")
     for bad in ("papers", "paper,lora=huge"):
         with pytest.raises(ValueError, match="config arg") as err:
             config_lib.load_phase_config(1, bad)
