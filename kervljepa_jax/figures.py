@@ -29,21 +29,20 @@ ABLATION_ORDER = ("full", "zero", "shuffle", "noise")
 _NON_CURVE_KEYS = ("phase", "step", "epoch")
 
 
-def _pyplot():
-    """matplotlib.pyplot on the Agg backend (files only: no display, no GUI toolkit, safe in threads and
-    CI), imported at the first figure: train and evaluate import this module, and matplotlib with
-    scipy cost ~2 s that a command failing on its flags should not pay."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _subplots(nrows: int = 1, ncols: int = 1, **kwargs):
+    """(figure, axes) drawn by matplotlib's object-oriented API on the Agg canvas: no pyplot, so no
+    global backend switch (a notebook keeps its inline backend), nothing to close, safe in threads.
+    Imported at the first figure: train and evaluate import this module, and matplotlib costs ~1 s
+    that a command failing on its flags should not pay."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
 
 
 def _save(fig, path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
     return path
 
 
@@ -79,7 +78,7 @@ def per_class_f1_bars(report_or_per_class, path: str, title: str = "Per-class F1
     if not np.all((values >= 0) & (values <= 1)):
         raise ValueError(f"per_class_f1_bars: F1 values must be in [0, 1], got {values.min():.3g}.."
                          f"{values.max():.3g}")
-    fig, ax = _pyplot().subplots(figsize=(7, 0.3 * len(names) + 1.2))
+    fig, ax = _subplots(figsize=(7, 0.3 * len(names) + 1.2))
     y = np.arange(len(names))
     ax.barh(y, values, color="tab:blue")
     ax.axvline(values.mean(), color="tab:red", linestyle="--", label=f"macro {values.mean():.3f}")
@@ -126,7 +125,7 @@ def loss_curves(source, path: str, keys: Sequence[str] | None = None) -> str:
     if not keys:
         raise ValueError("loss_curves: no records with a numeric '*loss*' key; pass keys= to choose")
     phases = sorted({r["phase"] for r in records}, key=str)
-    fig, axes = _pyplot().subplots(1, len(phases), figsize=(4.5 * len(phases), 3.4), squeeze=False)
+    fig, axes = _subplots(1, len(phases), figsize=(4.5 * len(phases), 3.4), squeeze=False)
     for ax, phase in zip(axes[0], phases):
         rows = [r for r in records if r["phase"] == phase]
         for key in keys:
@@ -154,7 +153,7 @@ def zone_attention_map(matrix: np.ndarray, path: str, class_names: Sequence[str]
         raise ValueError(f"zone_attention_map: expected [classes, zones], got shape {matrix.shape}")
     names = _names(matrix.shape[0], class_names, "zone_attention_map")
     num_zones = matrix.shape[1]
-    fig, ax = _pyplot().subplots(figsize=(0.28 * num_zones + 4, 0.3 * len(names) + 1.5))
+    fig, ax = _subplots(figsize=(0.28 * num_zones + 4, 0.3 * len(names) + 1.5))
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(np.arange(len(names)), labels=names, fontsize=8)
     ticks = np.arange(0, num_zones, max(1, num_zones // 8))
@@ -240,7 +239,7 @@ def ablation_bars(results: Mapping, path: str, title: str = "Generation F1 by vi
     conditions = [c for c in ABLATION_ORDER if any(c in g for g in groups.values())]
     conditions += sorted({c for g in groups.values() for c in g} - set(conditions))
     width = 0.8 / len(conditions)
-    fig, ax = _pyplot().subplots(figsize=(1.2 + 1.6 * len(groups) * max(1, len(conditions) / 4), 3.6))
+    fig, ax = _subplots(figsize=(1.2 + 1.6 * len(groups) * max(1, len(conditions) / 4), 3.6))
     for i, condition in enumerate(conditions):
         x = np.arange(len(groups)) + (i - (len(conditions) - 1) / 2) * width
         values = [g.get(condition, math.nan) for g in groups.values()]

@@ -2,6 +2,8 @@
 the zone a planted signal lives in and sees nothing in noise."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -140,3 +142,14 @@ def test_zone_map_of_evidence_end_to_end(tmp_path):
     path = figures.zone_attention_map(figures.zone_evidence(tokens, labels), str(tmp_path / "map.png"),
                                       class_names=findings.CLASS_NAMES)
     _check_png(path)
+
+
+def test_figures_leave_pyplot_and_the_backend_alone(tmp_path):
+    """A notebook's inline backend survives a figure: drawing never imports pyplot nor switches backend."""
+    script = ("import sys, matplotlib; matplotlib.use('svg'); from kervljepa_jax import figures; "
+              f"figures.ablation_bars({{'full': 0.8, 'zero': 0.1}}, {str(tmp_path / 'a.png')!r}); "
+              "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["svg", "False"]
+    _check_png(tmp_path / "a.png", min_width=100, min_height=100)
