@@ -7,7 +7,7 @@ trainer after each generating phase; `classifier_eval` (phase 1's visual classif
 CLI:
 
     python -m kervljepa_jax.evaluate --workdir=DIR [--phase=4|all] [--split=valid]
-        [--ablations=zero,shuffle,noise] [--nll] [--probe] [--num_examples=N]
+        [--ablations=zero,shuffle,noise] [--nll] [--probe] [--num_examples=N] [--ablation_examples=M]
         [--labeler=rules|radbert --radbert_encoder=DIR --radbert_classifier=FILE]
         [--config.eval.max_new_tokens=96 ...]
 
@@ -17,7 +17,8 @@ overrides it), and writes DIR/eval/phaseN/:
 
   metrics.json      macro/micro F1, P, R, per-class table, bootstrap 95% CI of macro F1, AUC and
                     the per-class threshold search (flagged "tuned_on_eval_set") on the scores
-                    below; each ablation's F1 (Table IX); --nll: Table X; --probe: Table VIII;
+                    below; each ablation's F1 (Table IX) on the first M volumes, beside the full
+                    model's on those same volumes; --nll: Table X; --probe: Table VIII;
                     the zone-evidence matrix.
   reports.csv       one row per volume: ground-truth findings and the report of every visual mode.
   per_class_f1.png, ablations.png, loss_curves.png (from DIR/metrics.jsonl), zone_map.png.
@@ -156,7 +157,12 @@ def write_reports_csv(path: str, results: dict, modes: Sequence[str]) -> None:
         writer.writerow(["VolumeName", "true_findings", *[f"report_{m}" for m in modes]])
         for i, name in enumerate(results["volume_names"]):
             positives = "; ".join(findings.CLASS_NAMES[c] for c in np.flatnonzero(results["labels"][i]))
-            writer.writerow([name, positives, *[results[m]["texts"][i] for m in modes]])
+            # An ablation generates for the first volumes only (ablation_examples): "" after them.
+            writer.writerow([name, positives, *[_at(results[m]["texts"], i) for m in modes]])
+
+
+def _at(texts: Sequence[str], i: int) -> str:
+    return texts[i] if i < len(texts) else ""
 
 
 def _finite(value: Any) -> Any:
@@ -442,10 +448,10 @@ def restore_phase(run: Any, config: Any, phase: int) -> Loaded:
 
 def headline_numbers(payload: dict) -> dict:
     """`evaluate_phase`'s headline numbers: macro F1 / P / R with the CI, each ablation's, per-class F1."""
-    out = {k: payload[k] for k in ("macro_f1", "precision", "recall", "macro_f1_ci")}
+    out = {k: payload[k] for k in ("macro_f1", "precision", "recall", "macro_f1_ci", "num_volumes")}
     out["per_class_f1"] = {c["name"]: c["f1"] for c in payload["report"]["per_class"]}
     if "ablations" in payload:
-        out["ablations"] = {m: {k: a[k] for k in ("macro_f1", "precision", "recall")}
+        out["ablations"] = {m: {k: a[k] for k in ("macro_f1", "precision", "recall", "num_volumes", "full_macro_f1")}
                             for m, a in payload["ablations"].items()}
     return out
 
@@ -461,6 +467,9 @@ class EvalOptions:
     probe: bool = False
     probe_folds: int = 5
     num_examples: int | None = None      # None: config.eval.num_examples (0 = all)
+    # The ablations generate for the first this-many of those volumes (whole batches);
+    # None: config.eval.ablation_examples; 0 = all of them.
+    ablation_examples: int | None = None
     labeler: Any = None                  # None: the rule labeler
 
 
@@ -470,6 +479,15 @@ def parse_ablations(raw: str) -> tuple[str, ...]:
     if bad:
         raise EvalError(f"--ablations={raw}: unknown mode {bad[0]!r}; choose from {','.join(ABLATIONS)}")
     return tuple(dict.fromkeys(modes))
+
+
+def ablation_count(options: EvalOptions, config) -> int:
+    """Volumes the ablations generate for (0 = every evaluated one): the option, else the config's."""
+    n = options.ablation_examples
+    n = int(config.eval.get("ablation_examples", 0)) if n is None else int(n)
+    if n < 0:
+        raise EvalError(f"--ablation_examples={n}: use 0 (every evaluated volume) or a positive count")
+    return n
 
 
 def _host(x) -> np.ndarray:
@@ -506,8 +524,11 @@ def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str])
     out: dict[str, list] = {k: [] for k in ("labels", "names", "tokens", "calibrated", "visual_probs", "raw_mean",
                                             "llm_probs")}
     texts: dict[str, list[str]] = {m: [] for m in modes}
+    ablated = ablation_count(options, config)
     for i, batch in enumerate(loaded.batches(options.split, options.num_examples)):
         labels = _host(batch["labels"])
+        # Ablation modes only while fewer than `ablated` volumes have them (0: every batch).
+        batch_modes = modes if not ablated or len(out["names"]) < ablated else modes[:1]
         out["labels"].append(labels)
         out["names"] += list(batch["meta"]["volume_name"])
         tokens, calibrated, visual_probs = map(_host, encode(variables, batch["slices"], batch["z_mm"], batch["valid"]))
@@ -518,7 +539,7 @@ def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str])
             out["raw_mean"].append(probe_lib.mean_pool(_host(batch["slices"]), _host(batch["valid"])))
         key = jax.random.fold_in(rng, i)
         if generator is not None:
-            for mode, batch_texts in generate_texts(generator, variables, batch, modes, key).items():
+            for mode, batch_texts in generate_texts(generator, variables, batch, batch_modes, key).items():
                 texts[mode] += batch_texts
             chat = encode_reports(run.tokenizer, texts["normal"][-len(labels):], int(config.data.max_tokens),
                                   run.vcfg.num_visual_tokens)
@@ -547,6 +568,19 @@ def _compact(report: dict) -> dict:
     return {"macro_f1": report["macro_f1"], "precision": report["macro_precision"], "recall": report["macro_recall"],
             "micro_f1": report["micro_f1"], "macro_f1_ci": report["macro_f1_ci"],
             "per_class_f1": {row["name"]: row["f1"] for row in report["per_class"]}}
+
+
+def ablation_scores(truth: np.ndarray, labelled: dict[str, np.ndarray], ablations: Sequence[str]) -> dict:
+    """Each ablation's numbers on the volumes it generated for (the first len(labelled[mode])),
+    beside the full model's macro F1 on those same volumes (`full_macro_f1`, `delta_vs_full`)."""
+    scores = {}
+    for mode in ablations:
+        n = len(labelled[mode])
+        compact = _compact(metrics_lib.evaluation_report(truth[:n], labelled[mode]))
+        full = metrics_lib.evaluation_report(truth[:n], labelled["normal"][:n])["macro_f1"]
+        scores[mode] = {**compact, "num_volumes": n, "full_macro_f1": full,
+                        "delta_vs_full": compact["macro_f1"] - full}
+    return scores
 
 
 def _figure(name: str, fn, *args) -> str | None:
@@ -606,15 +640,12 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
         payload.update({"labeler": getattr(labeler, "name", type(labeler).__name__), "scores": scores_note,
                         "macro_f1": main["macro_f1"], "precision": main["macro_precision"],
                         "recall": main["macro_recall"], "macro_f1_ci": main["macro_f1_ci"], "report": main})
-        payload["ablations"] = {}
-        for mode in options.ablations:
-            compact = _compact(metrics_lib.evaluation_report(truth, labelled[mode]))
-            compact["delta_vs_full"] = compact["macro_f1"] - main["macro_f1"]
-            payload["ablations"][mode] = compact
+        payload["ablations"] = ablation_scores(truth, labelled, options.ablations)
         results = {"labels": truth, "volume_names": outputs["names"], **{m: {"texts": outputs["texts"][m]} for m in modes}}
         write_reports_csv(os.path.join(out_dir, "reports.csv"), results, modes)
         if options.ablations:
-            bars = {f"phase{loaded.phase}": {"full": main["macro_f1"],
+            first = payload["ablations"][options.ablations[0]]
+            bars = {f"phase{loaded.phase}": {"full": first["full_macro_f1"],
                                              **{m: payload["ablations"][m]["macro_f1"] for m in options.ablations}}}
             figure_paths["ablations"] = _figure("ablations", figures.ablation_bars, bars,
                                                 os.path.join(out_dir, "ablations.png"))
@@ -671,6 +702,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("probe_folds", 5, "Cross-validation folds of the linear probe.")
     flags.DEFINE_integer("num_examples", None, "Volumes to evaluate (whole batches); default "
                          "config.eval.num_examples; 0 = all.")
+    flags.DEFINE_integer("ablation_examples", None, "Of those, how many the ablations generate for (the first; "
+                         "whole batches); default config.eval.ablation_examples; 0 = all.")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -682,6 +715,9 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments {argv[1:]}; flags are --workdir, --phase, --split, --ablations, ...", 2)
     if not FLAGS.workdir:
         _fail("--workdir is required: a training workdir (python -m kervljepa_jax.train --workdir=DIR)", 2)
+    for name in ("num_examples", "ablation_examples"):
+        if FLAGS[name].value is not None and FLAGS[name].value < 0:
+            _fail(f"--{name}={FLAGS[name].value}: use 0 (all) or a positive number of volumes", 2)
     for name in ("init_from", "warm_bridge_from"):
         if FLAGS[name].present:
             _fail(f"--{name} is a training flag; evaluate reads DIR/phaseN/checkpoints", 2)
@@ -695,6 +731,7 @@ def main(argv: list[str]) -> None:
             jax.distributed.initialize()
         options = EvalOptions(split=FLAGS.split, ablations=parse_ablations(FLAGS.ablations), nll=FLAGS.nll,
                               probe=FLAGS.probe, probe_folds=FLAGS.probe_folds, num_examples=FLAGS.num_examples,
+                              ablation_examples=FLAGS.ablation_examples,
                               labeler=label_lib.make_labeler(FLAGS.labeler, FLAGS.radbert_encoder,
                                                              FLAGS.radbert_classifier))
         check_workdir(workdir)

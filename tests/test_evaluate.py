@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from kervljepa_jax import evaluate, findings, losses
+from kervljepa_jax import evaluate, findings, losses, metrics as metrics_lib, train
+from kervljepa_jax.label import RuleLabeler
 from kervljepa_jax.data import text as text_lib, tokenizer as tokenizers
 from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm as vlm_lib
@@ -139,7 +140,6 @@ def _fake_checkpoint(workdir, phase, config):
 
 
 def test_phase_config_comes_from_the_checkpoint_then_the_command_line(tmp_path):
-    from kervljepa_jax import train
 
     trained = train.phase_config(3, None, {"data.num_train": "64", "data.embed_dim": "48", "eval.max_new_tokens": "7"})
     _fake_checkpoint(tmp_path, 3, trained)
@@ -155,7 +155,6 @@ def test_phase_config_comes_from_the_checkpoint_then_the_command_line(tmp_path):
 
 
 def test_phase4_asks_the_saved_phase3_config_whether_the_llm_classifier_trained(tmp_path):
-    from kervljepa_jax import train
 
     phase4 = train.phase_config(4, None, {})
     assert not evaluate.llm_classifier_trained(phase4, str(tmp_path))    # no phase 3 here: the default profile's
@@ -174,6 +173,33 @@ def test_ablation_flag_and_strict_json(tmp_path):
     assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": 2}
 
 
+def test_ablations_are_scored_against_the_full_model_on_the_volumes_they_generated_for(tmp_path):
+    rng = np.random.default_rng(0)
+    truth = (rng.random((24, findings.NUM_CLASSES)) < 0.3).astype(np.int8)
+    normal = np.where(rng.random(truth.shape) < 0.8, truth, 1 - truth).astype(np.int8)
+    zero = np.zeros((8, findings.NUM_CLASSES), np.int8)               # generated for the first 8 only
+    scores = evaluate.ablation_scores(truth, {"normal": normal, "zero": zero}, ("zero",))["zero"]
+    full_on_8 = metrics_lib.evaluation_report(truth[:8], normal[:8])["macro_f1"]
+    assert scores["num_volumes"] == 8 and scores["full_macro_f1"] == pytest.approx(full_on_8)
+    assert full_on_8 != pytest.approx(metrics_lib.evaluation_report(truth, normal)["macro_f1"])
+    assert scores["macro_f1"] == 0.0 and scores["delta_vs_full"] == pytest.approx(-full_on_8)
+    path = tmp_path / "reports.csv"
+    results = {"labels": truth[:3], "volume_names": ["a", "b", "c"], "normal": {"texts": ["x", "y", "z"]},
+               "zero": {"texts": ["w"]}}
+    evaluate.write_reports_csv(str(path), results, ("normal", "zero"))
+    rows = list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+    assert [r["report_zero"] for r in rows] == ["w", "", ""] and [r["report_normal"] for r in rows] == ["x", "y", "z"]
+
+
+def test_ablation_count_comes_from_the_option_then_the_config():
+    config = train.phase_config(3, None, {})
+    assert evaluate.ablation_count(evaluate.EvalOptions(), config) == 128      # the default run's EMBEDDED value
+    assert evaluate.ablation_count(evaluate.EvalOptions(ablation_examples=0), config) == 0
+    assert evaluate.ablation_count(evaluate.EvalOptions(), train.phase_config(3, "paper", {})) == 0
+    with pytest.raises(evaluate.EvalError, match="--ablation_examples=-1"):
+        evaluate.ablation_count(evaluate.EvalOptions(ablation_examples=-1), config)
+
+
 def test_cli_errors_are_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -182,6 +208,7 @@ def test_cli_errors_are_one_line(tmp_path):
         (f"--workdir={tmp_path / 'missing'}", "--phase=3"): (1, "does not exist"),
         (f"--workdir={empty}", "--no_such_flag=1"): (2, "Unknown command line flag 'no_such_flag'"),
         (f"--workdir={empty}", "--config.eval.no_such_field=1"): (2, "--config.eval.no_such_field"),
+        (f"--workdir={empty}", "--ablation_examples=-8"): (2, "--ablation_examples=-8"),
     }
     running = {args: _cli(*args) for args in cases}                  # in parallel: each pays the imports
     for args, process in running.items():
@@ -222,7 +249,7 @@ def trained(tmp_path_factory):
 def evaluated(trained):
     """`--phase=all --nll --probe` on it: phase 1 (classifier path) and phase 3 (generation) in one run."""
     code, out, err = _finish(_cli(f"--workdir={trained}", "--phase=all", "--nll", "--probe", "--probe_folds=2",
-                                  "--num_examples=16"), timeout=1200)
+                                  "--num_examples=16", "--ablation_examples=8"), timeout=1200)
     assert code == 0, err[-3000:]
     return trained, json.loads(out.strip().splitlines()[-1])
 
@@ -257,9 +284,18 @@ def test_generating_phase_metrics_reports_and_figures(evaluated):
     assert "LLM-visual classifier is untrained" in metrics["scores"]
     assert report["per_class"][0]["auc"] == metrics["visual_classifier"]["per_class"][0]["auc"]
     assert set(metrics["ablations"]) == {"zero", "shuffle", "noise"}
+    with open(out / "reports.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    # --ablation_examples=8: the ablations generated for the first batch of 8 and are scored against the
+    # full model's reports of those 8 volumes (relabelled here from reports.csv).
+    truth = np.array([[name in row["true_findings"].split("; ") for name in findings.CLASS_NAMES] for row in rows[:8]])
+    full_on_8 = metrics_lib.evaluation_report(
+        truth.astype(np.int8), RuleLabeler()([row["report_normal"] for row in rows[:8]]))["macro_f1"]
     for mode, ablation in metrics["ablations"].items():
-        assert 0 <= ablation["macro_f1"] <= 1
-        assert ablation["delta_vs_full"] == pytest.approx(ablation["macro_f1"] - metrics["macro_f1"])
+        assert 0 <= ablation["macro_f1"] <= 1 and ablation["num_volumes"] == 8
+        assert ablation["full_macro_f1"] == pytest.approx(full_on_8)
+        assert ablation["delta_vs_full"] == pytest.approx(ablation["macro_f1"] - full_on_8)
+        assert all(row[f"report_{mode}"] == "" for row in rows[8:])
     nll = metrics["nll"]
     for mode in ("normal", "zero", "shuffle", "noise"):
         assert all(_finite_number(nll[mode][k]) and nll[mode][k] > 0 for k in ("all", "pathology", "generic"))
@@ -268,8 +304,6 @@ def test_generating_phase_metrics_reports_and_figures(evaluated):
     assert set(metrics["probe"]) == {"raw_slices", "compressor", "phase3"}
     assert all(p["n_samples"] == 16 for p in metrics["probe"].values())
     assert np.asarray(metrics["zone_evidence"]["matrix"], float).shape == (18, 32)
-    with open(out / "reports.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
     assert len(rows) == 16 and set(rows[0]) == {"VolumeName", "true_findings", "report_normal", "report_zero",
                                                 "report_shuffle", "report_noise"}
     for name in ("per_class_f1", "ablations", "loss_curves", "zone_map"):
