@@ -484,6 +484,7 @@ def parse_ablations(raw: str) -> tuple[str, ...]:
 def ablation_count(options: EvalOptions, config) -> int:
     """Volumes the ablations generate for (0 = every evaluated one): the option, else the config's."""
     n = options.ablation_examples
+    # .get: a checkpoint saved before the field existed carries a config without it.
     n = int(config.eval.get("ablation_examples", 0)) if n is None else int(n)
     if n < 0:
         raise EvalError(f"--ablation_examples={n}: use 0 (every evaluated volume) or a positive count")
@@ -573,14 +574,21 @@ def _compact(report: dict) -> dict:
 def ablation_scores(truth: np.ndarray, labelled: dict[str, np.ndarray], ablations: Sequence[str]) -> dict:
     """Each ablation's numbers on the volumes it generated for (the first len(labelled[mode])),
     beside the full model's macro F1 on those same volumes (`full_macro_f1`, `delta_vs_full`)."""
-    scores = {}
+    scores, full = {}, {}
     for mode in ablations:
         n = len(labelled[mode])
         compact = _compact(metrics_lib.evaluation_report(truth[:n], labelled[mode]))
-        full = metrics_lib.evaluation_report(truth[:n], labelled["normal"][:n])["macro_f1"]
-        scores[mode] = {**compact, "num_volumes": n, "full_macro_f1": full,
-                        "delta_vs_full": compact["macro_f1"] - full}
+        if n not in full:      # every mode usually has the same n: one scoring of the full model
+            full[n] = score(truth[:n], labelled["normal"][:n])["macro_f1"]
+        scores[mode] = {**compact, "num_volumes": n, "full_macro_f1": full[n],
+                        "delta_vs_full": compact["macro_f1"] - full[n]}
     return scores
+
+
+def ablation_bar_values(ablations: dict) -> dict[str, float]:
+    """{"full": the full model's F1 on the ablated volumes, mode: the mode's F1}: one phase's bars."""
+    full = next(iter(ablations.values()))["full_macro_f1"]
+    return {"full": full, **{m: v["macro_f1"] for m, v in ablations.items()}}
 
 
 def _figure(name: str, fn, *args) -> str | None:
@@ -644,9 +652,7 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
         results = {"labels": truth, "volume_names": outputs["names"], **{m: {"texts": outputs["texts"][m]} for m in modes}}
         write_reports_csv(os.path.join(out_dir, "reports.csv"), results, modes)
         if options.ablations:
-            first = payload["ablations"][options.ablations[0]]
-            bars = {f"phase{loaded.phase}": {"full": first["full_macro_f1"],
-                                             **{m: payload["ablations"][m]["macro_f1"] for m in options.ablations}}}
+            bars = {f"phase{loaded.phase}": ablation_bar_values(payload["ablations"])}
             figure_paths["ablations"] = _figure("ablations", figures.ablation_bars, bars,
                                                 os.path.join(out_dir, "ablations.png"))
     else:

@@ -269,16 +269,10 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
     return report
 
 
-def ablation_bar_values(ablations: dict) -> dict[str, float]:
-    """{"full": the full model's F1 on the ablated volumes, mode: the mode's F1} for one phase."""
-    full = next(iter(ablations.values()))["full_macro_f1"]
-    return {"full": full, **{m: v["macro_f1"] for m, v in ablations.items()}}
-
-
 def write_figures(workdir: str, report: dict) -> None:
     try:
         figures.loss_curves(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss_curves.png"))
-        abl = {name: ablation_bar_values(r["ablations"]) for name, r in report.items()
+        abl = {name: evaluate.ablation_bar_values(r["ablations"]) for name, r in report.items()
                if isinstance(r, dict) and r.get("ablations")}
         if abl:
             figures.ablation_bars(abl, os.path.join(workdir, "ablations.png"))

@@ -183,6 +183,7 @@ def test_ablations_are_scored_against_the_full_model_on_the_volumes_they_generat
     assert scores["num_volumes"] == 8 and scores["full_macro_f1"] == pytest.approx(full_on_8)
     assert full_on_8 != pytest.approx(metrics_lib.evaluation_report(truth, normal)["macro_f1"])
     assert scores["macro_f1"] == 0.0 and scores["delta_vs_full"] == pytest.approx(-full_on_8)
+    assert evaluate.ablation_bar_values({"zero": scores}) == {"full": scores["full_macro_f1"], "zero": 0.0}
     path = tmp_path / "reports.csv"
     results = {"labels": truth[:3], "volume_names": ["a", "b", "c"], "normal": {"texts": ["x", "y", "z"]},
                "zero": {"texts": ["w"]}}
