@@ -11,9 +11,10 @@ and loaded from there exactly like a real checkpoint.
 What it learned from (text only, no slice): the reports of synthetic volumes of the "pretrain"
 stream and findings-by-name conversations about them (the user turn names a volume's positive
 findings, the answer is its positive-findings text; `text.findings_by_name_chat`). That stream is
-disjoint from the train and valid splits. Why this matters (README "What to expect"): a stand-in
-pretrained for the default's 300 steps on the training split ignores its prompt, and phase 3 then
-has to teach the tiny decoder both to follow a prompt and to read the visual tokens.
+disjoint from the train and valid splits. Why this matters (docs/embedded_profile.md, "What the
+packaged stand-in buys"): a stand-in pretrained for the default's 300 steps on the training split
+ignores its prompt, and phase 3 then has to teach the tiny decoder both to follow a prompt and to
+read the visual tokens.
 
 Staleness: provenance.json holds a fingerprint of the synthetic text generator (a fixed sample of
 the corpus). When the generator's sentences change, the packaged model no longer matches; the
