@@ -6,7 +6,7 @@ the tiny preset: it starts from the stand-in shipped in `kervljepa_jax/assets/st
 Llama folder with its byte-level BPE tokenizer and a provenance.json), copied into WORKDIR/base_llm
 and loaded from there exactly like a real checkpoint.
 
-    python -m kervljepa_jax.stand_in --out=kervljepa_jax/assets/stand_in_llm    # rebuild (~45 min, 2 cores)
+    python -m kervljepa_jax.stand_in --out=kervljepa_jax/assets/stand_in_llm    # rebuild (~70 min, 2 cores)
 
 What it learned from (text only, no slice): the reports of synthetic volumes of the "pretrain"
 stream and findings-by-name conversations about them (the user turn names a volume's positive

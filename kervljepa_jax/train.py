@@ -5,9 +5,11 @@
         --config.model.llm_path=/models/Llama-3.2-3B-Instruct --config.data.root=/data/ct-rate
 
 With no data flags it runs the synthetic CT-RATE stand-in and the tiny preset. The tiny decoder
-stands in for Llama 3.2 3B, which arrives knowing English: when no `model.llm_path` is given, a
-"phase 0" pretrains it on the training reports (text only) and saves it as a HF Llama folder in
-WORKDIR/base_llm, which every later phase then loads exactly like a real checkpoint (training/run.py).
+stands in for Llama 3.2 3B, which arrives knowing English: when no `model.llm_path` is given, the
+packaged stand-in (`stand_in.py`, pretrained once outside the curriculum) is copied to
+WORKDIR/base_llm as a HF Llama folder, or with `model.stand_in=phase0` a "phase 0" pretrains one
+there on the training reports (text only); every later phase loads it exactly like a real
+checkpoint (training/run.py).
 
 Per phase N (WORKDIR/phaseN): resume from its latest checkpoint if any, else start from
 --init_from or the best checkpoint of phase N-1 (phase 1: the base LLM + fresh bridge, with SVD

@@ -102,8 +102,8 @@ EMBEDDED = {
     "train.eval_every_epochs":       (2, 1, 16, 1),               # phase 3: generation F1 at its end only
     "lora_freeze_epoch":             (0, 0, 10, 0),               # paper 6 (phase 3)
     # Phases 3-4: the adapters' tanh gates start at 0 (a fresh model is the base LLM) and Adam moves
-    # them ~lr per step: ~0.05 after 192 steps, against the paper's ~300k. Faster gates in this 1500x
-    # shorter run.
+    # them at most ~lr a step: 1,024 phase-3 steps here against the paper's ~300k (50 epochs of ~47k
+    # volumes at batch 8). Faster gates in this ~300x shorter run.
     # Phase 2, compressor lr x0.1: at the full phase-2 lr the InfoNCE steps pulled the phase-1
     # compressor off its classes (visual AUC 0.989 -> 0.968, the phase-3 ceiling with it); at x0.1
     # AUC stays 0.989 and the InfoNCE validation loss is lower (1.650 vs 1.674). Phase 3 on 512
