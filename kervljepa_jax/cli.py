@@ -66,13 +66,65 @@ def held_out_overrides() -> dict[str, str]:
     return dict(_held_out)
 
 
+def config_file_argument(argv: list[str]) -> str:
+    """The value of `--config=FILE[:arg]` (or `--config FILE[:arg]`) on the command line, else ''."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return ""
+
+
+def check_config_file(prog: str, argv: list[str]) -> None:
+    """A `--config` file that does not exist fails here, naming the flag; config_flags would only
+    load it on first use (or, with --phase=all, never), deep inside a run."""
+    value = config_file_argument(argv)
+    path = value.split(":", 1)[0]
+    if value and not os.path.isfile(path):
+        fail(prog, f"--config={value}: no such file {path!r}; use configs/phaseN.py[:paper]", 2)
+
+
+def is_local(path: str) -> bool:
+    """Not a remote URL (gs://, s3://): a path whose existence can be checked up front."""
+    return "://" not in path
+
+
+def _writable_folder(prog: str, flag: str, value: str, folder: str) -> None:
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        fail(prog, f"--{flag}={value}: cannot create {folder} ({e.strerror}); pass a writable place", 2)
+    if not os.access(folder, os.W_OK):
+        fail(prog, f"--{flag}={value}: {folder} is not writable; pass a writable place", 2)
+
+
+def ensure_folder(prog: str, flag: str, path: str) -> None:
+    """Create the output folder `--flag=path` now: a file there, or an unwritable parent, fails in one
+    line before minutes of work rather than after."""
+    if not is_local(path):
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(prog, f"--{flag}={path} is a file; pass a folder", 2)
+    _writable_folder(prog, flag, path, path)
+
+
+def ensure_parent(prog: str, flag: str, path: str) -> None:
+    """Create the folder that will hold the output `--flag=path` (a file, or a folder written whole)."""
+    if is_local(path):
+        _writable_folder(prog, flag, path, os.path.dirname(os.path.abspath(path)))
+
+
 def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
     """An `app.run(..., flags_parser=...)` that turns flag and config-field errors into one line."""
     def parse(argv: list[str]) -> list[str]:
+        check_config_file(prog, argv)
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
             fail(prog, f"{str(e).splitlines()[0]} (see --helpfull)", 2)
         except (KeyError, AttributeError) as e:
             bad_config_field(prog, argv, e)
+        except OSError as e:                     # a --config file that cannot be read
+            fail(prog, f"--config: {str(e).splitlines()[-1]}", 2)
     return parse

@@ -370,7 +370,7 @@ def phase_eval_config(workdir: str, phase: int, overrides: dict[str, str] | None
                             type(e).__name__, e)
     config.phase = phase
     try:
-        config_lib.apply_overrides(config, overrides or {})
+        config_lib.validate(config_lib.apply_overrides(config, overrides or {}))
     except config_lib.OverrideError as e:
         raise EvalError(str(e)) from None
     return config
@@ -727,9 +727,11 @@ def main(argv: list[str]) -> None:
     for name in ("init_from", "warm_bridge_from"):
         if FLAGS[name].present:
             _fail(f"--{name} is a training flag; evaluate reads DIR/phaseN/checkpoints", 2)
+    if FLAGS.probe and FLAGS.probe_folds < 2:
+        _fail(f"--probe_folds={FLAGS.probe_folds}: cross-validation needs at least 2 folds", 2)
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
     overrides = cli_lib.config_overrides(sys.argv[1:])
-    config_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
+    config_path = cli_lib.config_file_argument(sys.argv[1:])
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     workdir = FLAGS.workdir
     try:
@@ -753,12 +755,14 @@ def main(argv: list[str]) -> None:
         for phase in phases:
             loaded = load_phase(workdir, phase, overrides, run, arg)
             run = loaded.run
+            if FLAGS["ablations"].present and loaded.phase not in GENERATING_PHASES and FLAGS.ablations:
+                logging.warning("evaluate: --ablations=%s skipped for phase %d: ablations compare generated "
+                                "reports (phases 3-4)", FLAGS.ablations, loaded.phase)
             with sharding.use_mesh(run.mesh):
                 payload = evaluate_phase(loaded, options, os.path.join(workdir, "eval", f"phase{loaded.phase}"))
             results[f"phase{loaded.phase}"] = headline_numbers(payload)
     except (EvalError, run_lib.TrainError, DataError, label_lib.LabelError, FileNotFoundError, KeyError,
             ValueError) as e:
-        logging.error("%s", e)
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps(results))
 

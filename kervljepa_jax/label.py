@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from kervljepa_jax import findings
+from kervljepa_jax import cli as cli_lib, findings
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
@@ -176,6 +176,9 @@ def read_reports(path: str, text_column: str, id_column: str) -> tuple[list[str]
         for row in reader:
             if row[text_column] is None or row[id_column] is None:
                 raise LabelError(f"{path}: row {reader.line_num} has fewer fields than the header")
+            if None in row:      # csv.DictReader's key for fields past the header: an unquoted comma
+                raise LabelError(f"{path}: row {reader.line_num} has more fields than the header; quote "
+                                 "text that holds commas")
             ids.append(row[id_column])
             texts.append(row[text_column])
     if not ids:
@@ -229,9 +232,10 @@ def run(input_path: str, output_path: str, text_column: str, id_column: str, lab
         radbert_encoder: str | None = None, radbert_classifier: str | None = None) -> np.ndarray:
     """Read, label, write; returns the labels int8 [N, 18]."""
     ids, texts = read_reports(input_path, text_column, id_column)
-    empty = sum(1 for t in texts if not t.strip())
+    empty = [row_id for row_id, t in zip(ids, texts) if not t.strip()]
     if empty:
-        logging.warning("%s: %d of %d reports are empty; they get all-zero labels", input_path, empty, len(texts))
+        logging.warning("%s: %d of %d reports are empty (%s%s); they get all-zero labels", input_path,
+                        len(empty), len(texts), ", ".join(empty[:5]), ", ..." if len(empty) > 5 else "")
     labeler = make_labeler(labeler_kind, radbert_encoder, radbert_classifier)
     labels = label_texts(labeler, texts)
     write_labels(output_path, id_column, ids, labels)
@@ -241,15 +245,18 @@ def run(input_path: str, output_path: str, text_column: str, id_column: str, lab
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        cli_lib.fail("label", f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.input or not FLAGS.output:
-        sys.exit("label: --input and --output are required")
+        cli_lib.fail("label", "--input and --output are required", 2)
+    if os.path.isdir(FLAGS.output):
+        cli_lib.fail("label", f"--output={FLAGS.output} is a folder; pass a CSV file path", 2)
+    cli_lib.ensure_parent("label", "output", FLAGS.output)
     try:
         run(FLAGS.input, FLAGS.output, FLAGS.text_column, FLAGS.id_column, FLAGS.labeler,
             FLAGS.radbert_encoder, FLAGS.radbert_classifier)
     except LabelError as err:
-        sys.exit(f"label: {err}")
+        cli_lib.fail("label", str(err))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_lib.flags_parser("label"))

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from kervljepa_jax import hf
+from kervljepa_jax import cli as cli_lib, hf
 from kervljepa_jax.model import llama
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_path", None, "Local HF Llama folder; default: a tiny random Llama built here.")
-flags.DEFINE_string("dtype", "float32", "Compute and param dtype for both sides (float32 or bfloat16).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and param dtype for both sides.")
 flags.DEFINE_integer("batch", 2, "Batch size.")
 flags.DEFINE_integer("seq_len", 32, "Tokens in the full forward; the last quarter is decoded one by one.")
 flags.DEFINE_float("atol", 1e-4, "Largest accepted max abs logit difference.")
@@ -50,8 +50,8 @@ def compare(hf_path: str, dtype: str, batch: int, seq_len: int, seed: int) -> di
     import transformers
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    cfg, params = hf.load_llama(hf_path, dtype=dtype, param_dtype=dtype)   # first: its errors name the file
     reference = transformers.LlamaForCausalLM.from_pretrained(hf_path, dtype=torch_dtype).eval()
-    cfg, params = hf.load_llama(hf_path, dtype=dtype, param_dtype=dtype)
     model = llama.Llama(cfg)
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len))
     with torch.no_grad():
@@ -85,8 +85,12 @@ def main(argv):
         import torch  # noqa: F401
     except ImportError:
         sys.exit("parity: needs PyTorch; install the extra: pip install -e '.[torch]'")
-    if FLAGS.hf_path and not os.path.isdir(FLAGS.hf_path):
-        sys.exit(f"parity: --hf_path={FLAGS.hf_path} is not a folder; pass a local Hugging Face Llama folder")
+    if FLAGS.hf_path and not os.path.isfile(os.path.join(FLAGS.hf_path, "config.json")):
+        cli_lib.fail("parity", f"--hf_path={FLAGS.hf_path}: no config.json there; pass a local Hugging Face "
+                               "Llama folder", 2)
+    if FLAGS.batch < 1 or FLAGS.seq_len < 4:
+        cli_lib.fail("parity", f"--batch={FLAGS.batch} --seq_len={FLAGS.seq_len}: need batch >= 1 and seq_len >= 4 "
+                               "(the last quarter is decoded one token at a time)", 2)
     with tempfile.TemporaryDirectory() as tmp:
         path = FLAGS.hf_path
         if path is None:
@@ -106,4 +110,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli_lib.flags_parser("parity"))

@@ -35,7 +35,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from kervljepa_jax import data as data_lib
+from kervljepa_jax import cli as cli_lib, data as data_lib
 from kervljepa_jax.data import pipeline as pipeline_lib, synthetic
 from kervljepa_jax.data import text as text_lib
 
@@ -171,14 +171,17 @@ def define_flags() -> None:
 def main(argv):
     del argv
     if not FLAGS.out:
-        raise app.UsageError("--out is required: the folder to write the stand-in to")
+        cli_lib.fail("stand_in", "--out is required: the folder to write the stand-in to", 2)
     bad = [k for k in RECIPE if k != "seed" and getattr(FLAGS, k) <= 0]
     if bad:
-        raise app.UsageError(f"--{bad[0]}={getattr(FLAGS, bad[0])} must be positive")
+        cli_lib.fail("stand_in", f"--{bad[0]}={getattr(FLAGS, bad[0])} must be positive", 2)
+    if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+        cli_lib.fail("stand_in", f"--out={FLAGS.out} is a file; pass a folder", 2)
+    cli_lib.ensure_parent("stand_in", "out", FLAGS.out)   # before an hour of training, not after
     provenance = build(FLAGS.out, {k: getattr(FLAGS, k) for k in RECIPE})
     print(json.dumps(provenance))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli_lib.flags_parser("stand_in"))

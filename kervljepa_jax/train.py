@@ -77,7 +77,7 @@ GENERATING_PHASES = (3, 4)
 
 def phase_config(phase: int, arg: str | None, overrides: dict[str, str]) -> ml_collections.ConfigDict:
     """configs/phase{phase}.py:{arg} with the command line's `--config.a.b=v` overrides."""
-    return config_lib.apply_overrides(config_lib.load_phase_config(phase, arg), overrides)
+    return config_lib.validate(config_lib.apply_overrides(config_lib.load_phase_config(phase, arg), overrides))
 
 
 # ----------------------------------------------------------------------------- one phase
@@ -282,33 +282,47 @@ def write_figures(workdir: str, report: dict) -> None:
         logging.warning("figures: %s", e)
 
 
+def _fail(message: str) -> None:
+    cli_lib.fail("train", message, 2)
+
+
+def check_flags(config_path: str) -> None:
+    """Flag mistakes that would otherwise surface after minutes of set-up, or never."""
+    if FLAGS.warm_bridge_from and FLAGS.phase not in ("3", "all"):
+        _fail(f"--warm_bridge_from applies to phase 3 only (--phase={FLAGS.phase}); drop it or run --phase=3")
+    for name in ("init_from", "warm_bridge_from"):
+        path = FLAGS[name].value
+        if path and cli_lib.is_local(path) and not os.path.exists(path):
+            _fail(f"--{name}={path}: no such checkpoint folder; pass a phaseN/checkpoints folder or one step in it")
+    if FLAGS.phase != "all" and config_path:
+        phase = int(FLAGS.config.phase)
+        if phase != int(FLAGS.phase):
+            _fail(f"--config={config_path} is the phase {phase} config but --phase={FLAGS.phase}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --phase, --workdir, --config, ...")
+        _fail(f"unexpected arguments {argv[1:]}; flags are --phase, --workdir, --config, ...")
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required: where checkpoints, logs and report.json go")
+        _fail("--workdir is required: where checkpoints, logs and report.json go")
+    config_path = cli_lib.config_file_argument(sys.argv[1:])
+    check_flags(config_path)
+    cli_lib.ensure_folder("train", "workdir", FLAGS.workdir)
     if FLAGS.distributed:
         jax.distributed.initialize()
     # Orbax narrates every save at INFO; keep the log about training.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
     overrides = cli_lib.config_overrides(sys.argv[1:])
-    config_path = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), "")
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     phases_to_run = [1, 2, 3, 4] if FLAGS.phase == "all" else [int(FLAGS.phase)]
-    explicit = None
-    if FLAGS.phase != "all" and config_path:
-        explicit = FLAGS.config
-        if int(explicit.phase) != int(FLAGS.phase):
-            raise app.UsageError(f"--config={config_path} is the phase {explicit.phase} config but --phase={FLAGS.phase}")
-    init_from = FLAGS.init_from
-    warm = FLAGS.warm_bridge_from
+    explicit = FLAGS.config if FLAGS.phase != "all" and config_path else None
     try:
         if explicit is not None:       # config_flags applied the other overrides to it
-            config_lib.apply_overrides(explicit, cli_lib.held_out_overrides())
-        report = run_curriculum(phases_to_run, FLAGS.workdir, arg, overrides, explicit, init_from, warm)
+            config_lib.validate(config_lib.apply_overrides(explicit, cli_lib.held_out_overrides()))
+        report = run_curriculum(phases_to_run, FLAGS.workdir, arg, overrides, explicit, FLAGS.init_from,
+                                FLAGS.warm_bridge_from)
     except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:   # OverrideError too
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"train: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps({k: v for k, v in report.items()}, default=str)[:2000])
 

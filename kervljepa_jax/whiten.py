@@ -57,12 +57,13 @@ def whiten(config, workdir: str, overwrite: bool = False) -> dict:
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags are --workdir, --config, --overwrite")
+        cli_lib.fail("whiten", f"unexpected arguments {argv[1:]}; flags are --workdir, --config, --overwrite", 2)
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required: where whitening.npz goes")
+        cli_lib.fail("whiten", "--workdir is required: where whitening.npz goes", 2)
+    cli_lib.ensure_folder("whiten", "workdir", FLAGS.workdir)
     config = FLAGS.config
     try:
-        config_lib.apply_overrides(config, cli_lib.held_out_overrides())
+        config_lib.validate(config_lib.apply_overrides(config, cli_lib.held_out_overrides()))
         print(json.dumps(whiten(config, FLAGS.workdir, FLAGS.overwrite)))
     except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:
         print(f"whiten: {e}", file=sys.stderr)

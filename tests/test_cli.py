@@ -32,3 +32,32 @@ def test_argv_without_list_overrides_is_untouched(clean_hold):
     assert cli_lib.hold_out_list_overrides(argv, config_lib.load_phase_config(1)) == {}
     assert argv == ["train", "--phase=1", "--config.train.epochs", "3", "--workdir=/tmp/w"]
     assert cli_lib.held_out_overrides() == {}
+
+
+def test_a_missing_config_file_fails_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_lib.check_config_file("train", ["--phase=all", "--config=configs/nope.py:paper"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train: --config=configs/nope.py:paper: no such file 'configs/nope.py'; use configs/phaseN.py[:paper]"]
+    cli_lib.check_config_file("train", ["--config", str(config_lib.CONFIGS_DIR / "phase1.py") + ":paper"])
+    cli_lib.check_config_file("train", ["--phase=1"])                      # no --config: nothing to check
+
+
+def test_output_folders_are_made_up_front_or_fail_naming_the_flag(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cli_lib.ensure_folder("train", "workdir", str(tmp_path / "new" / "run"))
+    assert (tmp_path / "new" / "run").is_dir()
+    cli_lib.ensure_parent("label", "output", str(tmp_path / "out" / "labels.csv"))
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "out" / "labels.csv").exists()
+    cases = [(cli_lib.ensure_folder, "workdir", a_file, "is a file"),
+             (cli_lib.ensure_folder, "workdir", a_file / "run", "cannot create"),
+             (cli_lib.ensure_parent, "output", a_file / "sub" / "labels.csv", "cannot create")]
+    for check, flag, path, text in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            check("prog", flag, str(path))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"prog: --{flag}={path}"), err
+        assert text in err[0]
+    cli_lib.ensure_folder("train", "workdir", "gs://bucket/run")           # remote: left to Orbax

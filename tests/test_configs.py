@@ -114,3 +114,17 @@ def test_trainable_tables_match_the_vlm(preset):
     assert all(is_lora(p) for p in trained[3] if p.startswith("llm/"))      # the base LLM stays frozen
     assert trained[4] == {p for p in phases.leaf_paths(params) if is_lora(p)}
     assert sum(1 for p in trained[3] if is_lora(p)) == 14 * len(cfg.llm.segments)
+
+
+@pytest.mark.parametrize("phase", config_lib.PHASES)
+def test_every_shipped_config_is_in_range(phase):
+    for arg in (None, "paper"):
+        config_lib.validate(config_lib.load_phase_config(phase, arg))
+
+
+@pytest.mark.parametrize("key,value", [("train.batch_size", 0), ("train.epochs", -1), ("train.lr", -1e-4),
+                                       ("eval.num_examples", -3), ("train.eval_every_epochs", 0)])
+def test_an_out_of_range_value_names_its_flag(key, value):
+    config = config_lib.apply_overrides(config_lib.load_phase_config(3), {key: str(value)})
+    with pytest.raises(config_lib.OverrideError, match=rf"^--config\.{key}={value}: .* must be >= "):
+        config_lib.validate(config)

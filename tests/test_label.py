@@ -97,6 +97,20 @@ def test_cli_missing_column_names_the_column_and_flag(tmp_path):
     assert "--text_column=report_text" in lines[0] and "Findings_EN" in lines[0]
 
 
+def test_cli_unquoted_comma_and_a_folder_as_output_fail_with_one_line(tmp_path):
+    src = tmp_path / "reports.csv"
+    src.write_text("AccessionNo,report_text\nA1,No effusion, but cardiomegaly is present.\n")
+    out = tmp_path / "o.csv"
+    for args, text in [((f"--input={src}", f"--output={out}"), "row 2 has more fields than the header"),
+                       ((f"--input={src}", f"--output={tmp_path}"), f"--output={tmp_path} is a folder"),
+                       ((f"--input={src}", f"--output={out}", "--labeler=bogus"), "--labeler")]:
+        result = _run_cli(*args)
+        lines = [line for line in result.stderr.strip().splitlines() if line]
+        assert result.returncode != 0 and len(lines) == 1 and text in lines[0], (args, result.stderr)
+        assert lines[0].startswith("label: ")
+    assert not out.exists()
+
+
 def test_main_raises_system_exit_for_radbert_without_paths(tmp_path):
     src = tmp_path / "reports.csv"
     _write_reports(src, [("X1", "No effusion.")])

@@ -90,8 +90,8 @@ def test_cli_builds_a_current_hf_folder(tmp_path):
 def test_cli_without_out_is_a_one_line_usage_error():
     out = subprocess.run([sys.executable, "-m", "kervljepa_jax.stand_in", "--steps=0"], capture_output=True,
                          text=True, timeout=300)
-    assert out.returncode != 0
-    assert "--out is required" in out.stderr
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "stand_in: --out is required: the folder to write the stand-in to"]
 
 
 @pytest.mark.slow

@@ -33,7 +33,7 @@ def test_list_override_reaches_the_config_parser(tmp_path):
     """config_flags cannot parse list fields; they are held out of it and parsed by training.config."""
     out = _run(["--phase=3", "--config.train.lr_multipliers=5"], tmp_path / "w", timeout=300)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("error: --config.train.lr_multipliers='5' does not parse as "
+    assert out.stderr.strip().splitlines()[-1] == ("train: --config.train.lr_multipliers='5' does not parse as "
                                                    "the field's list")
 
 
@@ -44,6 +44,34 @@ def test_missing_workdir_and_missing_previous_phase_are_one_line_errors(tmp_path
     out = _run(["--phase=2", *SMALL], tmp_path / "w")
     assert out.returncode == 1, out.stderr[-2000:]
     assert "no checkpoint of phase 1" in out.stderr.splitlines()[-1]
+
+
+def test_flag_mistakes_fail_in_one_line_before_any_set_up(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    cases = {  # args -> (exit code, text of the only stderr line)
+        ("--config=configs/nope.py",): (2, "--config=configs/nope.py: no such file"),       # --phase=all too
+        ("--phase=1", "--config=configs/nope.py", "--config.train.lr=1"): (2, "no such file 'configs/nope.py'"),
+        ("--phase=1", f"--warm_bridge_from={tmp_path}"): (2, "--warm_bridge_from applies to phase 3 only"),
+        ("--phase=3", f"--warm_bridge_from={tmp_path / 'nope'}"): (2, "--warm_bridge_from="),
+        ("--phase=2", f"--init_from={tmp_path / 'nope'}"): (2, "--init_from="),
+        ("--phase=1", "--config.train.batch_size=0"): (1, "--config.train.batch_size=0: the global batch must be >= 1"),
+        ("--phase=1", "--config.train.epochs=-1"): (1, "--config.train.epochs=-1"),
+        ("--phase=1", f"--workdir={a_file}"): (2, f"--workdir={a_file} is a file"),
+    }
+    running = {}
+    for args in cases:
+        workdir = [] if any(a.startswith("--workdir=") for a in args) else [f"--workdir={tmp_path / 'w'}"]
+        running[args] = subprocess.Popen([sys.executable, "-m", "kervljepa_jax.train", *workdir, *args], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for args, process in running.items():
+        _, err = process.communicate(timeout=300)
+        code, text = cases[args]
+        lines = err.strip().splitlines()
+        assert process.returncode == code and len(lines) == 1 and lines[0].startswith("train: "), (args, err[-1500:])
+        assert text in lines[0], (args, lines)
+    assert not (tmp_path / "w" / "phase1").exists()      # nothing trained
 
 
 @pytest.mark.slow

@@ -39,7 +39,12 @@ def test_whiten_writes_what_training_loads(tmp_path):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    for args, message in [(["--config.model.nope=1"], "no field 'nope'"), ([], "--workdir is required")]:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for args, message in [(["--config.model.nope=1"], "no field 'nope'"), ([], "--workdir is required"),
+                          ([f"--workdir={a_file}"], "is a file; pass a folder"),
+                          ([f"--workdir={tmp_path}", "--config=configs/nope.py"], "no such file")]:
         done = subprocess.run([sys.executable, "-m", "kervljepa_jax.whiten", *args], capture_output=True, text=True,
                               cwd=tmp_path, timeout=120)
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-500:]
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode != 0 and len(lines) == 1 and message in lines[0], done.stderr[-500:]

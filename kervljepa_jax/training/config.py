@@ -352,3 +352,38 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
             raise OverrideError(f"--config.{key}: no such field in the phase {config.phase} config")
         node[leaf] = parse_override(raw, node[leaf], key)
     return config
+
+
+# Ranges a run needs, as data: (dotted key, lowest allowed value, what the field is). A value out of
+# range fails before set-up with one line naming the flag, not as a division by zero or an empty
+# phase minutes later.
+RANGES: tuple[tuple[str, float, str], ...] = (
+    ("train.epochs", 1, "epochs of the phase"),
+    ("train.batch_size", 1, "the global batch"),
+    ("train.lr", 0, "the peak learning rate"),
+    ("train.warmup_steps", 0, "warmup steps"),
+    ("train.max_steps", 0, "a cap on steps (0 = none)"),
+    ("train.eval_every_epochs", 1, "epochs between evaluations"),
+    ("train.log_every", 1, "steps between logged metrics"),
+    ("train.grad_clip", 0, "the global-norm clip (0 = off)"),
+    ("checkpoint.every_steps", 0, "steps between checkpoints (0 = at evaluations only)"),
+    ("checkpoint.keep", 1, "latest checkpoints kept"),
+    ("eval.num_examples", 0, "validation volumes (0 = all)"),
+    ("eval.ablation_examples", 0, "volumes the ablations generate for (0 = all)"),
+    ("eval.max_new_tokens", 1, "tokens a report may have"),
+    ("data.num_train", 1, "synthetic training volumes"),
+    ("data.num_valid", 1, "synthetic validation volumes"),
+    ("lora_freeze_epoch", 0, "the epoch LoRA freezes after (0 = never)"),
+)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Every `RANGES` field of the config within range, else OverrideError naming its flag."""
+    for key, lowest, meaning in RANGES:
+        value = field_value(config, key)
+        if value is MISSING or value is None:
+            continue
+        if value < lowest:
+            raise OverrideError(f"--config.{key}={value}: {meaning} must be >= {lowest:g} "
+                                f"(phase {config.get('phase', '?')} config)")
+    return config
