@@ -294,6 +294,11 @@ def check_flags(config_path: str) -> None:
         path = FLAGS[name].value
         if path and cli_lib.is_local(path) and not os.path.exists(path):
             _fail(f"--{name}={path}: no such checkpoint folder; pass a phaseN/checkpoints folder or one step in it")
+    overrides = cli_lib.config_overrides(sys.argv[1:])
+    for key in ("model.llm_path", "data.tokenizer_path", "data.root"):
+        path = overrides.get(key, "")
+        if path and cli_lib.is_local(path) and not os.path.exists(path):
+            _fail(f"--config.{key}={path}: not found; pass an existing local path")
     if FLAGS.phase != "all" and config_path:
         phase = int(FLAGS.config.phase)
         if phase != int(FLAGS.phase):

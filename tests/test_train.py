@@ -59,6 +59,7 @@ def test_flag_mistakes_fail_in_one_line_before_any_set_up(tmp_path):
         ("--phase=1", "--config.train.batch_size=0"): (1, "--config.train.batch_size=0: the global batch must be >= 1"),
         ("--phase=1", "--config.train.epochs=-1"): (1, "--config.train.epochs=-1"),
         ("--phase=1", f"--workdir={a_file}"): (2, f"--workdir={a_file} is a file"),
+        ("--phase=1", f"--config.model.llm_path={tmp_path / 'nope'}"): (2, "--config.model.llm_path="),
     }
     running = {}
     for args in cases:
