@@ -286,7 +286,7 @@ def _fail(message: str) -> None:
     cli_lib.fail("train", message, 2)
 
 
-def check_flags(config_path: str) -> None:
+def check_flags(config_path: str, overrides: dict[str, str]) -> None:
     """Flag mistakes that would otherwise surface after minutes of set-up, or never."""
     if FLAGS.warm_bridge_from and FLAGS.phase not in ("3", "all"):
         _fail(f"--warm_bridge_from applies to phase 3 only (--phase={FLAGS.phase}); drop it or run --phase=3")
@@ -294,7 +294,6 @@ def check_flags(config_path: str) -> None:
         path = FLAGS[name].value
         if path and cli_lib.is_local(path) and not os.path.exists(path):
             _fail(f"--{name}={path}: no such checkpoint folder; pass a phaseN/checkpoints folder or one step in it")
-    overrides = cli_lib.config_overrides(sys.argv[1:])
     for key in ("model.llm_path", "data.tokenizer_path", "data.root"):
         path = overrides.get(key, "")
         if path and cli_lib.is_local(path) and not os.path.exists(path):
@@ -311,13 +310,13 @@ def main(argv: list[str]) -> None:
     if not FLAGS.workdir:
         _fail("--workdir is required: where checkpoints, logs and report.json go")
     config_path = cli_lib.config_file_argument(sys.argv[1:])
-    check_flags(config_path)
+    overrides = cli_lib.config_overrides(sys.argv[1:])
+    check_flags(config_path, overrides)
     cli_lib.ensure_folder("train", "workdir", FLAGS.workdir)
     if FLAGS.distributed:
         jax.distributed.initialize()
     # Orbax narrates every save at INFO; keep the log about training.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    overrides = cli_lib.config_overrides(sys.argv[1:])
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     phases_to_run = [1, 2, 3, 4] if FLAGS.phase == "all" else [int(FLAGS.phase)]
     explicit = FLAGS.config if FLAGS.phase != "all" and config_path else None
@@ -327,8 +326,7 @@ def main(argv: list[str]) -> None:
         report = run_curriculum(phases_to_run, FLAGS.workdir, arg, overrides, explicit, FLAGS.init_from,
                                 FLAGS.warm_bridge_from)
     except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:   # OverrideError too
-        print(f"train: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
+        cli_lib.fail("train", str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps({k: v for k, v in report.items()}, default=str)[:2000])
 
 
