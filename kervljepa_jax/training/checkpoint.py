@@ -143,7 +143,11 @@ class PhaseCheckpointer:
 
     def save(self, step: int, *, params: Any, opt_state: Any = None, rng: Any = None, alpha: float | None = None,
              host: dict | None = None, config: Any = None, metrics: dict | None = None, force: bool = True) -> bool:
-        """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate."""
+        """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate.
+
+        A step already saved is replaced: the phase's end-of-epoch save may land on a step the
+        periodic save (`every_steps`) just wrote, and the later save holds the final state.
+        """
         if metrics is not None:
             metrics = {k: float(_host_value(v)) for k, v in metrics.items()}
             self._metric(metrics)
@@ -154,6 +158,9 @@ class PhaseCheckpointer:
                  HOST: ocp.args.JsonSave(host or {}), CONFIG: ocp.args.JsonSave(_config_json(config))}
         if opt_state is not None:
             items[OPT_STATE] = ocp.args.StandardSave(opt_state)
+        if int(step) in self.all_steps():
+            self.manager.wait_until_finished()      # an async save of that step must land before it goes
+            self.manager.delete(int(step))
         return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     # -------------------------------------------------------------------------------- query

@@ -168,3 +168,18 @@ def test_warm_bridge_count_for_the_3b_preset():
     assert checkpoint.count_tensors(params) == 27 + 392 == 419
     # Leaves: 3 x (2 + 7) bridge + 4 scanned segments x 7 projections x (A, B).
     assert len(checkpoint.bridge_paths(params)) == 27 + 4 * 14
+
+
+def test_saving_a_step_again_replaces_it(tmp_path, trained):
+    """A periodic save and the end-of-phase save on the same step (issue 25): the later one wins."""
+    params, _ = trained
+    doubled = jax.tree.map(lambda x: x * 2, params)
+    with _checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(4, params=params, host={"epoch": 0})
+        ckpt.save(4, params=doubled, host={"epoch": 1}, metrics={"val_gen_f1": 0.3})
+        ckpt.wait()
+        assert ckpt.all_steps() == [4] and ckpt.best_step() == 4
+    with _checkpointer(tmp_path) as ckpt:
+        out = ckpt.restore_latest(params)
+    _assert_trees_equal(out.params, doubled)
+    assert out.host == {"epoch": 1}
