@@ -126,7 +126,7 @@ def generation_eval(generator: ReportGenerator, variables: Any, batches: Sequenc
     """
     labeler = labeler or RuleLabeler()
     rng = jax.random.key(0) if rng is None else rng
-    truth = np.concatenate([np.asarray(jax.device_get(b["labels"])) for b in batches])
+    truth = np.concatenate([_host(b["labels"]) for b in batches])
     names = [n for b in batches for n in b.get("meta", {}).get("volume_name", [""] * len(b["labels"]))]
     results: dict[str, Any] = {"labels": truth, "volume_names": names}
     texts: dict[str, list[str]] = {mode: [] for mode in modes}
@@ -143,8 +143,8 @@ def generation_eval(generator: ReportGenerator, variables: Any, batches: Sequenc
 
 def classifier_eval(logits_fn, variables: Any, batches: Sequence[dict]) -> dict:
     """The visual classifier's macro F1 (sigmoid > 0.5) and AUC on `batches`."""
-    logits = np.concatenate([np.asarray(jax.device_get(logits_fn(variables, b))) for b in batches])
-    truth = np.concatenate([np.asarray(jax.device_get(b["labels"])) for b in batches])
+    logits = np.concatenate([_host(logits_fn(variables, b)) for b in batches])
+    truth = np.concatenate([_host(b["labels"]) for b in batches])
     probs = 1.0 / (1.0 + np.exp(-logits))
     return score(truth, (probs > 0.5).astype(int), probs)
 
@@ -492,7 +492,7 @@ def ablation_count(options: EvalOptions, config) -> int:
 
 
 def _host(x) -> np.ndarray:
-    return np.asarray(jax.device_get(x))
+    return sharding.as_host_f32(x)
 
 
 def llm_classifier_trained(config, workdir: str) -> bool:

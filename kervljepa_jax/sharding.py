@@ -106,3 +106,16 @@ def host_copy(tree: Any) -> Any:
         return jax.device_get(tree)
     from jax.experimental import multihost_utils  # only multi-host runs need it
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def as_host_f32(tree: Any) -> Any:
+    """`tree` on the host as numpy, every floating leaf at least f32.
+
+    What leaves the device for numpy, scikit-learn or JSON goes through here: a bf16 computation
+    (the 3B preset) returns ml_dtypes bfloat16 arrays, which scikit-learn rejects as non-numeric
+    and which round 0.801 to 0.80078. Integer and bool leaves keep their dtype."""
+    def widen(x):
+        x = np.asarray(x)
+        narrow_float = jax.numpy.issubdtype(x.dtype, jax.numpy.floating) and x.dtype.itemsize < 4
+        return x.astype(np.float32) if narrow_float else x
+    return jax.tree.map(widen, host_copy(tree))

@@ -110,7 +110,7 @@ def validate(run: Run, config, phase: int, variables: dict, eval_step, modes=("n
     """Validation metrics of the phase: loss always; classifier F1 (1); generation F1 (3, 4)."""
     pipe = run.pipeline(config, "valid", shuffle=False)
     batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
-    terms = [jax.device_get(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b), run.consts()))
+    terms = [sharding.as_host_f32(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b), run.consts()))
              for b in batches]
     out = {"val_loss": float(np.mean([t["loss"] for t in terms]))}
     if phase == 1:
@@ -191,7 +191,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
             step += 1
             n_steps += 1
             if step % int(config.train.log_every) == 0 or step == total:
-                last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                last_metrics = {k: float(v) for k, v in sharding.as_host_f32(metrics).items()}
                 last_metrics["lr"] = optim.learning_rate(opt_state)
                 last_metrics["skipped_steps"] = optim.skipped_steps(opt_state)
                 run.log.write(phase, step, last_metrics)

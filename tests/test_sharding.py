@@ -1,6 +1,8 @@
 """The rules table and mesh helpers."""
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from kervljepa_jax import sharding
@@ -29,3 +31,14 @@ def test_constrain_is_noop_without_mesh_and_shards_with_one():
     with sharding.use_mesh(mesh):
         y = jax.jit(lambda a: sharding.constrain(a * 2, ("batch", "act_embed")))(x)
     assert y.addressable_shards[0].data.shape == (1, 4)  # batch split over the 8 data devices
+
+
+def test_as_host_f32_widens_bf16_and_keeps_integers():
+    """What reaches numpy, scikit-learn or JSON from a bf16 computation is f32 (scikit-learn rejects
+    ml_dtypes bfloat16 as non-numeric); ints and bools keep their dtype, f64 stays f64."""
+    from sklearn.metrics import roc_auc_score
+    tree = {"p": jnp.asarray([0.2, 0.7, 0.4], jnp.bfloat16), "y": jnp.asarray([0, 1, 1], jnp.int32),
+            "m": jnp.asarray([True, False, True]), "d": np.ones(2, np.float64)}
+    host = sharding.as_host_f32(tree)
+    assert {k: v.dtype for k, v in host.items()} == {"p": np.float32, "y": np.int32, "m": np.bool_, "d": np.float64}
+    assert roc_auc_score(host["y"], host["p"]) == 1.0

@@ -35,6 +35,10 @@ class LoraConfig:
     alpha: float = 32.0
     dropout: float = 0.05
     targets: tuple[str, ...] = LORA_TARGETS
+    # LoRA is what phases 3-4 train: its master weights stay f32 whatever the base weights' storage
+    # dtype (bf16 at 3B). A bf16 weight near |w| = 0.1 moves in steps of ~5e-4, so phase 4's
+    # updates (lr 5e-7) would round to nothing and EWC would hold nothing.
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         unknown = sorted(set(self.targets) - set(LORA_TARGETS))
@@ -78,9 +82,9 @@ class LoraDense(nn.Module):
         if self.lora is None:
             return y
         lora_a = self.param("lora_A", nn.with_logical_partitioning(peft_lora_a_init, (self.axes[0], "lora_rank")),
-                            (in_features, self.lora.rank), self.param_dtype)
+                            (in_features, self.lora.rank), jnp.dtype(self.lora.param_dtype))
         lora_b = self.param("lora_B", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank", self.axes[1])),
-                            (self.lora.rank, self.features), self.param_dtype)
+                            (self.lora.rank, self.features), jnp.dtype(self.lora.param_dtype))
         x_in = Dropout(self.lora.dropout, deterministic=self.deterministic)(x)
         return y + (x_in @ lora_a.astype(self.dtype)) @ lora_b.astype(self.dtype) * self.lora.scale
 

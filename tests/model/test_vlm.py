@@ -177,3 +177,29 @@ def test_3b_preset_bridge_counts_by_abstract_init():
     assert params["xattn_7"]["q_proj"]["kernel"].shape == (3072, 24, 128)
     assert params["predictor"]["linear"]["kernel"].shape == (1024, 3072)
     assert params["jepa_head"]["linear2"]["kernel"].shape == (1024, 256)
+
+
+@pytest.mark.parametrize("phase", [1, 2, 3, 4])
+def test_3b_preset_trains_f32_master_weights_over_bf16_frozen_ones(phase):
+    """Mixed precision as the paper trains, by abstract init of the 3B preset under each phase's
+    paper table: every trainable leaf (LoRA included) is stored in f32, the frozen Llama weights in
+    bf16."""
+    from kervljepa_jax.training import config as config_lib, phases
+    config = config_lib.load_phase_config(phase, "paper")
+    cfg = vlm_lib.make_config("llama3_2_3b", visual_token_id=128256, vocab_size=128257,
+                              lora=lora_lib.LoraConfig(rank=16, alpha=32.0))
+    abstract = jax.eval_shape(vlm_lib.VLM(cfg).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 1024), jnp.float32),
+                              jax.ShapeDtypeStruct((1, 8), jnp.float32), jax.ShapeDtypeStruct((1, 8), bool),
+                              jax.ShapeDtypeStruct((1, 34), jnp.int32))
+    params = nn.unbox(abstract)["params"]
+    labels = phases.trainable_labels(params, config.trainable, phase)
+    dtypes = {p: (label, leaf.dtype) for p, label, leaf in
+              zip(phases.leaf_paths(params), jax.tree.leaves(labels), jax.tree.leaves(params))}
+    narrow = [p for p, (label, dtype) in dtypes.items() if label == phases.TRAINABLE and dtype != jnp.float32]
+    assert not narrow, narrow[:5]
+    frozen_llm = [dtype for p, (label, dtype) in dtypes.items()
+                  if p.startswith("llm/") and label == phases.FROZEN and "lora_" not in p]
+    assert frozen_llm and all(d == jnp.bfloat16 for d in frozen_llm)
+    lora = [dtype for p, (_, dtype) in dtypes.items() if "lora_" in p]
+    # 4 scanned segments (split at the adapters after layers 7, 14, 21) x 7 projections x (A, B)
+    assert len(lora) == 4 * 7 * 2 and all(d == jnp.float32 for d in lora)

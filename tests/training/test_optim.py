@@ -265,3 +265,41 @@ def test_lr_multipliers_scale_exactly_the_matched_trainable_leaves(params):
         factor = 30.0 if path == "xattn_1/gate" else 0.5 if path.startswith("predictor/") else 1.0
         np.testing.assert_allclose(updates["scaled"][path], factor * np.asarray(u), rtol=1e-5, err_msg=path)
     assert np.any(np.asarray(updates["plain"]["xattn_1/gate"]))
+
+
+def test_phase4_step_at_the_paper_lr_moves_lora_on_a_bf16_model():
+    """Phase 4 trains at lr 5e-7. On a model that stores its base weights and computes in bf16, the
+    LoRA master weights are f32, so one step moves them (a bf16 lora_A near 0.1 has a spacing of
+    ~5e-4: the update would round away); the frozen bf16 weights do not move."""
+    from kervljepa_jax.model import lora as lora_lib, vlm as vlm_lib
+    from kervljepa_jax.training import step as step_lib
+    cfg = vlm_lib.make_config("tiny", visual_token_id=5, vocab_size=64, d_visual=16, num_visual_tokens=4,
+                              lora=lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.0), injection_layers=(1,),
+                              dtype="bfloat16", param_dtype="bfloat16")
+    variables = vlm_lib.init(cfg, jax.random.key(0))
+    # A trained LoRA: B away from its zero init (else A's gradient is zero).
+    variables["params"] = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x + 0.05 if kp[-1].key == "lora_B" else x, variables["params"])
+    config = config_lib.load_phase_config(4, "paper")
+    assert config.train.lr == 5e-7
+    labels = phases.trainable_labels(variables["params"], config.trainable, 4)
+    trainable, frozen = phases.split_params(variables["params"], labels)
+    tx = optim.make_optimizer(config, trainable, labels, STEPS_PER_EPOCH)
+    rng = np.random.default_rng(0)
+    b, n, t = 2, 6, 10
+    ids = rng.integers(6, 64, (b, t)).astype(np.int32)
+    ids[:, 1:5] = 5
+    batch = {"slices": jnp.asarray(rng.normal(size=(b, n, 16)), jnp.float32), "z_mm": jnp.ones((b, n)),
+             "valid": jnp.ones((b, n), bool), "input_ids": jnp.asarray(ids), "attention_mask": jnp.ones((b, t), bool),
+             "loss_mask": jnp.asarray(np.arange(t)[None].repeat(b, 0) >= 5), "labels": jnp.zeros((b, 18), jnp.int32)}
+    consts = {"whitening": None, "pos_weight": jnp.ones((18,))}
+    step = step_lib.make_train_step(4, vlm_lib.VLM(cfg, deterministic=False), None, tx, dict(config.loss_weights))
+    new, _, metrics = jax.jit(step)(trainable, frozen, tx.init(trainable), variables["calibration"], batch,
+                                    jax.random.key(1), consts)
+    assert np.isfinite(float(metrics["loss"]))
+    before, after = _by_path(trainable), _by_path(new)
+    lora = [p for p in before if p.endswith(("lora_A", "lora_B"))]
+    assert len(lora) == 28 and all(after[p].dtype == jnp.float32 for p in lora)
+    moved = [p for p in lora if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))]
+    assert moved == lora, sorted(set(lora) - set(moved))
+    assert _by_path(frozen)["llm/model/norm/weight"].dtype == jnp.bfloat16
