@@ -67,6 +67,51 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
+def parse_mesh(spec: str) -> dict[str, int]:
+    """`--config.mesh` -> axis sizes: "data:2,fsdp:2,tensor:2" -> {"data": 2, "fsdp": 2, "tensor": 2}.
+
+    An axis left out has size 1; one axis may be -1 (every remaining device)."""
+    sizes = dict.fromkeys(MESH_AXES, 1)
+    for item in filter(None, (t.strip() for t in spec.split(","))):
+        name, _, size = item.partition(":")
+        if name not in MESH_AXES or not size.lstrip("-").isdigit() or int(size) == 0 or int(size) < -1:
+            raise ValueError(f"--config.mesh={spec!r}: write axis:size pairs such as 'data:2,fsdp:4' with axes "
+                             f"{'/'.join(MESH_AXES)} and sizes >= 1 (one may be -1: the remaining devices)")
+        sizes[name] = int(size)
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"--config.mesh={spec!r}: at most one axis may be -1")
+    return sizes
+
+
+def mesh_sizes(spec: str, num_devices: int) -> dict[str, int]:
+    """`parse_mesh` with the -1 resolved against `num_devices`; a product that is not the device
+    count is an error naming the flag."""
+    sizes = parse_mesh(spec)
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if -1 in sizes.values():
+        if num_devices % known:
+            raise ValueError(f"--config.mesh={spec!r}: {num_devices} devices are not divisible by {known}")
+        sizes = {k: num_devices // known if v == -1 else v for k, v in sizes.items()}
+    total = int(np.prod(list(sizes.values())))
+    if total != num_devices:
+        raise ValueError(f"--config.mesh={spec!r}: data*fsdp*tensor = {total} but {num_devices} devices are "
+                         f"visible; make the sizes multiply to {num_devices} (or set one to -1)")
+    return sizes
+
+
+def batch_shards(sizes: dict[str, int]) -> int:
+    """How many ways the batch is split: the mesh axes that the logical 'batch' axis maps to."""
+    axes = dict(AXIS_RULES)["batch"]
+    return int(np.prod([sizes[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+
+
+def mesh_from_spec(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh that `--config.mesh` names, over `devices` (default: all)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = mesh_sizes(spec, len(devices))
+    return make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices)
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> Iterator[Mesh]:
     """Activate the mesh and the rules table: inside, logical constraints become real."""

@@ -40,7 +40,7 @@ from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.training import checkpoint as ckpt_lib
 from kervljepa_jax.training import config as config_lib
-from kervljepa_jax.training import optim, phases, step as step_lib
+from kervljepa_jax.training import optim, phases, run as run_lib, step as step_lib
 # The shared run state lives in training/run.py; `train.Run` etc. stay the notebook-level names.
 from kervljepa_jax.training.run import Run, TrainError, alpha_of, calibrate, fresh_params, restored_variables
 
@@ -247,6 +247,8 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
                    explicit_config=None, init_from: str = "", warm_bridge_from: str = "") -> dict:
     configs = {p: explicit_config if explicit_config is not None else phase_config(p, arg, overrides)
                for p in phases_to_run}
+    for config in configs.values():    # a mesh or batch that cannot work: one line, before set-up
+        run_lib.check_layout(config)
     first = phases_to_run[0]
     if first > 1 and not init_from and not ckpt_lib.has_checkpoint(workdir, first - 1):
         raise TrainError(no_previous_phase(first, workdir))   # before minutes of set-up, not after

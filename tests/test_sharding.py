@@ -42,3 +42,19 @@ def test_as_host_f32_widens_bf16_and_keeps_integers():
     host = sharding.as_host_f32(tree)
     assert {k: v.dtype for k, v in host.items()} == {"p": np.float32, "y": np.int32, "m": np.bool_, "d": np.float64}
     assert roc_auc_score(host["y"], host["p"]) == 1.0
+
+
+def test_mesh_spec_parses_resolves_and_names_the_flag_when_wrong():
+    assert sharding.parse_mesh("data:2,fsdp:2,tensor:2") == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert sharding.mesh_sizes("fsdp:-1", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert sharding.mesh_sizes("data:2,tensor:-1", 8) == {"data": 2, "fsdp": 1, "tensor": 4}
+    assert sharding.batch_shards({"data": 2, "fsdp": 2, "tensor": 2}) == 4     # batch -> (data, fsdp)
+    for spec, count, words in (("data:3", 8, "data*fsdp*tensor = 3 but 8 devices"),
+                               ("data:-1,fsdp:-1", 8, "at most one axis may be -1"),
+                               ("pipeline:2", 8, "axis:size pairs"), ("data:0", 8, "axis:size pairs"),
+                               ("fsdp:3,data:-1", 8, "not divisible by 3")):
+        with pytest.raises(ValueError, match="--config.mesh=") as error:
+            sharding.mesh_sizes(spec, count)
+        assert words in str(error.value) and "\n" not in str(error.value)
+    mesh = sharding.mesh_from_spec("data:2,fsdp:2,tensor:2")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

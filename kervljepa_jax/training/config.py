@@ -25,7 +25,7 @@ from typing import Any
 
 import ml_collections
 
-from kervljepa_jax import data as data_lib
+from kervljepa_jax import data as data_lib, sharding
 
 PHASES = (1, 2, 3, 4)
 PROFILES = ("default", "paper")
@@ -50,6 +50,10 @@ DEFAULT_LORA = {"default": "card", "paper": "paper"}
 PAPER_SETUP = {
     "model.preset":                  "llama3_2_3b",
     "data.source":                   "ctrate",
+    # FSDP over every device: the frozen bf16 Llama (6.4 GB) and the f32 trainable leaves are
+    # sharded along their embed axis instead of copied to each device; the batch is split the same
+    # 8 ways (the logical batch axis maps to data and fsdp).
+    "mesh":                          "fsdp:-1",
 }
 
 AS_PAPER = "<as in configs/phaseN.py>"   # an EMBEDDED cell that keeps the phase file's (paper's) value
@@ -127,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.profile = "default"
 
     c.data = data_lib.default_data_config()
+    # Device mesh, axis:size pairs over (data, fsdp, tensor), e.g. "data:2,fsdp:2,tensor:2"; an axis
+    # left out has size 1 and one may be -1 (the remaining devices). The sizes multiply to the
+    # device count and the global batch divides by data*fsdp. Embedded default: data parallel.
+    c.mesh = "data:-1"
 
     c.model = ml_collections.ConfigDict()
     c.model.preset = "tiny"            # tiny | llama3_2_3b
@@ -378,7 +386,13 @@ RANGES: tuple[tuple[str, float, str], ...] = (
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Every `RANGES` field of the config within range, else OverrideError naming its flag."""
+    """Every `RANGES` field of the config within range and the mesh well formed, else
+    OverrideError naming its flag."""
+    if "mesh" in config:
+        try:
+            sharding.parse_mesh(str(config.mesh))
+        except ValueError as e:
+            raise OverrideError(str(e)) from None
     for key, lowest, meaning in RANGES:
         value = field_value(config, key)
         if value is MISSING or value is None:

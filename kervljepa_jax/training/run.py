@@ -303,14 +303,41 @@ def alpha_of(variables: dict) -> float:
 # ----------------------------------------------------------------------------- shared run state
 
 
+def check_layout(config, num_devices: int | None = None) -> dict[str, int]:
+    """The mesh sizes `config.mesh` gives on this run's devices, and a global batch that splits
+    evenly over its batch shards; else TrainError naming the flag (before any set-up)."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    spec = mesh_spec(config)
+    try:
+        sizes = sharding.mesh_sizes(spec, num_devices)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    shards, batch = sharding.batch_shards(sizes), int(config.train.batch_size)
+    if batch % shards:
+        raise TrainError(f"--config.train.batch_size={batch}: the global batch must divide by the mesh's "
+                         f"{shards} batch shards (data*fsdp of --config.mesh={spec!r}, phase {config.phase})")
+    return sizes
+
+
+def mesh_spec(config) -> str:
+    # .get: a checkpoint saved before the field existed carries a config without it.
+    return str(config.get("mesh", "data:-1"))
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+    check_layout(config)
+    return sharding.mesh_from_spec(mesh_spec(config))
+
+
+
 class Run:
     """What the phases share: workdir, mesh, tokenizer, model config, whitening, pos_weight, logs."""
 
     def __init__(self, config, workdir: str):
         self.workdir = workdir
+        self.mesh = make_mesh(config)
         os.makedirs(workdir, exist_ok=True)
         config.data.workdir = workdir
-        self.mesh = sharding.make_mesh(data=-1)
         self.tokenizer = pipeline_lib.make_tokenizer(tokenizer_config(config, base_llm_folder(config, workdir)))
         self.log = MetricLog(workdir)
         self.llm_cfg, self.llm_params = load_base_llm(config, self.tokenizer, workdir, self.log)

@@ -198,3 +198,17 @@ def test_frozen_compressor_tokens_are_what_the_step_computes(run):
                                  phases_lib.trainable_labels(variables["params"], phase1.trainable, 1)) is None
     off = _config(**{"train.cache_visual_tokens": "false"})
     assert run.compressor_tokens(off, variables["params"], labels) is None
+
+
+def test_check_layout_names_the_mesh_or_batch_that_cannot_work():
+    from kervljepa_jax.training import config as config_lib
+    from kervljepa_jax.training.run import TrainError, check_layout
+    config = config_lib.load_phase_config(3, "paper")
+    assert config.mesh == "fsdp:-1" and config_lib.load_phase_config(3).mesh == "data:-1"
+    assert check_layout(config, num_devices=8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    config.mesh = "data:4"
+    with pytest.raises(TrainError, match=r"--config.mesh='data:4': data\*fsdp\*tensor = 4 but 8 devices"):
+        check_layout(config, num_devices=8)
+    config.mesh, config.train.batch_size = "data:2,fsdp:2,tensor:2", 6
+    with pytest.raises(TrainError, match="--config.train.batch_size=6: the global batch must divide by the mesh's 4"):
+        check_layout(config, num_devices=8)
