@@ -17,7 +17,7 @@ def get_config(arg=None):
     # The paper gives no MMD weight for phase 2; phase 1's 0.5.
     c.loss_weights.update(dict(infonce=1.0, mmd=0.5))
     c.train.epochs = 30
-    c.train.batch_size = 512           # 64/GPU x 8 GPUs: 512 InfoNCE negatives
+    c.train.batch_per_device = 64     # 64/GPU x 8 GPUs: 512 InfoNCE negatives
     c.train.lr = 3e-5
     c.train.schedule = "constant"
     c.early_stop.update(dict(patience=8, metric="val_loss", mode="min"))

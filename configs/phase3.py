@@ -22,7 +22,7 @@ def get_config(arg=None):
     # The paper names only lambda_vcls = 3.0; focal and JEPA weights are 1.0.
     c.loss_weights.update(dict(lm=1.0, focal=1.0, jepa=1.0, llm_cls=3.0))
     c.train.epochs = 50
-    c.train.batch_size = 8
+    c.train.batch_per_device = 8      # per GPU
     c.train.lr = 2e-5
     c.train.schedule = "constant"
     c.lora_freeze_epoch = 6

@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.loss_weights.update(dict(lm=1.0, focal=1.0))
     c.ewc.lam = 100.0
     c.train.epochs = 30
-    c.train.batch_size = 8
+    c.train.batch_per_device = 8      # per GPU
     c.train.lr = 5e-7
     c.train.schedule = "constant"
     c.checkpoint.best_metric = "val_gen_f1"

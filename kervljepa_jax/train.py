@@ -247,8 +247,11 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
                    explicit_config=None, init_from: str = "", warm_bridge_from: str = "") -> dict:
     configs = {p: explicit_config if explicit_config is not None else phase_config(p, arg, overrides)
                for p in phases_to_run}
-    for config in configs.values():    # a mesh or batch that cannot work: one line, before set-up
-        run_lib.check_layout(config)
+    for config in configs.values():
+        if {"train.batch_size", "data.batch_size"} & set(overrides) and "train.batch_per_device" not in overrides:
+            config.train.batch_per_device = 0       # a global batch given on the command line wins
+        config_lib.resolve_batch(config, jax.device_count())
+        run_lib.check_layout(config)   # a mesh or batch that cannot work: one line, before set-up
     first = phases_to_run[0]
     if first > 1 and not init_from and not ckpt_lib.has_checkpoint(workdir, first - 1):
         raise TrainError(no_previous_phase(first, workdir))   # before minutes of set-up, not after

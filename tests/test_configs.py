@@ -11,7 +11,8 @@ from kervljepa_jax.model import vlm
 from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import phases
 
-PAPER_EPOCHS, PAPER_BATCH, PAPER_LR = (20, 30, 50, 30), (32, 512, 8, 8), (5e-5, 3e-5, 2e-5, 5e-7)
+# The paper's batches per GPU (DDP on 8 H200s; phase 2 "64/GPU (512 effective)").
+PAPER_EPOCHS, PAPER_BATCH, PAPER_LR = (20, 30, 50, 30), (32, 64, 8, 8), (5e-5, 3e-5, 2e-5, 5e-7)
 LOSS_WEIGHTS = {1: dict(bce=1.5, mil=1.0, orth=1.0, mmd=0.5), 2: dict(infonce=1.0, mmd=0.5),
                 3: dict(lm=1.0, focal=1.0, jepa=1.0, llm_cls=3.0), 4: dict(lm=1.0, focal=1.0)}
 
@@ -21,8 +22,10 @@ def test_paper_profile(phase):
     c = config_lib.load_phase_config(phase, "paper")
     i = phase - 1
     assert (c.phase, c.profile, c.model.preset, c.data.source) == (phase, "paper", "llama3_2_3b", "ctrate")
-    assert (c.train.epochs, c.train.batch_size, c.train.lr) == (PAPER_EPOCHS[i], PAPER_BATCH[i], PAPER_LR[i])
-    assert c.data.batch_size == c.train.batch_size
+    assert (c.train.epochs, c.train.batch_per_device, c.train.lr) == (PAPER_EPOCHS[i], PAPER_BATCH[i], PAPER_LR[i])
+    config_lib.resolve_batch(c, 8)
+    assert c.train.batch_size == c.data.batch_size == 8 * PAPER_BATCH[i]    # 512 for phase 2 on 8 devices
+    assert c.mesh == "fsdp:-1" and c.data.max_tokens == 544          # 32 visual + prompt + 384-token report
     assert c.train.schedule == ("cosine" if phase == 1 else "constant")
     assert c.loss_weights.to_dict() == LOSS_WEIGHTS[phase]
     assert (c.model.lora.rank, c.model.lora.alpha) == (16, 32.0)
@@ -50,6 +53,8 @@ def test_default_profile_is_the_embedded_table(phase):
         return config
 
     assert c.profile == "default" and c.model.preset == "tiny" and c.data.source == "synthetic"
+    batch = c.train.batch_size
+    assert config_lib.resolve_batch(c, 8).train.batch_size == batch      # a global batch, whatever the devices
     for key, column in config_lib.EMBEDDED.items():
         want = value(paper, key) if column[phase - 1] == config_lib.AS_PAPER else column[phase - 1]
         assert value(c, key) == want, key

@@ -64,7 +64,7 @@ import grain
 import jax
 import numpy as np
 from absl import flags
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kervljepa_jax import findings, sharding
 from kervljepa_jax.data import SPLITS, ctrate, records, synthetic, text, tokenizer as tokenizers
@@ -453,13 +453,25 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=sharding.AXIS_RULES):
 
 
 def to_global(batch: dict, mesh: Mesh) -> dict:
-    """Process-local numpy batch -> global jax.Arrays sharded over 'batch' (meta stays on host)."""
+    """Process-local numpy batch -> global jax.Arrays sharded over 'batch' (meta stays on host).
+
+    A batch whose rows do not split evenly over the mesh's batch shards (the last validation batch
+    of 12 volumes on 8 devices) is placed whole on every device instead: jit's own batch
+    constraints pad an uneven split, array placement cannot. One process only: across processes
+    the rows differ per process, so there the count must divide."""
+    rows = next((len(v) for k, v in batch.items() if k != "meta"), 0)
+    shards = sharding.batch_shards(dict(mesh.shape))
+    even = rows * jax.process_count() % shards == 0
+    if not even and jax.process_count() > 1:
+        raise records.DataError(f"a batch of {rows} rows per process does not split over the mesh's {shards} batch "
+                                f"shards; make data.batch_size and the validation volume count multiples of {shards}")
     out = {}
     for key, value in batch.items():
         if key == "meta":
             out[key] = value
             continue
-        out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        target = batch_sharding(mesh, value.ndim) if even else NamedSharding(mesh, PartitionSpec())
+        out[key] = jax.make_array_from_process_local_data(target, value)
     return out
 
 

@@ -54,6 +54,10 @@ PAPER_SETUP = {
     # sharded along their embed axis instead of copied to each device; the batch is split the same
     # 8 ways (the logical batch axis maps to data and fsdp).
     "mesh":                          "fsdp:-1",
+    # 32 visual tokens + the chat prompt + the paper's 384-token reports (max_new_tokens), so that a
+    # long report is trained whole, end-of-turn included; a cut one is counted in the log
+    # ("truncated_responses", data/records.py) at every epoch.
+    "data.max_tokens":               544,
 }
 
 AS_PAPER = "<as in configs/phaseN.py>"   # an EMBEDDED cell that keeps the phase file's (paper's) value
@@ -86,7 +90,8 @@ EMBEDDED = {
     # Phase 3, 16 epochs: with the cosine decay below, as good as 20 (512 validation volumes: 0.814
     # vs 0.807 seed 0, 0.805 vs 0.813 seed 1) and a fifth less time.
     "train.epochs":                  (4, 2, 16, 1),               # paper 20, 30, 50, 30
-    "train.batch_size":              (8, 16, 8, 8),               # paper 32, 512, 8, 8
+    "train.batch_size":              (8, 16, 8, 8),               # global; paper 32, 64, 8, 8 per GPU x 8
+    "train.batch_per_device":        (0,) * 4,                    # the global batch above, whatever the devices
     "train.lr":                      (1e-3, 5e-4, 3e-3, 7.5e-5),  # paper 5e-5, 3e-5, 2e-5, 5e-7
     "train.warmup_steps":            (10, 10, 10, 0),             # paper 0
     # Phase 3 decays its lr (cosine, to 0) where the paper holds it and halves it on a validation-F1
@@ -166,6 +171,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 1
     c.train.batch_size = c.data.get_ref("batch_size")   # global batch; also data.batch_size
+    # > 0: the batch per device instead (as the paper's DDP runs give it: phase 2 is "64/GPU, 512
+    # effective"); the run sets train.batch_size = batch_per_device x the device count at start-up.
+    c.train.batch_per_device = 0
     c.train.lr = 1e-4
     c.train.schedule = "constant"      # constant | cosine (both after a linear warmup)
     c.train.warmup_steps = 0
@@ -368,6 +376,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]
 RANGES: tuple[tuple[str, float, str], ...] = (
     ("train.epochs", 1, "epochs of the phase"),
     ("train.batch_size", 1, "the global batch"),
+    ("train.batch_per_device", 0, "the batch per device (0 = train.batch_size is the global batch)"),
     ("train.lr", 0, "the peak learning rate"),
     ("train.warmup_steps", 0, "warmup steps"),
     ("train.max_steps", 0, "a cap on steps (0 = none)"),
@@ -383,6 +392,15 @@ RANGES: tuple[tuple[str, float, str], ...] = (
     ("data.num_valid", 1, "synthetic validation volumes"),
     ("lora_freeze_epoch", 0, "the epoch LoRA freezes after (0 = never)"),
 )
+
+
+def resolve_batch(config: ml_collections.ConfigDict, num_devices: int) -> ml_collections.ConfigDict:
+    """train.batch_size := train.batch_per_device x num_devices when a per-device batch is given
+    (the paper profile), in place; data.batch_size follows (one reference)."""
+    per_device = int(config.train.get("batch_per_device", 0))
+    if per_device > 0:
+        config.train.batch_size = per_device * num_devices
+    return config
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

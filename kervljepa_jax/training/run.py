@@ -215,14 +215,16 @@ def check_injection_layers(llm_path: str, injection: tuple[int, ...]) -> None:
         raise TrainError(f"--config.model.injection_layers: {problem} for the {num_layers}-layer LLM in {llm_path}")
 
 
-def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> tuple[llama_lib.LlamaConfig, Any]:
-    """The LLM (HF folder or the phase-0 tiny model), its vocabulary grown to the tokenizer's."""
+def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog,
+                  mesh: jax.sharding.Mesh | None = None) -> tuple[llama_lib.LlamaConfig, Any]:
+    """The LLM (HF folder or the phase-0 tiny model), its vocabulary grown to the tokenizer's; with
+    a mesh, each tensor goes from the file straight onto its sharding (no replicated copy first)."""
     path = config.model.llm_path or pretrain_base_llm(config, tokenizer, workdir, metric_log)
     preset = llama_lib.preset(config.model.preset)
     injection = tuple(int(i) for i in config.model.injection_layers) or preset.injection_layers
     check_injection_layers(path, injection)
     cfg, params = hf.load_llama(path, lora=lora_config(config), rng=jax.random.key(int(config.train.seed) + 1),
-                                injection_layers=injection, remat_policy=preset.remat_policy,
+                                mesh=mesh, injection_layers=injection, remat_policy=preset.remat_policy,
                                 dtype=preset.dtype, param_dtype=preset.param_dtype)
     vocab = tokenizers.vocab_size(tokenizer)
     if vocab > cfg.vocab_size:
@@ -340,7 +342,7 @@ class Run:
         config.data.workdir = workdir
         self.tokenizer = pipeline_lib.make_tokenizer(tokenizer_config(config, base_llm_folder(config, workdir)))
         self.log = MetricLog(workdir)
-        self.llm_cfg, self.llm_params = load_base_llm(config, self.tokenizer, workdir, self.log)
+        self.llm_cfg, self.llm_params = load_base_llm(config, self.tokenizer, workdir, self.log, self.mesh)
         self.vcfg = make_vlm_config(config, self.tokenizer, self.llm_cfg)
         emb = np.asarray(self.llm_params["model"]["embed_tokens"]["weight"], np.float32)
         special = set(tokenizers.special_ids(self.tokenizer).values())

@@ -478,3 +478,16 @@ def test_ordered_batches_and_attached_visual_tokens_follow_each_record(workdir, 
     assert "visual_tokens" not in next(iter(pipe.epoch(0)))
     with pytest.raises(ValueError, match="the train split"):
         pipe.attach_visual_tokens(table[:-1])
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_placed_whole():
+    """The last validation batch (12 volumes at batch 8 leave 4 rows) on an 8-device FSDP mesh: an
+    even batch is split over the batch shards, an uneven one is replicated, and jit runs on both."""
+    mesh = sharding.mesh_from_spec("fsdp:-1")
+    even = pipeline.to_global({"x": np.ones((8, 3), np.float32), "meta": {"n": 8}}, mesh)
+    uneven = pipeline.to_global({"x": np.ones((4, 3), np.float32), "meta": {"n": 4}}, mesh)
+    assert even["x"].sharding.spec == PartitionSpec(("data", "fsdp"), None) and even["meta"] == {"n": 8}
+    assert uneven["x"].sharding.is_fully_replicated and uneven["x"].shape == (4, 3)
+    with sharding.use_mesh(mesh):
+        total = jax.jit(lambda x: sharding.constrain(x, ("batch", None)).sum(1))
+        assert np.asarray(total(uneven["x"])).tolist() == [3.0] * 4
