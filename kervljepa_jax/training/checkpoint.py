@@ -23,8 +23,11 @@ arrays are restored straight onto those shardings.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +41,34 @@ from kervljepa_jax.model import vlm
 from kervljepa_jax.training import phases
 
 PARAMS, OPT_STATE, META, HOST, CONFIG = "params", "opt_state", "meta", "host", "config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint the user pointed at, or a folder we cannot write: one line, non-zero exit."""
+
+
+def _disk_fault(error: Exception) -> str | None:
+    """What went wrong on disk, or None for any other error. Orbax raises OSError (a read-only
+    folder); tensorstore, under it, a ValueError carrying the errno (`[os_error_code='28']`, disk full)."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    code = re.search(r"os_error_code='?(\d+)", str(error))
+    return os.strerror(int(code.group(1))) if code else None
+
+
+@contextlib.contextmanager
+def _writing(directory: pathlib.Path):
+    """Disk full, read-only folder: a CheckpointError naming the folder instead of a traceback.
+    Orbax writes each step into a temporary folder first, so the steps already there stay whole."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        fault = _disk_fault(e)
+        if fault is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoints to {directory}: {fault}; free disk space or make it "
+                              "writable, then rerun the same command: it resumes from the last checkpoint "
+                              "there") from e
 
 
 class Restored(NamedTuple):
@@ -106,9 +137,9 @@ class PhaseCheckpointer:
                  best_metric: str = "val_macro_f1", best_mode: str = "max", every_steps: int = 0,
                  async_save: bool = True, read_only: bool = False, directory: str | pathlib.Path | None = None):
         if best_mode not in ("max", "min"):
-            raise ValueError(f"checkpoint.best_mode={best_mode!r}: use 'max' or 'min'")
+            raise CheckpointError(f"--config.checkpoint.best_mode={best_mode!r}: use 'max' or 'min'")
         if keep < 1:
-            raise ValueError(f"checkpoint.keep={keep}: keep at least the latest checkpoint (>= 1)")
+            raise CheckpointError(f"--config.checkpoint.keep={keep}: keep at least the latest checkpoint (>= 1)")
         self.phase, self.best_metric, self.best_mode = phase, best_metric, best_mode
         self.every_steps = int(every_steps)
         self.directory = pathlib.Path(directory) if directory is not None else phase_directory(workdir, phase)
@@ -120,7 +151,8 @@ class PhaseCheckpointer:
         options = ocp.CheckpointManagerOptions(
             best_fn=self._metric, best_mode=best_mode, preservation_policy=policy, create=not read_only,
             read_only=read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with _writing(self.directory):
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     @classmethod
     def from_config(cls, workdir: str | pathlib.Path, config: Any, phase: int | None = None,
@@ -145,7 +177,8 @@ class PhaseCheckpointer:
              host: dict | None = None, config: Any = None, metrics: dict | None = None, force: bool = True) -> bool:
         """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate.
 
-        A step already saved is replaced: the phase's end-of-epoch save may land on a step the
+        A disk fault, here or from an earlier asynchronous save, raises CheckpointError. A step
+        already saved is replaced: the phase's end-of-epoch save may land on a step the
         periodic save (`every_steps`) just wrote, and the later save holds the final state.
         """
         if metrics is not None:
@@ -158,10 +191,11 @@ class PhaseCheckpointer:
                  HOST: ocp.args.JsonSave(host or {}), CONFIG: ocp.args.JsonSave(_config_json(config))}
         if opt_state is not None:
             items[OPT_STATE] = ocp.args.StandardSave(opt_state)
-        if int(step) in self.all_steps():
-            self.manager.wait_until_finished()      # an async save of that step must land before it goes
-            self.manager.delete(int(step))
-        return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        with _writing(self.directory):
+            if int(step) in self.all_steps():
+                self.manager.wait_until_finished()      # an async save of that step must land before it goes
+                self.manager.delete(int(step))
+            return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     # -------------------------------------------------------------------------------- query
 
@@ -206,10 +240,13 @@ class PhaseCheckpointer:
         return None if step is None else self.restore(step, params_target, opt_state_target)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the asynchronous saves are on disk; a disk fault raises CheckpointError."""
+        with _writing(self.directory):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.close()
+        with _writing(self.directory):
+            self.manager.close()
 
     def __enter__(self) -> "PhaseCheckpointer":
         return self
@@ -235,7 +272,7 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
     steps = sorted((int(p.name), p) for p in path.glob("*") if p.is_dir() and p.name.isdigit()) \
         if path.is_dir() else []
     if not steps:
-        raise FileNotFoundError(f"checkpoint path {path}: no checkpoint there (want a phase dir, its checkpoints/ "
+        raise CheckpointError(f"checkpoint path {path}: no checkpoint there (want a phase dir, its checkpoints/ "
                                 "dir, or a step dir holding params/)")
     meta = read_json(steps[-1][1] / META)
     reader = PhaseCheckpointer(None, meta.get("phase", 0), directory=path, read_only=True, async_save=False,
@@ -291,12 +328,12 @@ def restore_bridge(path: str | pathlib.Path, params: Any) -> tuple[Any, int]:
     flat = {p: leaf for p, leaf in zip(phases.leaf_paths(params), jax.tree.leaves(params))}
     missing = [p for p in wanted if p not in stored]
     if missing:
-        raise ValueError(f"warm bridge: {step_dir} lacks {len(missing)} bridge tensor(s), first {missing[0]!r}; "
+        raise CheckpointError(f"warm bridge: {step_dir} lacks {len(missing)} bridge tensor(s), first {missing[0]!r}; "
                          "--warm_bridge_from must be a phase-3 checkpoint of the same model preset and LoRA config")
     bad = [(p, stored[p][0], tuple(flat[p].shape)) for p in wanted if stored[p][0] != tuple(flat[p].shape)]
     if bad:
         p, got, want = bad[0]
-        raise ValueError(f"warm bridge: {len(bad)} shape mismatch(es) in {step_dir}, first {p!r}: checkpoint {got} "
+        raise CheckpointError(f"warm bridge: {len(bad)} shape mismatch(es) in {step_dir}, first {p!r}: checkpoint {got} "
                          f"vs model {want}; use a phase-3 checkpoint of the same preset and LoRA rank")
     target = traverse_util.unflatten_dict({tuple(p.split("/")): flat[p] for p in wanted})
     abstract = abstract_target(target)

@@ -123,7 +123,7 @@ def test_init_from_path(tmp_path, trained):
         assert meta["alpha"] == 2.0 and meta["step"] == 4
     restored, meta = checkpoint.restore_params(tmp_path / "phase1" / "checkpoints" / "8", target)
     assert meta["step"] == 8 and not np.any(np.asarray(restored["projector_1"]["kernel"]))
-    with pytest.raises(FileNotFoundError, match="no checkpoint there"):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint there"):
         checkpoint.restore_params(tmp_path / "nowhere", target)
 
 
@@ -183,3 +183,33 @@ def test_saving_a_step_again_replaces_it(tmp_path, trained):
         out = ckpt.restore_latest(params)
     _assert_trees_equal(out.params, doubled)
     assert out.host == {"epoch": 1}
+
+
+def test_a_disk_fault_is_one_line_naming_the_folder_and_keeps_the_last_checkpoint(tmp_path, trained, monkeypatch):
+    """A read-only folder (Orbax: OSError) or a full disk (tensorstore: ValueError with the errno),
+    while saving or while an asynchronous save finishes (issue 25.6)."""
+    params, _ = trained
+    faults = {"save": OSError(30, "Read-only file system"),
+              "wait_until_finished": ValueError("RESOURCE_EXHAUSTED: Error writing \"a/0\" in OCDBT database: "
+                                                "Failed to write 255700 bytes to file 4 [os_error_code='28']")}
+    with _checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, params=params)
+        folder = str(ckpt.directory)
+        for method, fault in faults.items():
+            def fail(*args, fault=fault, **kwargs):
+                raise fault
+            monkeypatch.setattr(ckpt.manager, method, fail)
+        with pytest.raises(checkpoint.CheckpointError) as err:
+            ckpt.save(2, params=jax.tree.map(jnp.zeros_like, params))
+        assert "\n" not in str(err.value) and folder in str(err.value) and "Read-only file system" in str(err.value)
+        with pytest.raises(checkpoint.CheckpointError, match="No space left on device; free disk space"):
+            ckpt.wait()
+        monkeypatch.setattr(ckpt.manager, "save", lambda *a, **k: (_ for _ in ()).throw(ValueError("a bug")))
+        with pytest.raises(ValueError, match="a bug") as err:       # anything else keeps its traceback
+            ckpt.save(2, params=params)
+        assert not isinstance(err.value, checkpoint.CheckpointError)
+        monkeypatch.undo()
+    with _checkpointer(tmp_path) as ckpt:
+        out = ckpt.restore_latest(params)
+    assert out.step == 1
+    _assert_trees_equal(out.params, params)
