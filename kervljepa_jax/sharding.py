@@ -131,8 +131,26 @@ def logical_specs(boxed_tree: Any) -> Any:
 
 def named_shardings(boxed_tree: Any, mesh: Mesh,
                     rules: Sequence[tuple[str, Any]] = AXIS_RULES) -> Any:
-    """NamedShardings for every leaf of a boxed (logically annotated) tree."""
-    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    """NamedShardings for every leaf of a boxed (logically annotated) tree.
+
+    A dimension that its mesh axes do not divide is replicated instead: the 3B vocabulary with
+    <|visual_region|> appended has 128,257 rows, which no tensor axis splits evenly."""
+    shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    shapes = jax.tree.map(lambda x: tuple(x.unbox().shape) if is_box(x) else tuple(np.shape(x)), boxed_tree,
+                          is_leaf=is_box)
+    return jax.tree.map(lambda s, shape: divisible(s, shape), shardings, shapes,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def divisible(named: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+    """`named` with each dimension that its mesh axes do not divide evenly left unsharded."""
+    spec = list(named.spec) + [None] * (len(shape) - len(named.spec))
+    for dim, axes in enumerate(spec[:len(shape)]):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if shape[dim] % int(np.prod([named.mesh.shape[a] for a in names])):
+            spec[dim] = None
+    return NamedSharding(named.mesh, PartitionSpec(*spec[:len(shape)]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
