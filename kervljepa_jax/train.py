@@ -21,6 +21,7 @@ writes WORKDIR/report.json and the figures.
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import sys
 import time
@@ -35,6 +36,7 @@ from ml_collections import config_flags
 
 from kervljepa_jax import cli as cli_lib, evaluate, figures, sharding
 from kervljepa_jax.data.records import DataError
+from kervljepa_jax.hf import HFLoadError
 from kervljepa_jax.model import bridge as bridge_lib
 from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm as vlm_lib
@@ -287,6 +289,17 @@ def write_figures(workdir: str, report: dict) -> None:
         logging.warning("figures: %s", e)
 
 
+# The user's mistakes and faults, each raised with a one-line message that names the flag or file;
+# anything else is a bug and keeps its traceback.
+USER_ERRORS = (TrainError, DataError, config_lib.OverrideError, ckpt_lib.CheckpointError, evaluate.EvalError,
+               HFLoadError)
+
+
+def without_orbax_info(record: pylogging.LogRecord) -> bool:
+    """absl log filter: Orbax narrates every save at INFO; drop that, keep its warnings and errors."""
+    return "orbax" not in record.pathname or record.levelno >= pylogging.WARNING
+
+
 def _fail(message: str) -> None:
     cli_lib.fail("train", message, 2)
 
@@ -320,8 +333,7 @@ def main(argv: list[str]) -> None:
     cli_lib.ensure_folder("train", "workdir", FLAGS.workdir)
     if FLAGS.distributed:
         jax.distributed.initialize()
-    # Orbax narrates every save at INFO; keep the log about training.
-    logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
+    logging.get_absl_handler().addFilter(without_orbax_info)     # keep the log about training
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     phases_to_run = [1, 2, 3, 4] if FLAGS.phase == "all" else [int(FLAGS.phase)]
     explicit = FLAGS.config if FLAGS.phase != "all" and config_path else None
@@ -330,7 +342,7 @@ def main(argv: list[str]) -> None:
             config_lib.validate(config_lib.apply_overrides(explicit, cli_lib.held_out_overrides()))
         report = run_curriculum(phases_to_run, FLAGS.workdir, arg, overrides, explicit, FLAGS.init_from,
                                 FLAGS.warm_bridge_from)
-    except (TrainError, DataError, FileNotFoundError, KeyError, ValueError) as e:   # OverrideError too
+    except USER_ERRORS as e:
         cli_lib.fail("train", str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(json.dumps({k: v for k, v in report.items()}, default=str)[:2000])
 

@@ -37,6 +37,7 @@ from kervljepa_jax import losses
 from kervljepa_jax.model.lora import LORA_PATTERN
 from kervljepa_jax.model.xattn import PROJECTOR_PATTERN
 from kervljepa_jax.training import phases
+from kervljepa_jax.training.config import OverrideError
 
 FROZEN, TRAINABLE, LORA, PROJECTOR, SCALED = "frozen", "trainable", "lora", "projector", "scaled:"
 
@@ -85,7 +86,7 @@ def make_schedule(train: ml_collections.ConfigDict, steps_per_epoch: int) -> opt
         if not warmup:
             return optax.constant_schedule(lr)
         return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
-    raise ValueError(f"train.schedule={train.schedule!r}: use 'constant' or 'cosine'")
+    raise OverrideError(f"--config.train.schedule={train.schedule!r}: use 'constant' or 'cosine'")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -136,7 +137,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, labels: Any, 
     groups = optimizer_labels(params, labels, multipliers)
     present = set(jax.tree.leaves(groups))
     if present <= {FROZEN}:
-        raise ValueError(f"phase {config.phase}: config.trainable selects no parameter to train")
+        raise OverrideError(f"--config.trainable: selects no parameter of phase {config.phase} to train; "
+                            "name at least one (see configs/phaseN.py)")
     decay_mask = _decay_mask(train.weight_decay_pattern)
     lam = float(config.ewc.lam)
     scale_cfg = config.projector_lr_scale
@@ -200,6 +202,12 @@ def skipped_steps(opt_state: Any) -> int:
     return int(opt_state.total_notfinite)
 
 
+def consecutive_nonfinite(opt_state: Any) -> int:
+    """Non-finite steps in a row up to the last one (0 after a finite step). Once it exceeds
+    train.max_consecutive_nonfinite, apply_if_finite applies the next non-finite update."""
+    return int(opt_state.notfinite_count)
+
+
 def transfer_state(old_state: Any, new_tx: optax.GradientTransformation, params: Any) -> Any:
     """`new_tx.init(params)`, keeping the old state wherever it still applies.
 
@@ -229,10 +237,14 @@ def transfer_state(old_state: Any, new_tx: optax.GradientTransformation, params:
 # Host-side controllers: ReduceLROnPlateau, early stopping
 # ------------------------------------------------------------------------------------------------
 
+def _check_mode(mode: str) -> None:
+    if mode not in ("max", "min"):
+        raise OverrideError(f"--config.plateau.mode / early_stop.mode={mode!r}: use 'max' or 'min'")
+
+
 def _improved(value: float, best: float | None, mode: str, threshold: float) -> bool:
     """torch's rel-threshold test (best starts at -inf / +inf): max: value > best (1 + t); min: value < best (1 - t)."""
-    if mode not in ("max", "min"):
-        raise ValueError(f"plateau/early_stop mode={mode!r}: use 'max' or 'min'")
+    _check_mode(mode)
     if best is None:
         best = -math.inf if mode == "max" else math.inf
     return value > best * (1.0 + threshold) if mode == "max" else value < best * (1.0 - threshold)
@@ -255,6 +267,9 @@ class ReduceLROnPlateau:
     scale: float = 1.0
     best: float | None = None
     num_bad: int = 0
+
+    def __post_init__(self):      # a bad mode fails when the phase starts, not at its first evaluation
+        _check_mode(self.mode)
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "ReduceLROnPlateau":
@@ -295,6 +310,9 @@ class EarlyStopping:
     best: float | None = None
     num_bad: int = 0
 
+    def __post_init__(self):
+        _check_mode(self.mode)
+
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict) -> "EarlyStopping":
         return cls(patience=cfg.patience, mode=cfg.mode)
@@ -306,6 +324,10 @@ class EarlyStopping:
             self.best, self.num_bad = metric, 0
         else:
             self.num_bad += 1
+        return self.should_stop()
+
+    def should_stop(self) -> bool:
+        """Whether the evaluations so far call for the stop (also after a resume from a stopped phase)."""
         return self.patience > 0 and self.num_bad >= self.patience
 
     def state_dict(self) -> dict:

@@ -303,3 +303,26 @@ def test_phase4_step_at_the_paper_lr_moves_lora_on_a_bf16_model():
     moved = [p for p in lora if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))]
     assert moved == lora, sorted(set(lora) - set(moved))
     assert _by_path(frozen)["llm/model/norm/weight"].dtype == jnp.bfloat16
+
+
+def test_config_mistakes_are_one_line_override_errors(params):
+    """A schedule name, a trainable list that selects nothing, a plateau / early-stop mode: the
+    user's config, so train prints them in one line (issue 25.8); a mode fails when the phase starts."""
+    with pytest.raises(config_lib.OverrideError, match=r"^--config.train.schedule='linear'"):
+        optim.make_schedule(_config(1, schedule="linear").train, 10)
+    config = _config(1)
+    labels = phases.trainable_labels(params, [r"compressor/.*"], 1)
+    frozen = jax.tree.map(lambda _: phases.FROZEN, labels)
+    with pytest.raises(config_lib.OverrideError, match=r"^--config.trainable: selects no parameter of phase 1"):
+        optim.make_optimizer(config, params, frozen, 10)
+    for controller in (optim.ReduceLROnPlateau, optim.EarlyStopping):
+        with pytest.raises(config_lib.OverrideError, match="mode='maximum'"):
+            controller(mode="maximum")
+
+
+def test_early_stopping_stays_stopped_after_a_resume():
+    stop = optim.EarlyStopping(patience=2, mode="min")
+    [stop.step(v) for v in (1.0, 1.0, 1.0)]
+    resumed = optim.EarlyStopping(patience=2, mode="min")
+    resumed.load_state_dict(stop.state_dict())
+    assert resumed.should_stop() and not optim.EarlyStopping(patience=2).should_stop()
