@@ -164,3 +164,33 @@ def test_warm_bridge_beats_cold_bridge_at_the_first_evaluation(default_run, tmp_
             assert "warm bridge: restored" in out.stderr
         f1[name] = json.load(open(workdir / "report.json"))["phase3"]["macro_f1"]
     assert f1["warm"] > f1["cold"], f1
+
+
+@pytest.mark.slow
+def test_paper_profile_recipe_runs_every_phase_on_an_fsdp_mesh_of_8_devices(tmp_path):
+    """README's real-data recipe in miniature: the paper profile (its bf16 compute, losses, schedules,
+    LoRA r=16 and FSDP mesh) on a CT-RATE-layout folder from the synthetic writer and a small HF
+    Llama folder (the packaged stand-in), 8 forced host devices, two steps of each phase and the
+    evaluation after each. 12 validation volumes: the last batch does not split over 8 devices."""
+    data = tmp_path / "ct-rate"
+    out = subprocess.run([sys.executable, "-m", "kervljepa_jax.data.synthetic", f"--out={data}", "--num_volumes=48",
+                          "--embed_dim=64", "--max_slices=96"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    llm = os.path.join(os.path.dirname(__file__), os.pardir, "kervljepa_jax", "assets", "stand_in_llm")
+    args = ["--phase=all", "--config=configs/phase1.py:paper", f"--config.model.llm_path={llm}",
+            f"--config.data.tokenizer_path={llm}", f"--config.data.root={data}", "--config.model.injection_layers=[1]",
+            "--config.model.whiten_layer=-1", "--config.data.embed_dim=64", "--config.data.max_slices=96",
+            "--config.train.max_steps=2", "--config.train.batch_size=8", "--config.eval.max_new_tokens=8",
+            "--config.eval.ablation_examples=4"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"}
+    workdir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "kervljepa_jax.train", f"--workdir={workdir}", *args],
+                         capture_output=True, text=True, timeout=1200, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.load(open(workdir / "report.json"))
+    for phase in (1, 2, 3, 4):
+        assert report[f"phase{phase}"]["steps"] == 2 and report[f"phase{phase}"]["num_volumes"] == 12
+        saved = json.load(open(workdir / f"phase{phase}" / "metrics.json"))
+        assert saved["phase"] == phase
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 devices" in out.stderr
