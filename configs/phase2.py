@@ -20,6 +20,7 @@ def get_config(arg=None):
     c.train.batch_per_device = 64     # 64/GPU x 8 GPUs: 512 InfoNCE negatives
     c.train.lr = 3e-5
     c.train.schedule = "constant"
+    # The paper: stop after 8 evaluations (one an epoch) without a lower validation loss.
     c.early_stop.update(dict(patience=8, metric="val_loss", mode="min"))
     c.checkpoint.best_metric = "val_loss"
     c.checkpoint.best_mode = "min"

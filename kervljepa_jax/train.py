@@ -14,7 +14,9 @@ checkpoint (training/run.py).
 Per phase N (WORKDIR/phaseN): resume from its latest checkpoint if any, else start from
 --init_from or the best checkpoint of phase N-1 (phase 1: the base LLM + fresh bridge, with SVD
 query/predictor init and alpha calibration); train with the phase table; evaluate; keep the best
-and latest checkpoints; write metrics.jsonl + TensorBoard events. `--phase=all` runs 1-4, then
+and latest checkpoints; write metrics.jsonl + TensorBoard events. The phase ends early after
+`early_stop.patience` evaluations without improvement (phase 2), and stops with an error after
+`train.max_consecutive_nonfinite` skipped non-finite steps in a row. `--phase=all` runs 1-4, then
 writes WORKDIR/report.json and the figures.
 """
 
@@ -125,9 +127,68 @@ def validate(run: Run, config, phase: int, variables: dict, eval_step, modes=("n
     return out
 
 
+def validation_metrics(phase: int) -> tuple[str, ...]:
+    """The scalars `validate` returns for the phase: what early stopping may watch."""
+    return ("val_loss",) + (("val_macro_f1",) if phase == 1 else ()) + \
+        (("val_gen_f1",) if phase in GENERATING_PHASES else ())
+
+
+def early_stopping(config, phase: int) -> optim.EarlyStopping:
+    """The phase's early stopping (phase 2: patience 8 on the validation loss, as the paper). A metric
+    the phase never computes would never stop it, so it fails now rather than being ignored."""
+    stopper = optim.EarlyStopping.from_config(config.early_stop)
+    metric = config.early_stop.metric
+    if stopper.patience > 0 and metric not in validation_metrics(phase):
+        raise TrainError(f"--config.early_stop.metric={metric!r}: phase {phase} validates "
+                         f"{list(validation_metrics(phase))}; choose one, or turn it off with "
+                         "--config.early_stop.patience=0")
+    return stopper
+
+
+def host_state(epoch: int, iterator: Any, plateau, stopper, best: dict, lora_frozen: bool) -> dict:
+    """The checkpoint's host item: what a resume needs beyond the arrays. `lora_frozen` says which
+    optimizer the saved opt_state belongs to (phase 3 rebuilds it when LoRA freezes)."""
+    return {"epoch": epoch, "iterator": iterator, "plateau": plateau.state_dict(),
+            "early_stop": stopper.state_dict(), "best": best, "lora_frozen": lora_frozen}
+
+
+def freeze_lora(config, labels, trainable, frozen, opt_state, steps_per_epoch: int):
+    """Phase 3's LoRA freeze (paper: after epoch 6): LoRA joins the frozen half and the optimizer is
+    rebuilt over the rest, its state kept wherever it still applies. -> labels, trainable, frozen, tx, opt_state."""
+    labels = phases.freeze(labels, [lora_lib.LORA_PATTERN])
+    trainable, frozen = phases.split_params(phases.merge_params(trainable, frozen), labels)
+    tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
+    return labels, trainable, frozen, tx, optim.transfer_state(opt_state, tx, trainable)
+
+
+def compile_train_step(run: Run, phase: int, tx, weights: dict):
+    return jax.jit(step_lib.make_train_step(phase, vlm_lib.VLM(run.vcfg, deterministic=False), run.encoder, tx,
+                                            weights), donate_argnums=(0, 2))
+
+
+def stop_if_diverged(config, phase: int, step: int, streak: int, ckpt: ckpt_lib.PhaseCheckpointer) -> None:
+    """Stop the phase after train.max_consecutive_nonfinite skipped (non-finite) steps in a row:
+    one more and optax's apply_if_finite would apply the non-finite update. Skipped steps leave the
+    params as they were, so the checkpoints on disk stay good; the in-flight save is let finish."""
+    limit = int(config.train.max_consecutive_nonfinite)
+    if streak and streak >= limit:
+        ckpt.wait()
+        raise TrainError(f"phase {phase} stopped at step {step}: {streak} non-finite gradients in a row "
+                         f"(--config.train.max_consecutive_nonfinite={limit}); the last good checkpoint is in "
+                         f"{ckpt.directory}; lower --config.train.lr or check the data, then rerun")
+
+
+def trainable_labels(params, config, phase: int):
+    try:
+        return phases.trainable_labels(params, config.trainable, phase)
+    except ValueError as e:    # a pattern that is no regex, or matches nothing: the user's list
+        raise TrainError(f"--config.trainable: {e}") from e
+
+
 def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_from: str = "") -> dict:
     t0 = time.time()
     config.phase = phase
+    stopper = early_stopping(config, phase)
     run.prepare_targets(config, {"llm": run.llm_params})
     train_pipe = run.pipeline(config, "train")
     steps_per_epoch = train_pipe.steps_per_epoch()
@@ -141,14 +202,17 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         variables = {**variables, "params": params}
         logging.info("warm bridge: restored %d tensors from %s", n, warm_bridge_from)
     variables = run.place(variables)
-    labels = phases.trainable_labels(variables["params"], config.trainable, phase)
+    labels = trainable_labels(variables["params"], config, phase)
     logging.info("phase %d trainable set:\n%s", phase, phases.trainable_table(variables["params"], labels,
                                                                               config.trainable))
+    ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase)
+    lora_frozen = bool(ckpt.latest_host().get("lora_frozen", False))   # the optimizer a resume restores onto
+    if lora_frozen:
+        labels = phases.freeze(labels, [lora_lib.LORA_PATTERN])
     trainable, frozen = phases.split_params(variables["params"], labels)
     tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
     opt_state = jax.jit(tx.init)(trainable)
     rng = jax.random.key(int(config.train.seed) + 100 * phase)
-    ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase)
     step, epoch, iterator_state, plateau = 0, 0, None, optim.ReduceLROnPlateau.from_config(config.plateau)
     best = {}
     restored = ckpt.restore_latest(run.abstract_params, opt_state)
@@ -158,29 +222,24 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         variables = bridge_lib.with_alpha(variables, restored.alpha or alpha_of(variables), vlm_lib.CALIBRATOR_PATH)
         epoch, iterator_state = restored.host.get("epoch", 0), restored.host.get("iterator")
         plateau.load_state_dict(restored.host.get("plateau", plateau.state_dict()))
+        stopper.load_state_dict(restored.host.get("early_stop", stopper.state_dict()))
         best = restored.host.get("best", {})
         logging.info("phase %d: resumed at step %d (epoch %d) from %s", phase, step, epoch, ckpt.directory)
+    run.log.drop_after(phase, step)     # the steps past the checkpoint run (and are logged) again
 
     train_pipe.attach_visual_tokens(run.compressor_tokens(config, phases.merge_params(trainable, frozen), labels))
-    train_model = vlm_lib.VLM(run.vcfg, deterministic=False)
     eval_model = vlm_lib.VLM(run.vcfg)
     weights = dict(config.loss_weights)
-    train_step = jax.jit(step_lib.make_train_step(phase, train_model, run.encoder, tx, weights), donate_argnums=(0, 2))
+    train_step = compile_train_step(run, phase, tx, weights)
     eval_step = jax.jit(step_lib.make_eval_step(phase, eval_model, run.encoder, weights))
     epochs = int(config.train.epochs)
     bar = tqdm.tqdm(total=total, initial=step, desc=f"phase {phase}", disable=jax.process_index() != 0)
     last_metrics: dict = {}
-    lora_frozen = False
-    while step < total and epoch < epochs:
+    while step < total and epoch < epochs and not stopper.should_stop():
         if config.lora_freeze_epoch and epoch >= config.lora_freeze_epoch and not lora_frozen:
-            labels = phases.freeze(labels, [lora_lib.LORA_PATTERN])
-            params = phases.merge_params(trainable, frozen)
-            trainable, frozen = phases.split_params(params, labels)
-            new_tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
-            opt_state = optim.transfer_state(opt_state, new_tx, trainable)
-            tx, lora_frozen = new_tx, True
-            train_step = jax.jit(step_lib.make_train_step(phase, train_model, run.encoder, tx, weights),
-                                 donate_argnums=(0, 2))
+            labels, trainable, frozen, tx, opt_state = freeze_lora(config, labels, trainable, frozen, opt_state,
+                                                                   steps_per_epoch)
+            lora_frozen, train_step = True, compile_train_step(run, phase, tx, weights)
             logging.info("phase %d: LoRA frozen after epoch %d (one recompilation)", phase, epoch)
         iterator = train_pipe.restore(iterator_state) if iterator_state else train_pipe.epoch(epoch)
         iterator_state = None
@@ -192,7 +251,8 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
                                                        host_batch, key, run.consts())
             step += 1
             n_steps += 1
-            if step % int(config.train.log_every) == 0 or step == total:
+            streak = optim.consecutive_nonfinite(opt_state)   # a host sync per step, to stop in time
+            if step % int(config.train.log_every) == 0 or step == total or streak:   # every skipped step
                 last_metrics = {k: float(v) for k, v in sharding.as_host_f32(metrics).items()}
                 last_metrics["lr"] = optim.learning_rate(opt_state)
                 last_metrics["skipped_steps"] = optim.skipped_steps(opt_state)
@@ -200,11 +260,11 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
                 rate = n_steps * int(config.train.batch_size) / max(time.time() - t_epoch, 1e-6)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", vol_s=f"{rate:.1f}")
             bar.update(1)
+            stop_if_diverged(config, phase, step, streak, ckpt)
             if ckpt.should_save(step):
                 ckpt.save(step, params=phases.merge_params(trainable, frozen), opt_state=opt_state, rng=rng,
                           alpha=alpha_of(variables), config=config,
-                          host={"epoch": epoch, "iterator": iterator.get_state(), "plateau": plateau.state_dict(),
-                                "best": best})
+                          host=host_state(epoch, iterator.get_state(), plateau, stopper, best, lora_frozen))
             if step >= total:
                 break
         epoch += 1
@@ -217,12 +277,15 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
             if config.plateau.enabled and config.plateau.metric in scalars and plateau.step(scalars[config.plateau.metric]):
                 opt_state = plateau.apply(opt_state)
                 logging.info("phase %d: plateau, lr scale now %.3g", phase, optim.lr_scale(opt_state))
+            if stopper.patience and stopper.step(scalars[config.early_stop.metric]):
+                logging.info("phase %d: early stop after epoch %d (step %d): %s has not improved for %d evaluations "
+                             "(best %s)", phase, epoch, step, config.early_stop.metric, stopper.num_bad, stopper.best)
             metric_name = config.checkpoint.best_metric
             if metric_name in scalars:
                 best.setdefault("history", []).append(scalars[metric_name])
             ckpt.save(step, params=variables["params"], opt_state=opt_state, rng=rng, alpha=alpha_of(variables),
                       config=config, metrics=scalars if metric_name in scalars else None,
-                      host={"epoch": epoch, "iterator": None, "plateau": plateau.state_dict(), "best": best})
+                      host=host_state(epoch, None, plateau, stopper, best, lora_frozen))
     bar.close()
     ckpt.wait()
     ckpt.close()

@@ -232,6 +232,17 @@ class PhaseCheckpointer:
         step = self.latest_step()
         return None if step is None else self.restore(step, params_target, opt_state_target)
 
+    def latest_host(self) -> dict:
+        """The latest step's host state alone ({} in a fresh folder): read before the optimizer is
+        built, it says which optimizer the saved state belongs to (phase 3: before or after the
+        LoRA freeze)."""
+        step = self.latest_step()
+        if step is None:
+            return {}
+        self.manager.wait_until_finished()
+        out = self.manager.restore(int(step), args=ocp.args.Composite(**{HOST: ocp.args.JsonRestore()}))
+        return dict(out[HOST] or {})
+
     def restore_best(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
         """The best step (the latest if no step has metrics), or None if there is none."""
         step = self.best_step()

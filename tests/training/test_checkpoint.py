@@ -213,3 +213,12 @@ def test_a_disk_fault_is_one_line_naming_the_folder_and_keeps_the_last_checkpoin
         out = ckpt.restore_latest(params)
     assert out.step == 1
     _assert_trees_equal(out.params, params)
+
+
+def test_latest_host_reads_the_host_state_alone(tmp_path, trained):
+    params, opt_state = trained
+    with _checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_host() == {}
+        ckpt.save(2, params=params, opt_state=opt_state, host={"lora_frozen": False})
+        ckpt.save(5, params=params, opt_state=opt_state, host={"lora_frozen": True, "epoch": 2})
+        assert ckpt.latest_host() == {"lora_frozen": True, "epoch": 2}

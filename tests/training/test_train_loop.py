@@ -2,14 +2,111 @@
 after phase 3's LoRA freeze, a stop after too many non-finite steps, one metrics.jsonl record per
 step after a resume, early stopping, and which errors reach the user as one line."""
 
+import copy
+import json
 import logging
+import shutil
 import sys
 
 import pytest
 
 from kervljepa_jax import train
 from kervljepa_jax.training import checkpoint as ckpt_lib
+from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import run as run_lib
+
+TINY = {"data.num_train": "24", "data.num_valid": "8", "data.min_synthetic_slices": "40",
+        "data.max_synthetic_slices": "60", "data.max_slices": "60", "model.pretrain_steps": "3",
+        "model.pretrain_batch_size": "4", "model.pretrain_seq_len": "64", "eval.max_new_tokens": "4",
+        "eval.num_examples": "8", "model.stand_in": "phase0", "checkpoint.async_save": "false"}
+
+
+def _config(phase, workdir, **extra):
+    config = config_lib.apply_overrides(config_lib.load_phase_config(phase),
+                                        {**TINY, **{k: str(v) for k, v in extra.items()}})
+    config.data.workdir = str(workdir)
+    return config
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A Run with a phase-0 base LLM and a 3-step phase 1 in its workdir."""
+    workdir = tmp_path_factory.mktemp("base")
+    run = run_lib.Run(_config(1, workdir), str(workdir))
+    with train.sharding.use_mesh(run.mesh):
+        train.train_phase(run, _config(1, workdir, **{"train.max_steps": 3}), 1)
+    return run
+
+
+@pytest.fixture
+def run(base, tmp_path):
+    """The base run in a fresh workdir of its own (base LLM, whitening and phase 1 copied)."""
+    for item in ("base_llm", "whitening.npz", "phase1"):
+        src = f"{base.workdir}/{item}"
+        (shutil.copytree if item != "whitening.npz" else shutil.copy)(src, tmp_path / item)
+    forked = copy.copy(base)
+    forked.workdir, forked.log = str(tmp_path), run_lib.MetricLog(str(tmp_path))
+    return forked
+
+
+def _train(run, phase, **extra):
+    config = _config(phase, run.workdir, **extra)
+    with train.sharding.use_mesh(run.mesh):
+        return train.train_phase(run, config, phase, init_from=f"{run.workdir}/phase1" if phase == 3 else "")
+
+
+def _records(run, phase):
+    return [r for r in map(json.loads, open(f"{run.workdir}/metrics.jsonl")) if r["phase"] == phase]
+
+
+@pytest.mark.slow       # ~40 s on 2 cores
+def test_phase3_resumes_after_its_lora_freeze(run):
+    """Saved every epoch end twice over (every_steps = the 3 steps of an epoch: 25.1), LoRA frozen
+    after epoch 1; a longer rerun restores onto the frozen optimizer (25.2)."""
+    args = {"lora_freeze_epoch": 1, "checkpoint.every_steps": 3, "train.eval_every_epochs": 2}
+    assert _train(run, 3, **args, **{"train.epochs": 2})["steps"] == 6
+    host = ckpt_lib.PhaseCheckpointer(run.workdir, 3, read_only=True).latest_host()
+    assert host["lora_frozen"] and host["epoch"] == 2
+    assert _train(run, 3, **args, **{"train.epochs": 3})["steps"] == 9
+
+
+@pytest.mark.slow       # ~32 s on 2 cores
+def test_resume_logs_each_replayed_step_once(run):
+    """A crash after step 4 with the last checkpoint at step 2: steps 3-4 run again (25.5)."""
+    args = {"checkpoint.every_steps": 2, "train.max_steps": 4, "train.log_every": 1, "train.batch_size": 8,
+            "train.eval_every_epochs": 2}
+    _train(run, 2, **args)
+    folder = ckpt_lib.phase_directory(run.workdir, 2)
+    shutil.rmtree(folder / "4")
+    _train(run, 2, **args)
+    kinds = [(r["step"], "loss" in r) for r in _records(run, 2)]
+    assert sorted(kinds) == [(1, True), (2, True), (3, True), (4, False), (4, True)], kinds
+
+
+def test_nonfinite_steps_stop_the_phase_at_the_limit(run):
+    """Two non-finite steps in a row with train.max_consecutive_nonfinite=2: the phase stops at the
+    second, each skipped step is in metrics.jsonl, the last checkpoint stays (25.3)."""
+    args = {"train.max_steps": 2, "train.batch_size": 8, "train.max_consecutive_nonfinite": 2}
+    _train(run, 2, **args)
+    args["train.max_steps"] = 6
+    with pytest.raises(run_lib.TrainError, match=r"^phase 2 stopped at step 4: 2 non-finite gradients in a row "
+                                                 r"\(--config.train.max_consecutive_nonfinite=2\)") as err:
+        _train(run, 2, **args, **{"loss_weights.infonce": "nan"})
+    assert "\n" not in str(err.value)
+    skipped = [(r["step"], r["skipped_steps"]) for r in _records(run, 2) if r["step"] > 2]
+    assert skipped == [(3, 1), (4, 2)]
+    assert ckpt_lib.PhaseCheckpointer(run.workdir, 2, read_only=True).all_steps() == [2]
+
+
+def test_early_stopping_counts_evaluations_without_improvement(run, caplog):
+    """lr 0: every evaluation equals the first, so patience 2 stops after the third (25.7)."""
+    args = {"train.lr": 0, "train.epochs": 8, "train.eval_every_epochs": 1, "early_stop.patience": 2}
+    caplog.set_level(logging.INFO)
+    assert _train(run, 2, **args)["steps"] == 3            # 1 step an epoch (24 volumes, batch 16)
+    assert "phase 2: early stop after epoch 3 (step 3): val_loss has not improved for 2 evaluations" in caplog.text
+    assert _train(run, 2, **args)["steps"] == 3            # a rerun resumes into the stop, trains nothing
+    with pytest.raises(run_lib.TrainError, match="--config.early_stop.metric='val_gen_f1': phase 2 validates"):
+        _train(run, 2, **{**args, "early_stop.metric": "val_gen_f1"})
 
 
 def test_orbax_info_is_filtered_and_its_warnings_kept():
