@@ -137,7 +137,7 @@ def named_shardings(boxed_tree: Any, mesh: Mesh,
     <|visual_region|> appended has 128,257 rows, which no tensor axis splits evenly."""
     shardings = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
-    shapes = jax.tree.map(lambda x: tuple(x.unbox().shape) if is_box(x) else tuple(np.shape(x)), boxed_tree,
+    shapes = jax.tree.map(lambda x: tuple(np.shape(x.value)) if is_box(x) else tuple(np.shape(x)), boxed_tree,
                           is_leaf=is_box)
     return jax.tree.map(lambda s, shape: divisible(s, shape), shardings, shapes,
                         is_leaf=lambda x: isinstance(x, NamedSharding))

@@ -1,0 +1,91 @@
+"""The phase train step on a mesh: one step of each phase on 8 forced host devices (data, FSDP and
+a 3D data x fsdp x tensor layout) gives the single-device loss and updated trainable parameters."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kervljepa_jax import findings, sharding
+from kervljepa_jax.data import pipeline
+from kervljepa_jax.model import lora as lora_lib, vlm as vlm_lib
+from kervljepa_jax.training import config as config_lib, optim, phases, step as step_lib
+
+CFG = vlm_lib.make_config("tiny", visual_token_id=5, vocab_size=64, d_visual=16, num_visual_tokens=4,
+                          lora=lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.0), injection_layers=(1,))
+B, N, T, C = 8, 12, 16, findings.NUM_CLASSES
+MESHES = ["data:8", "fsdp:8", "data:2,fsdp:2,tensor:2"]
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(6, 64, (B, T)).astype(np.int32)
+    ids[:, 1:5] = CFG.visual_token_id
+    jepa = CFG.bridge.jepa_dim
+    return {"slices": rng.normal(size=(B, N, 16)).astype(np.float32),
+            "z_mm": np.cumsum(np.full((B, N), 1.5, np.float32), 1), "valid": np.arange(N)[None] < rng.integers(4, N, (B, 1)),
+            "input_ids": ids, "attention_mask": np.ones((B, T), bool), "loss_mask": np.arange(T)[None].repeat(B, 0) >= 5,
+            "labels": (rng.random((B, C)) < 0.3).astype(np.int32),
+            "target_embedding": rng.normal(size=(B, jepa)).astype(np.float32),
+            "condition_embedding": rng.normal(size=(B, C, jepa)).astype(np.float32),
+            "condition_valid": rng.random((B, C)) < 0.5}
+
+
+def _consts():
+    rng = np.random.default_rng(1)
+    d, jepa = CFG.llm.hidden_size, CFG.bridge.jepa_dim
+    return {"whitening": {"mean": jnp.asarray(rng.normal(size=d), jnp.float32),
+                          "projection": jnp.asarray(rng.normal(size=(d, jepa)) / 8, jnp.float32)},
+            "pos_weight": jnp.full((C,), 2.0)}
+
+
+@pytest.fixture(scope="module")
+def boxed():
+    """Boxed fresh variables (logical axes kept for the shardings), LoRA B moved off zero."""
+    model = vlm_lib.VLM(CFG)
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, N, 16)), jnp.zeros((1, N)), jnp.ones((1, N), bool),
+                               jnp.full((1, 6), CFG.visual_token_id, jnp.int32))
+
+
+def _one_step(phase, variables, batch, consts, mesh=None):
+    config = config_lib.load_phase_config(phase, "paper")
+    # Adam's first step is lr * g / (|g| + eps): with the default eps 1e-8 it turns a gradient that is
+    # zero in exact arithmetic (an attention key bias: softmax ignores a shift shared by all keys) and
+    # ~1e-9 in floats into a full +-lr step whose sign is the summation order's. eps 1e-4 keeps such
+    # noise out of the comparison and every real update (|g| >> 1e-4) at ~lr.
+    config.train.update(dict(lr=1e-3, eps=1e-4))
+    params = variables["params"]
+    labels = phases.trainable_labels(params, config.trainable, phase)
+    trainable, frozen = phases.split_params(params, labels)
+    tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch=10)
+    encoder = step_lib.TextEncoder(CFG.llm, 2)
+    step = jax.jit(step_lib.make_train_step(phase, vlm_lib.VLM(CFG), encoder, tx, dict(config.loss_weights)))
+    out = step(trainable, frozen, tx.init(trainable), variables["calibration"], batch, jax.random.key(3), consts)
+    new, _, metrics = jax.device_get(out)
+    return float(metrics["loss"]), dict(zip(phases.leaf_paths(new), jax.tree.leaves(new)))
+
+
+# Phases 1 and 3 cover every module (compressor, heads, LLM, adapters); 2 and 4 run with the slow tests.
+@pytest.mark.parametrize("phase", [1, pytest.param(2, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
+def test_one_step_on_each_mesh_equals_one_device(phase, boxed):
+    variables = nn.unbox(boxed)
+    variables["params"] = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x + 0.02 if kp[-1].key == "lora_B" else x, variables["params"])
+    batch, consts = _batch(), _consts()
+    loss, params = _one_step(phase, variables, {k: jnp.asarray(v) for k, v in batch.items()}, consts)
+    assert np.isfinite(loss)
+    for spec in MESHES:
+        mesh = sharding.mesh_from_spec(spec)
+        with sharding.use_mesh(mesh):
+            shardings = sharding.named_shardings(boxed, mesh)
+            placed = {"params": sharding.shard_params(variables["params"], shardings["params"]),
+                      "calibration": jax.device_put(variables["calibration"], sharding.replicated(mesh))}
+            sharded_batch = pipeline.to_global(batch, mesh)
+            assert sharded_batch["slices"].sharding.spec[0] == ("data", "fsdp")
+            mesh_loss, mesh_params = _one_step(phase, placed, sharded_batch,
+                                               jax.device_put(consts, sharding.replicated(mesh)), mesh)
+        np.testing.assert_allclose(mesh_loss, loss, rtol=1e-5, err_msg=spec)
+        assert mesh_params.keys() == params.keys()
+        for path, value in params.items():     # updates are ~1e-3; a missing or doubled one fails
+            np.testing.assert_allclose(mesh_params[path], value, rtol=1e-5, atol=2e-6, err_msg=f"{spec} {path}")
