@@ -98,29 +98,6 @@ class MetricLog:
         return record.get("phase") == phase and record.get("step", 0) > step
 
 
-    def drop_after(self, phase: int, step: int) -> None:
-        """Forget the phase's records past `step`: a phase resumed from its step-`step` checkpoint (or
-        restarted, step 0) runs those steps again and logs them anew, one record per step as before.
-        (TensorBoard's event files are append-only; there the replayed steps show twice.)"""
-        if jax.process_index() != 0 or not os.path.exists(self.path):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
-        kept = [line for line in lines if not self._replayed(line, phase, step)]
-        if len(kept) < len(lines):
-            with open(self.path + ".tmp", "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(self.path + ".tmp", self.path)      # a crash mid-write leaves the old file whole
-
-    @staticmethod
-    def _replayed(line: str, phase: int, step: int) -> bool:
-        try:
-            record = json.loads(line)
-        except ValueError:       # a line cut short by a crash: not a record, nothing to keep
-            return True
-        return record.get("phase") == phase and record.get("step", 0) > step
-
-
 # ----------------------------------------------------------------------------- the base LLM (a stand-in when none is given)
 
 
