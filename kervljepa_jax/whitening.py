@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import zipfile
 from typing import Any
 
 import numpy as np
 from absl import logging
+
+from kervljepa_jax.data.records import DataError
 
 FORMAT_VERSION = 1
 _NPZ_KEYS = ("mean", "projection", "eigenvalues", "retained_variance", "n_samples", "eps", "format_version")
@@ -105,36 +108,63 @@ def save(w: Whitening, path: str | os.PathLike) -> None:
     """Write the whitening to a .npz (plain arrays only: loadable with allow_pickle=False)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "wb") as f:  # a file object keeps np.savez from appending another .npz
+    # Written beside it and renamed: a run killed mid-write leaves no truncated whitening.npz behind
+    # (the trainer loads an existing one instead of refitting). A file object keeps np.savez from
+    # appending another .npz.
+    with open(path + ".tmp", "wb") as f:
         np.savez(f, mean=w.mean, projection=w.projection, eigenvalues=w.eigenvalues,
                  retained_variance=np.float64(w.retained_variance), n_samples=np.int64(w.n_samples),
                  eps=np.float64(w.eps), format_version=np.int64(FORMAT_VERSION))
+    os.replace(path + ".tmp", path)
 
 
-def load(path: str | os.PathLike) -> Whitening:
-    """Read a whitening written by `save`; fails with the path and the problem on anything else."""
+# A bad whitening.npz is a workdir file, not a bug: DataError, which the trainer reports in one line.
+# The trainer fits the whitening only when WORKDIR/whitening.npz is absent, so deleting it is the fix.
+_REFIT = "delete it and rerun (the trainer refits it) or refit it with python -m kervljepa_jax.whiten --overwrite"
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray] | None:
+    """Every array of the npz at `path`, read in full (a member's bad CRC shows only on reading);
+    None for a single .npy array. Raises what numpy and zipfile raise on a bad file."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return None
+    with data:
+        return {k: data[k] for k in data.files}
+
+
+def load(path: str | os.PathLike, input_dim: int | None = None, dim: int | None = None) -> Whitening:
+    """Read a whitening written by `save`; DataError naming the path and the fix on anything else
+    (absent, not an npz, truncated, a corrupt member, pickled content, an older format, bad shapes)
+    and, when the run's sizes are given, on a whitening of other sizes: one left in the workdir by a
+    run of another LLM (`input_dim`, its width) or --config.model.jepa_dim (`dim`), which would
+    otherwise fail as a shape error inside the first jitted step."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise ValueError(f"{path}: no whitening file; run the whitening CLI first (python -m kervljepa_jax.whiten)")
+        raise DataError(f"{path}: no whitening file; run the whitening CLI first (python -m kervljepa_jax.whiten)")
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, EOFError, ValueError) as e:  # not an npz, truncated, or pickled content
-        raise ValueError(f"{path}: unreadable whitening file ({e}); refit it") from e
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path}: holds a single array, not a whitening .npz; refit it")
-    with data:
-        missing = [k for k in _NPZ_KEYS if k not in data.files]
-        if missing:
-            raise ValueError(f"{path}: not a whitening file, missing {missing}; refit it")
-        arrays = {k: data[k] for k in _NPZ_KEYS}
+        arrays = _read_npz(path)
+    # Not an npz, truncated (zipfile's BadZipFile is no OSError), a corrupt member, or pickled content.
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable whitening file ({e}); {_REFIT}") from e
+    if arrays is None:
+        raise DataError(f"{path}: holds a single array, not a whitening .npz; {_REFIT}")
+    missing = [k for k in _NPZ_KEYS if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: not a whitening file, missing {missing}; {_REFIT}")
     if int(arrays["format_version"]) != FORMAT_VERSION:
-        raise ValueError(f"{path}: whitening format {int(arrays['format_version'])}, this code reads "
-                         f"{FORMAT_VERSION}; refit it")
+        raise DataError(f"{path}: whitening format {int(arrays['format_version'])}, this code reads "
+                        f"{FORMAT_VERSION}; {_REFIT}")
     mean, projection, eigenvalues = arrays["mean"], arrays["projection"], arrays["eigenvalues"]
     if (mean.ndim != 1 or projection.ndim != 2 or projection.shape[0] != mean.shape[0]
             or eigenvalues.shape != (projection.shape[1],)):
-        raise ValueError(f"{path}: inconsistent shapes mean {mean.shape}, projection {projection.shape}, "
-                         f"eigenvalues {eigenvalues.shape}; refit it")
+        raise DataError(f"{path}: inconsistent shapes mean {mean.shape}, projection {projection.shape}, "
+                        f"eigenvalues {eigenvalues.shape}; {_REFIT}")
+    wanted = (input_dim or projection.shape[0], dim or projection.shape[1])
+    if projection.shape != wanted:
+        raise DataError(f"{path}: fit for {projection.shape[0]}-wide text embeddings into {projection.shape[1]} "
+                        f"dims, this run needs {wanted[0]} -> {wanted[1]} (another LLM or "
+                        f"--config.model.jepa_dim); {_REFIT}")
     return Whitening(mean=mean, projection=projection, eigenvalues=eigenvalues,
                      retained_variance=float(arrays["retained_variance"]), n_samples=int(arrays["n_samples"]),
                      eps=float(arrays["eps"]))

@@ -161,3 +161,31 @@ def test_report_logs_and_flattens(caplog):
     assert report["mean_cosine_before"] == 0.949 and "retained_variance" not in report
     logged = caplog.text
     assert "0.9490 -> 0.0010" in logged and "1.360 -> 16.030" in logged
+
+
+def test_a_bad_whitening_file_is_a_data_error_naming_it_and_the_fix(tmp_path):
+    """Every way WORKDIR/whitening.npz can be bad reaches the trainer as DataError (one line there,
+    not a traceback) naming the file and the fix: truncated, a corrupt member, an older format,
+    fit for another LLM width or jepa_dim."""
+    from kervljepa_jax.data.records import DataError
+    x, _ = _anisotropic(n=200, d=16)
+    good = tmp_path / "whitening.npz"
+    whitening.save(whitening.fit_whitening(x, dim=4), good)
+    assert not (tmp_path / "whitening.npz.tmp").exists()
+    raw = good.read_bytes()
+    truncated, corrupt, old = tmp_path / "truncated.npz", tmp_path / "corrupt.npz", tmp_path / "old.npz"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    flipped = bytearray(raw)
+    flipped[200] ^= 0xFF            # inside the first member's data: its CRC no longer matches
+    corrupt.write_bytes(bytes(flipped))
+    with np.load(good) as data:
+        np.savez(old, **{**{k: data[k] for k in data.files}, "format_version": np.int64(0)})
+    for path, problem in ((truncated, "unreadable"), (corrupt, "unreadable"), (old, "format 0")):
+        with pytest.raises(DataError, match=problem) as raised:
+            whitening.load(path)
+        message = str(raised.value)
+        assert str(path) in message and "delete it and rerun" in message and "\n" not in message
+    assert whitening.load(good, input_dim=16, dim=4).dim == 4
+    for sizes, needed in (({"input_dim": 64}, "needs 64 -> 4"), ({"dim": 8}, "needs 16 -> 8")):
+        with pytest.raises(DataError, match=needed):
+            whitening.load(good, **sizes)
