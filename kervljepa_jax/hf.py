@@ -10,11 +10,12 @@ config keys whose math this decoder implements are accepted; anything else is a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import struct
-from typing import Any
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -152,21 +153,76 @@ class SafetensorsReader:
         return np.memmap(file, dtype=dtype, mode="r", offset=base + start, shape=(count,)).reshape(info["shape"])
 
 
-def save_safetensors(tensors: dict[str, np.ndarray], file: str, metadata: dict[str, str] | None = None) -> None:
-    """Write numpy (incl. bfloat16) tensors, streaming one at a time."""
+class LazyTensor(NamedTuple):
+    """A tensor to write, made only when its bytes are due: name, shape, dtype and a maker."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    make: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _eager(name: str, arr: np.ndarray) -> LazyTensor:
+    return LazyTensor(name, tuple(arr.shape), arr.dtype, lambda: arr)
+
+
+def write_safetensors(tensors: Sequence[LazyTensor], file: str, metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file; each tensor is made, written and dropped before the next (the header
+    needs only shapes), so a file never costs more host memory than its largest tensor."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
-    for key, arr in tensors.items():
-        nbytes = arr.size * arr.dtype.itemsize
-        header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for t in tensors:
+        header[t.name] = {"dtype": _ST_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
     with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for t in tensors:
+            arr = np.ascontiguousarray(t.make())
+            if tuple(arr.shape) != tuple(t.shape) or arr.dtype != np.dtype(t.dtype):
+                raise ValueError(f"write_safetensors: {t.name} made {arr.shape} {arr.dtype}, declared "
+                                 f"{t.shape} {np.dtype(t.dtype)}")
+            f.write(arr.tobytes())
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], file: str, metadata: dict[str, str] | None = None) -> None:
+    """Write numpy (incl. bfloat16) tensors, streaming one at a time."""
+    write_safetensors([_eager(k, v) for k, v in tensors.items()], file, metadata)
+
+
+# transformers' default max_shard_size ("5GB", decimal).
+SHARD_BYTES = 5 * 10**9
+
+
+def save_sharded(tensors: Sequence[LazyTensor], folder: str, max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """transformers' layout: model.safetensors, or model-0000i-of-0000n.safetensors shards of at most
+    `max_shard_bytes` (a larger tensor gets a shard of its own) with model.safetensors.index.json.
+    Returns the file names written."""
+    shards: list[list[LazyTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for name, shard in zip(names, shards):
+        write_safetensors(shard, os.path.join(folder, name))
+    if n > 1:
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
+                 "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+    return names
 
 
 # ----------------------------------------------------------------------------- name mapping
@@ -280,27 +336,67 @@ def _unused_tensors(reader: SafetensorsReader, abstract: dict) -> list[str]:
 # ----------------------------------------------------------------------------- export
 
 
-def save_llama(cfg: LlamaConfig, params: Any, path: str) -> None:
-    """Write params as a HF Llama folder (config.json + model.safetensors) that transformers loads.
+LORA_MODES = ("refuse", "merge", "drop")
 
-    LoRA tensors must be merged first (`model.lora.merge_lora`); any left is an error.
+
+def save_llama(cfg: LlamaConfig, params: Any, path: str, *, lora: str = "refuse", dtype: str | None = None,
+               max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+    """Write params as a HF Llama folder (config.json + safetensors, sharded as transformers does)
+    that transformers loads. Returns the safetensors file names.
+
+    LoRA tensors: lora="refuse" (any left is an error: merge them with `model.lora.merge_lora`
+    first), "merge" (W + A B * scale folded in tensor by tensor, cfg.lora's scale) or "drop"
+    (the base model). `dtype` ("float32", "bfloat16"; None: each leaf's own) is the stored dtype.
+    Tensors are made one at a time from `params`: no second copy of the model in host memory.
     """
+    if lora not in LORA_MODES:
+        raise ValueError(f"save_llama: lora={lora!r}; choose one of {LORA_MODES}")
     flat = traverse_util.flatten_dict(nn.unbox(params))
-    if any(is_lora_path(p) for p in flat):
+    if lora == "refuse" and any(is_lora_path(p) for p in flat):
         raise ValueError("save_llama: params carry LoRA tensors; merge them with merge_lora(params, cfg.lora) first")
+    if lora == "merge" and cfg.lora is None and any(is_lora_path(p) for p in flat):
+        raise ValueError("save_llama: lora='merge' needs cfg.lora for the LoRA scale")
+    scale = cfg.lora.scale if lora == "merge" and cfg.lora is not None else None
+    tensors = [t for p, leaf in flat.items() if not is_lora_path(p)
+               for t in _hf_tensors(p, leaf, _lora_pair(flat, p) if scale else None, scale, dtype)]
     os.makedirs(path, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    for p, leaf in flat.items():
-        sources = hf_sources(p)
-        if sources is None:
-            raise ValueError(f"save_llama: no HF name for param {'/'.join(p)}")
-        host = np.asarray(jax.device_get(leaf))
-        for i, (name, transpose) in enumerate(sources):
-            t = host[i] if _is_stacked(p) else host
-            tensors[name] = np.ascontiguousarray(t.T if transpose else t)
-    save_safetensors(dict(sorted(tensors.items())), os.path.join(path, "model.safetensors"))
+    names = save_sharded(sorted(tensors, key=lambda t: t.name), path, max_shard_bytes)
+    stored = cfg.replace(lora=None, param_dtype=dtype or cfg.param_dtype)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+        json.dump(config_to_hf(stored), f, indent=2)
+    return names
+
+
+def _lora_pair(flat: dict, path: tuple[str, ...]) -> tuple[Any, Any] | None:
+    a, b = path[:-1] + ("lora_A",), path[:-1] + ("lora_B",)
+    return (flat[a], flat[b]) if path[-1] == "kernel" and a in flat else None
+
+
+def _hf_tensors(path: tuple[str, ...], leaf: Any, pair: tuple[Any, Any] | None, scale: float | None,
+                dtype: str | None) -> list[LazyTensor]:
+    """The HF tensors of one leaf (one per layer of a stacked leaf), made lazily."""
+    sources = hf_sources(path)
+    if sources is None:
+        raise ValueError(f"save_llama: no HF name for param {'/'.join(path)}")
+    stacked = _is_stacked(path)
+    shape = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    out_dtype = np.dtype(dtype or leaf.dtype)
+    out = []
+    for i, (name, transpose) in enumerate(sources):
+        make = functools.partial(_hf_tensor, leaf, i if stacked else None, transpose, pair, scale, out_dtype)
+        out.append(LazyTensor(name, shape[::-1] if transpose else shape, out_dtype, make))
+    return out
+
+
+def _hf_tensor(leaf: Any, layer: int | None, transpose: bool, pair: tuple[Any, Any] | None, scale: float | None,
+               dtype: np.dtype) -> np.ndarray:
+    """`leaf[layer]` (or the leaf) as a HF tensor: LoRA folded in (in f32), transposed, cast."""
+    pick = (lambda x: x) if layer is None else (lambda x: x[layer])  # noqa: E731
+    w = np.asarray(jax.device_get(pick(leaf)))
+    if pair is not None:
+        a, b = (np.asarray(jax.device_get(pick(x)), np.float32) for x in pair)
+        w = w.astype(np.float32) + (a @ b) * np.float32(scale)
+    return np.ascontiguousarray((w.T if transpose else w).astype(dtype))
 
 
 def _is_stacked(path: tuple[str, ...]) -> bool:
@@ -322,17 +418,17 @@ def peft_sources(path: tuple[str, ...]) -> list[str] | None:
 
 
 def save_peft_lora(cfg: LlamaConfig, params: Any, path: str, base_model_name_or_path: str | None = None) -> None:
-    """Write the LoRA tensors as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    """Write the LoRA tensors as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors),
+    tensor by tensor."""
     if cfg.lora is None:
         raise ValueError("save_peft_lora: cfg.lora is None, the params carry no LoRA adapter")
     os.makedirs(path, exist_ok=True)
-    tensors = {}
+    tensors = []
     for p, leaf in traverse_util.flatten_dict(nn.unbox(params)).items():
-        names = peft_sources(p)
-        if names:
-            host = np.asarray(jax.device_get(leaf))
-            tensors.update({n: np.ascontiguousarray(host[i].T) for i, n in enumerate(names)})
-    save_safetensors(dict(sorted(tensors.items())), os.path.join(path, "adapter_model.safetensors"))
+        for i, name in enumerate(peft_sources(p) or ()):
+            make = functools.partial(_hf_tensor, leaf, i, True, None, None, np.dtype(leaf.dtype))
+            tensors.append(LazyTensor(name, tuple(leaf.shape[1:][::-1]), np.dtype(leaf.dtype), make))
+    write_safetensors(sorted(tensors, key=lambda t: t.name), os.path.join(path, "adapter_model.safetensors"))
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
         "lora_dropout": cfg.lora.dropout, "target_modules": sorted(cfg.lora.targets), "bias": "none",

@@ -104,3 +104,30 @@ def test_load_straight_onto_a_mesh(hf_folder):
     with sharding.use_mesh(mesh):
         out = jax.jit(lambda p, x: llama.Llama(cfg).apply({"params": p}, x).logits)(params, ids)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=0)
+
+
+def test_streamed_export_merges_lora_into_shards_that_load_back(hf_folder, tmp_path):
+    """save_llama(lora="merge"): small shards + index (transformers' layout), each kernel W + A B * scale;
+    lora="drop" writes the base; bf16 storage rounds; lora="refuse" (the default) still refuses."""
+    from kervljepa_jax.model import lora as lora_lib
+    lora = lora_lib.LoraConfig(rank=2, alpha=6.0)
+    cfg, params = hf.load_llama(str(hf_folder[0]), lora=lora)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.standard_normal(x.shape), x.dtype) if "lora_B" in jax.tree_util.keystr(p) else x,
+        params)
+    names = hf.save_llama(cfg, params, str(tmp_path / "merged"), lora="merge", max_shard_bytes=20_000)
+    assert len(names) > 1 and names[0] == f"model-00001-of-{len(names):05d}.safetensors"
+    index = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(names)
+    _, merged = hf.load_llama(str(tmp_path / "merged"))
+    want = lora_lib.merge_lora(params, lora)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0), merged, want)
+    q = lambda p: np.asarray(p["model"]["layers_0_1"]["self_attn"]["q_proj"]["kernel"])  # noqa: E731
+    assert np.abs(q(merged) - q(params)).max() > 1e-2                  # the LoRA delta is in there
+    hf.save_llama(cfg, params, str(tmp_path / "base"), lora="drop", dtype="bfloat16")
+    base_cfg, base = hf.load_llama(str(tmp_path / "base"))
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(q(base), q(params).astype(jnp.bfloat16).astype(np.float32))
+    with pytest.raises(ValueError, match="merge them"):
+        hf.save_llama(cfg, params, str(tmp_path / "refused"))
