@@ -20,6 +20,9 @@ def get_config(arg=None):
     c.train.batch_per_device = 64     # 64/GPU x 8 GPUs: 512 InfoNCE negatives
     c.train.lr = 3e-5
     c.train.schedule = "constant"
+    # Recalibrate alpha about once per epoch (paper: "periodically", no period given): ~46,400
+    # CT-RATE training volumes / 512 a step on 8 GPUs = 91 steps.
+    c.calibration.every_steps = 91
     # The paper: stop after 8 evaluations (one an epoch) without a lower validation loss.
     c.early_stop.update(dict(patience=8, metric="val_loss", mode="min"))
     c.checkpoint.best_metric = "val_loss"

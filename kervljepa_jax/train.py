@@ -219,7 +219,9 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     if restored is not None:
         trainable, frozen = phases.split_params(run.place({**variables, "params": restored.params})["params"], labels)
         opt_state, step, rng = restored.opt_state, restored.step, (restored.rng if restored.rng is not None else rng)
-        variables = bridge_lib.with_alpha(variables, restored.alpha or alpha_of(variables), vlm_lib.CALIBRATOR_PATH)
+        # The checkpoint's alpha, recalibrations included, on the devices as `run.place` put it.
+        variables = run.place(bridge_lib.with_alpha(variables, restored.alpha or alpha_of(variables),
+                                                    vlm_lib.CALIBRATOR_PATH))
         epoch, iterator_state = restored.host.get("epoch", 0), restored.host.get("iterator")
         plateau.load_state_dict(restored.host.get("plateau", plateau.state_dict()))
         stopper.load_state_dict(restored.host.get("early_stop", stopper.state_dict()))
@@ -229,6 +231,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
 
     train_pipe.attach_visual_tokens(run.compressor_tokens(config, phases.merge_params(trainable, frozen), labels))
     eval_model = vlm_lib.VLM(run.vcfg)
+    recalibrate_every = run_lib.recalibration_interval(config, variables["params"], labels)
     weights = dict(config.loss_weights)
     train_step = compile_train_step(run, phase, tx, weights)
     eval_step = jax.jit(step_lib.make_eval_step(phase, eval_model, run.encoder, weights))
@@ -251,11 +254,16 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
                                                        host_batch, key, run.consts())
             step += 1
             n_steps += 1
+            if recalibrate_every and step % recalibrate_every == 0:   # before a save at this step
+                calibrated = calibrate(eval_model, {"params": phases.merge_params(trainable, frozen),
+                                                    "calibration": variables["calibration"]}, host_batch, run.text_rows)
+                variables = {**variables, "calibration": jax.device_put(calibrated["calibration"], run.replicated)}
             streak = optim.consecutive_nonfinite(opt_state)   # a host sync per step, to stop in time
             if step % int(config.train.log_every) == 0 or step == total or streak:   # every skipped step
                 last_metrics = {k: float(v) for k, v in sharding.as_host_f32(metrics).items()}
                 last_metrics["lr"] = optim.learning_rate(opt_state)
                 last_metrics["skipped_steps"] = optim.skipped_steps(opt_state)
+                last_metrics["alpha"] = alpha_of(variables)
                 run.log.write(phase, step, last_metrics)
                 rate = n_steps * int(config.train.batch_size) / max(time.time() - t_epoch, 1e-6)
                 bar.set_postfix(loss=f"{last_metrics['loss']:.3f}", vol_s=f"{rate:.1f}")

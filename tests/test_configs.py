@@ -9,7 +9,7 @@ from ml_collections import config_flags
 from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm
 from kervljepa_jax.training import config as config_lib
-from kervljepa_jax.training import phases
+from kervljepa_jax.training import phases, run as run_lib
 
 # The paper's batches per GPU (DDP on 8 H200s; phase 2 "64/GPU (512 effective)").
 PAPER_EPOCHS, PAPER_BATCH, PAPER_LR = (20, 30, 50, 30), (32, 64, 8, 8), (5e-5, 3e-5, 2e-5, 5e-7)
@@ -128,8 +128,30 @@ def test_every_shipped_config_is_in_range(phase):
 
 
 @pytest.mark.parametrize("key,value", [("train.batch_size", 0), ("train.epochs", -1), ("train.lr", -1e-4),
-                                       ("eval.num_examples", -3), ("train.eval_every_epochs", 0)])
+                                       ("eval.num_examples", -3), ("train.eval_every_epochs", 0),
+                                       ("calibration.every_steps", -1)])
 def test_an_out_of_range_value_names_its_flag(key, value):
     config = config_lib.apply_overrides(config_lib.load_phase_config(3), {key: str(value)})
     with pytest.raises(config_lib.OverrideError, match=rf"^--config\.{key}={value}: .* must be >= "):
         config_lib.validate(config)
+
+
+CT_RATE_TRAIN_VOLUMES = 46_400     # paper IV-A: ~46,400 training volumes
+
+
+def test_paper_recalibrates_alpha_once_an_epoch_where_v_hat_trains():
+    """alpha is recalibrated about once per epoch on 8 GPUs in the phases that train the compressor
+    or the predictor (1-3: V^ moves), never in phase 4 (LoRA only); the embedded run keeps it fixed."""
+    cfg = vlm.make_config("tiny", visual_token_id=0, lora=lora_lib.LoraConfig(rank=16, alpha=32.0))
+    params = jax.eval_shape(lambda key: vlm.init(cfg, key), jax.random.key(0))["params"]
+    intervals = {}
+    for phase in config_lib.PHASES:
+        c = config_lib.resolve_batch(config_lib.load_phase_config(phase, "paper"), 8)
+        c.calibration.every_steps = c.calibration.every_steps or 1      # does the phase move V^?
+        labels = phases.trainable_labels(params, c.trainable, phase)
+        intervals[phase] = run_lib.recalibration_interval(c, params, labels)
+        if phase < 4:
+            assert intervals[phase] == round(CT_RATE_TRAIN_VOLUMES / c.train.batch_size), phase
+        default = config_lib.load_phase_config(phase)
+        assert run_lib.recalibration_interval(default, params, labels) == 0
+    assert intervals[4] == 0

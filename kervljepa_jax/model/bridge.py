@@ -9,8 +9,10 @@
 Decisions the paper leaves open, fixed here (all configurable):
 
 * alpha is not a trained weight: it lives in the "calibration" collection (never in "params", so
-  no optimizer sees it) and is set by `calibrate_alpha` at initialisation and every N steps by the
-  trainer (`with_alpha` writes it into a variables dict).
+  no optimizer sees it). `calibrate_alpha` sets it at initialisation (phase 1) and the trainer
+  sets it again on the current training batch every `calibration.every_steps` steps of a phase
+  that trains the compressor or the predictor, the modules V^ is computed by (training/run.py
+  `calibrate`; `with_alpha` writes it into a variables dict). Checkpoints carry it.
 * The predictor's SVD initialisation (`svd_init_predictor_kernel`) maps the i-th visual principal
   direction onto the i-th text principal direction with the ratio of their standard deviations, then
   rescales the whole kernel to the Frobenius norm of the default init (LN follows, so only the
@@ -132,12 +134,21 @@ def calibrate_alpha(text_embeddings: Any, visual_tokens: Any) -> float:
     if text.ndim < 2 or visual.ndim < 2 or text.shape[-1] != visual.shape[-1] or not text.size or not visual.size:
         raise ValueError(f"calibrate_alpha: need text [M, D] and visual [..., D] with the same non-empty D, got "
                          f"{text.shape} and {visual.shape}")
+    return alpha_from_norms(np.linalg.norm(text, axis=-1), np.linalg.norm(visual, axis=-1))
+
+
+def alpha_from_norms(text_norms: Any, visual_norms: Any) -> float:
+    """alpha = mean(text_norms) / mean(visual_norms): eq. 6 from the per-row norms ||e_text|| and
+    ||V^|| (any shapes), so that a sharded V^ need not leave the devices, only its norms."""
+    text, visual = np.asarray(text_norms, np.float64), np.asarray(visual_norms, np.float64)
+    if not text.size or not visual.size:
+        raise ValueError(f"calibrate_alpha: empty norms, text {text.shape}, visual {visual.shape}")
     if not (np.isfinite(text).all() and np.isfinite(visual).all()):
         raise ValueError("calibrate_alpha: NaN/inf in the embeddings; calibrate on a finite batch")
-    visual_norm = np.linalg.norm(visual.reshape(-1, visual.shape[-1]), axis=-1).mean()
+    visual_norm = visual.mean()
     if visual_norm <= 0.0:
         raise ValueError("calibrate_alpha: visual tokens have zero norm; the predictor output is degenerate")
-    return float(np.linalg.norm(text.reshape(-1, text.shape[-1]), axis=-1).mean() / visual_norm)
+    return float(text.mean() / visual_norm)
 
 
 def with_alpha(variables: Mapping[str, Any], alpha: float, path: tuple[str, ...] = ()) -> dict:

@@ -103,6 +103,9 @@ EMBEDDED = {
     "train.schedule":                (AS_PAPER, AS_PAPER, "cosine", AS_PAPER),
     "train.log_every":               (10,) * 4,
     "checkpoint.every_steps":        (0,) * 4,                    # at evaluations and phase end only
+    # alpha stays as phase 1 calibrated it at its start: every number measured for this profile was
+    # measured so (the paper recalibrates about once per epoch, configs/phaseN.py).
+    "calibration.every_steps":       (0,) * 4,
     "eval.max_new_tokens":           (160,) * 4,                  # paper 384; longest findings text ~156
     "eval.num_examples":             (0,) * 4,                    # all, as the paper
     # The visual ablations (Table IX) generate for the first 128 (three more reports per volume);
@@ -201,6 +204,12 @@ def base_config() -> ml_collections.ConfigDict:
     # A phase with a frozen compressor (3, 4) computes each training volume's V' once, without
     # dropout, and its steps read it instead of running the compressor (Run.compressor_tokens).
     c.train.cache_visual_tokens = True
+
+    # NormCalibrator (paper III-B2): alpha = mean ||e_text|| / mean ||V^|| is set at initialisation
+    # and, "periodically during training", again on the current training batch every `every_steps`
+    # steps of a phase that trains the compressor or the predictor (V^ moves only with them);
+    # 0 = only at initialisation. The paper gives no period: the phase files set about one epoch.
+    c.calibration = ml_collections.ConfigDict(dict(every_steps=0))
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000    # 0 = only at evaluations and at phase end
@@ -384,6 +393,7 @@ RANGES: tuple[tuple[str, float, str], ...] = (
     ("train.log_every", 1, "steps between logged metrics"),
     ("train.grad_clip", 0, "the global-norm clip (0 = off)"),
     ("checkpoint.every_steps", 0, "steps between checkpoints (0 = at evaluations only)"),
+    ("calibration.every_steps", 0, "steps between recalibrations of alpha (0 = at initialisation only)"),
     ("checkpoint.keep", 1, "latest checkpoints kept"),
     ("eval.num_examples", 0, "validation volumes (0 = all)"),
     ("eval.ablation_examples", 0, "volumes the ablations generate for (0 = all)"),

@@ -311,13 +311,37 @@ def fresh_params(vcfg: vlm_lib.VLMConfig, llm_params: Any, batch: dict, text_row
     return {"params": params, "calibration": variables["calibration"]}
 
 
+def _token_norms(model: vlm_lib.VLM, variables: dict, batch: dict) -> jax.Array:
+    """||V^|| per token [B, K] with alpha = 1 in `variables` (from the batch's V' when it carries one)."""
+    visual = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], method="encode_visual",
+                         visual_tokens=batch.get("visual_tokens")).calibrated
+    return jnp.linalg.norm(visual.astype(jnp.float32), axis=-1)
+
+
+# Compiled once per model (a flax module hashes by its config): calibration recurs during training.
+_token_norms_jit = jax.jit(_token_norms, static_argnums=0)
+
+
 def calibrate(model: vlm_lib.VLM, variables: dict, batch: dict, text_rows: np.ndarray) -> dict:
-    """alpha := mean ||e_text|| / mean ||V^|| on this batch (eq. 6)."""
+    """alpha := mean ||e_text|| / mean ||V^|| on this batch (eq. 6). Only the [B, K] norms of V^
+    leave the devices; the rest of `variables` is returned as given."""
     unit = bridge_lib.with_alpha(variables, 1.0, vlm_lib.CALIBRATOR_PATH)
-    visual = jax.jit(lambda v, s, z, m: model.apply(v, s, z, m, method="encode_visual").calibrated)(
-        unit, batch["slices"], batch["z_mm"], batch["valid"])
-    alpha = bridge_lib.calibrate_alpha(text_rows, np.asarray(visual))
+    batch = {k: batch[k] for k in ("slices", "z_mm", "valid", "visual_tokens") if k in batch}
+    norms = sharding.as_host_f32(_token_norms_jit(model, unit, batch))
+    alpha = bridge_lib.alpha_from_norms(np.linalg.norm(text_rows, axis=-1), norms)
     return bridge_lib.with_alpha(variables, alpha, vlm_lib.CALIBRATOR_PATH)
+
+
+# What V^ is computed by: a phase that trains one of them moves ||V^||, and alpha with it.
+CALIBRATED_MODULES = ("compressor/", "predictor/")
+
+
+def recalibration_interval(config, params: Any, labels: Any) -> int:
+    """Steps between recalibrations of alpha in this phase: `calibration.every_steps` when the
+    phase trains a module of CALIBRATED_MODULES, else 0 (alpha stays as the phase received it)."""
+    moves = any(path.startswith(CALIBRATED_MODULES) and label == phases_lib.TRAINABLE
+                for path, label in zip(phases_lib.leaf_paths(params), jax.tree.leaves(labels)))
+    return int(config.calibration.every_steps) if moves else 0
 
 
 def alpha_of(variables: dict) -> float:

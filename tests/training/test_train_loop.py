@@ -146,3 +146,34 @@ def test_main_shows_a_bugs_traceback_and_a_user_errors_one_line(main_flags, monk
             train.main(["train"])
         assert exit_info.value.code == 1
         assert capsys.readouterr().err.strip().splitlines() == [f"train: {str(error).splitlines()[0]}"]
+
+
+def test_alpha_is_recalibrated_every_n_steps_and_resumed_exactly(run):
+    """Phase 2 (compressor and predictor train) with calibration.every_steps=2: alpha at steps 2 and 4
+    is eq. 6 on that step's batch with that step's params, saved with the checkpoint; a crash after
+    step 4 with the last checkpoint at step 2 resumes with step 2's alpha and recalibrates to the same
+    step-4 alpha."""
+    args = {"calibration.every_steps": 2, "checkpoint.every_steps": 2, "train.max_steps": 4,
+            "train.batch_size": 8, "train.log_every": 1, "train.eval_every_epochs": 2}
+    _train(run, 2, **args)
+    folder = ckpt_lib.phase_directory(run.workdir, 2)
+    start = ckpt_lib.restore_params(f"{run.workdir}/phase1", run.abstract_params)[1]["alpha"]
+    saved = {s: ckpt_lib.restore_params(folder / str(s), run.abstract_params) for s in (2, 4)}
+    alphas = {s: meta["alpha"] for s, (_, meta) in saved.items()}
+    assert len({start, alphas[2], alphas[4]}) == 3, (start, alphas)
+    logged = {r["step"]: r["alpha"] for r in _records(run, 2) if "alpha" in r}
+    assert logged == {1: start, 2: alphas[2], 3: alphas[2], 4: alphas[4]}
+    config = _config(2, run.workdir, **args)
+    batches = run.pipeline(config, "train").epoch(0)
+    second = [train.evaluate.as_jnp(b) for _, b in zip(range(2), batches)][1]
+    with train.sharding.use_mesh(run.mesh):
+        expected = run_lib.calibrate(train.vlm_lib.VLM(run.vcfg), run_lib.restored_variables(saved[2][0], start),
+                                     second, run.text_rows)
+    assert run_lib.alpha_of(expected) == pytest.approx(alphas[2], rel=1e-6)
+
+    shutil.rmtree(folder / "4")
+    _train(run, 2, **args)
+    logged = {r["step"]: r["alpha"] for r in _records(run, 2) if "alpha" in r}
+    assert logged[3] == alphas[2]                         # the resumed alpha, exactly
+    resumed = ckpt_lib.restore_params(folder / "4", run.abstract_params)[1]["alpha"]
+    assert resumed == pytest.approx(alphas[4], rel=1e-6)
