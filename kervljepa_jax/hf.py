@@ -185,7 +185,7 @@ def write_safetensors(tensors: Sequence[LazyTensor], file: str, metadata: dict[s
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for t in tensors:
-            arr = np.ascontiguousarray(t.make())
+            arr = np.asarray(t.make())          # tobytes() writes C order whatever the strides
             if tuple(arr.shape) != tuple(t.shape) or arr.dtype != np.dtype(t.dtype):
                 raise ValueError(f"write_safetensors: {t.name} made {arr.shape} {arr.dtype}, declared "
                                  f"{t.shape} {np.dtype(t.dtype)}")
