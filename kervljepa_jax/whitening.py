@@ -146,7 +146,9 @@ def load(path: str | os.PathLike, input_dim: int | None = None, dim: int | None 
         arrays = _read_npz(path)
     # Not an npz, truncated (zipfile's BadZipFile is no OSError), a corrupt member, or pickled content.
     except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: unreadable whitening file ({e}); {_REFIT}") from e
+        # numpy calls anything that is neither zip nor .npy "pickled data" and suggests unpickling it.
+        reason = "not an .npz archive" if "pickle" in str(e) else str(e)
+        raise DataError(f"{path}: unreadable whitening file ({reason}); {_REFIT}") from e
     if arrays is None:
         raise DataError(f"{path}: holds a single array, not a whitening .npz; {_REFIT}")
     missing = [k for k in _NPZ_KEYS if k not in arrays]

@@ -194,3 +194,42 @@ def test_paper_profile_recipe_runs_every_phase_on_an_fsdp_mesh_of_8_devices(tmp_
         saved = json.load(open(workdir / f"phase{phase}" / "metrics.json"))
         assert saved["phase"] == phase
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 devices" in out.stderr
+
+
+LOSS_WEIGHT_MISSING = '''
+from kervljepa_jax.training import config as config_lib
+
+
+def get_config(arg=None):
+    c = config_lib.load_phase_config(1, arg)
+    del c.loss_weights["mmd"]
+    return c
+'''
+
+
+@pytest.mark.slow
+def test_bad_workdir_files_and_config_files_fail_in_one_line_before_training(tmp_path):
+    """Mistakes raised deep in set-up (issue 25): a corrupt WORKDIR/whitening.npz (whitening.load) and a
+    --config file without a loss weight (step.check_loss_weights) end in one line naming the file or
+    setting, exit 1, and train nothing. ~100 s on 2 cores: each gets through the set-up first."""
+    bad_whitening = tmp_path / "w_whitening"
+    bad_whitening.mkdir()
+    (bad_whitening / "whitening.npz").write_bytes(b"not a zip file at all")
+    config_file = tmp_path / "phase1_no_mmd_weight.py"
+    config_file.write_text(LOSS_WEIGHT_MISSING)
+    cases = {  # workdir, args -> text of the only stderr line after "train: "
+        (bad_whitening, ("--phase=1",)): f"{bad_whitening / 'whitening.npz'}: unreadable whitening file (not an .npz "
+                                         "archive); delete it and rerun",
+        (tmp_path / "w_weights", ("--phase=1", f"--config={config_file}")):
+            "the phase 1 config has no loss_weights for ['mmd']; add loss_weights.<name> to the --config file",
+    }
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    running = {case: subprocess.Popen([sys.executable, "-m", "kervljepa_jax.train", f"--workdir={case[0]}", *case[1],
+                                       *SMALL], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for case in cases}
+    for (workdir, args), process in running.items():
+        _, err = process.communicate(timeout=600)
+        last = err.strip().splitlines()[-1]
+        assert process.returncode == 1 and "Traceback" not in err, (args, err[-3000:])
+        assert last.startswith("train: " + cases[workdir, args]), (args, last)
+        assert not (workdir / "phase1" / "checkpoints").exists() or not os.listdir(workdir / "phase1" / "checkpoints")

@@ -180,7 +180,10 @@ def test_a_bad_whitening_file_is_a_data_error_naming_it_and_the_fix(tmp_path):
     corrupt.write_bytes(bytes(flipped))
     with np.load(good) as data:
         np.savez(old, **{**{k: data[k] for k in data.files}, "format_version": np.int64(0)})
-    for path, problem in ((truncated, "unreadable"), (corrupt, "unreadable"), (old, "format 0")):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file at all")
+    for path, problem in ((truncated, "unreadable"), (corrupt, "unreadable"), (old, "format 0"),
+                          (garbage, r"unreadable whitening file \(not an .npz archive\)")):
         with pytest.raises(DataError, match=problem) as raised:
             whitening.load(path)
         message = str(raised.value)

@@ -32,6 +32,7 @@ from kervljepa_jax import losses
 from kervljepa_jax.model import llama as llama_lib
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.training import phases
+from kervljepa_jax.training.config import OverrideError
 
 Array = jax.Array
 
@@ -133,22 +134,39 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
     return terms
 
 
-def weighted_total(terms: dict[str, Array], weights: dict[str, float]) -> Array:
-    missing = sorted(set(terms) - set(weights))
-    if missing:
-        raise ValueError(f"config.loss_weights has no weight for {missing}; set --config.loss_weights.<name>")
+# The terms `phase_losses` returns per phase: what config.loss_weights must weigh (0 turns one off).
+LOSS_TERMS = {1: ("bce", "mil", "orth", "mmd"), 2: ("mmd", "infonce"), 3: ("lm", "focal", "jepa", "llm_cls"),
+              4: ("lm", "focal")}
+
+
+def _missing_weights(phase: int | None, names, weights: dict[str, float]) -> None:
+    missing = [k for k in names if k not in weights]
+    if missing:   # a config file without the weight: no --config.loss_weights.<name> flag can add it
+        raise OverrideError(f"the phase {phase if phase is not None else '?'} config has no loss_weights for "
+                            f"{missing}; add loss_weights.<name> to the --config file (0 turns a term off)")
+
+
+def check_loss_weights(phase: int, weights: dict[str, float]) -> None:
+    """OverrideError naming the terms of `phase` that `weights` lacks: raised when a step is built,
+    before its compilation, rather than while it is traced."""
+    _missing_weights(phase, LOSS_TERMS[phase], weights)
+
+
+def weighted_total(terms: dict[str, Array], weights: dict[str, float], phase: int | None = None) -> Array:
+    _missing_weights(phase, terms, weights)
     return sum(weights[k] * v for k, v in terms.items())
 
 
 def make_train_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, tx: optax.GradientTransformation,
                     weights: dict[str, float]) -> Callable:
     """(trainable, frozen, opt_state, calibration, batch, rng, consts) -> (trainable, opt_state, metrics)."""
+    check_loss_weights(phase, weights)
 
     def step(trainable, frozen, opt_state, calibration, batch, rng, consts):
         def loss_fn(t):
             terms = phase_losses(phase, model, encoder, phases.merge_params(t, frozen), calibration, batch, rng,
                                  consts)
-            return weighted_total(terms, weights), terms
+            return weighted_total(terms, weights, phase), terms
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -160,9 +178,10 @@ def make_train_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, tx: op
 
 def make_eval_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, weights: dict[str, float]) -> Callable:
     """(params, calibration, batch, consts) -> metrics (+ visual-classifier logits for phase 1 F1)."""
+    check_loss_weights(phase, weights)
 
     def step(params, calibration, batch, consts):
         terms = phase_losses(phase, model, encoder, params, calibration, batch, jax.random.key(0), consts)
-        return {"loss": weighted_total(terms, weights), **terms}
+        return {"loss": weighted_total(terms, weights, phase), **terms}
 
     return step
