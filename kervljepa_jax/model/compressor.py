@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kervljepa_jax.model.dropout import Dropout
+from kervljepa_jax.model.llama import ModelConfigError
 from kervljepa_jax.sharding import constrain
 
 # Additive bias for a key outside the zone: exp() of it underflows to exactly 0 in f32.
@@ -73,14 +74,17 @@ class CompressorConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if self.d_visual % self.num_heads:
-            raise ValueError(f"compressor: d_visual={self.d_visual} is not divisible by num_heads={self.num_heads}; "
-                             "pick sizes whose ratio is an integer head dimension")
-        if self.d_visual % 2:
-            raise ValueError(f"compressor: d_visual={self.d_visual} must be even for the sin/cos z encoding")
-        if self.num_zones <= 0 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"compressor: need num_zones > 0 and 0 <= dropout < 1, got "
-                             f"num_zones={self.num_zones}, dropout={self.dropout}")
+        # d_visual and num_zones are --config.model.d_visual / num_visual_tokens: the user's sizes.
+        if self.d_visual <= 0 or self.d_visual % self.num_heads or self.d_visual % 2:
+            raise ModelConfigError(f"--config.model.d_visual={self.d_visual}: the compressor's {self.num_heads} "
+                                   "heads and its sin/cos z encoding need a positive even multiple of "
+                                   f"{self.num_heads}; set it to the slice embeddings' width (--config.data."
+                                   "embed_dim; 1024 for LeJEPA ViT-L)")
+        if self.num_zones <= 0:
+            raise ModelConfigError(f"--config.model.num_visual_tokens={self.num_zones}: the compressor needs at "
+                                   "least one zone token")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelConfigError(f"compressor: dropout={self.dropout}; need 0 <= dropout < 1")
 
     @property
     def head_dim(self) -> int:

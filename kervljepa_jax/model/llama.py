@@ -42,6 +42,11 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
+class ModelConfigError(ValueError):
+    """Model sizes or a preset that cannot work (a user's config, not a bug): one line naming the
+    setting and what fits. Every model config raises it; the entry points report it in one line."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """RoPE base and the optional llama3 frequency scaling (rope_type 'default' or 'llama3')."""
@@ -86,13 +91,13 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+            raise ModelConfigError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                   f"num_key_value_heads={self.num_key_value_heads}; fix the LLM's config.json")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r}: choose one of {sorted(REMAT_POLICIES)}")
+            raise ModelConfigError(f"remat_policy={self.remat_policy!r}: choose one of {sorted(REMAT_POLICIES)}")
         problem = injection_problem(self.injection_layers, self.num_hidden_layers)
         if problem:
-            raise ValueError(problem)
+            raise ModelConfigError(f"--config.model.{problem}")
 
     def replace(self, **kw) -> "LlamaConfig":
         return dataclasses.replace(self, **kw)
@@ -148,7 +153,7 @@ PRESETS: dict[str, Callable[..., LlamaConfig]] = {"llama3_2_3b": llama3_2_3b, "t
 
 def preset(name: str, **overrides) -> LlamaConfig:
     if name not in PRESETS:
-        raise ValueError(f"model.preset={name!r}: choose one of {sorted(PRESETS)}")
+        raise ModelConfigError(f"--config.model.preset={name!r}: no such preset; choose one of {sorted(PRESETS)}")
     return PRESETS[name](**overrides)
 
 

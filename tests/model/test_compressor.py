@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kervljepa_jax.model import compressor as C
+from kervljepa_jax.model.llama import ModelConfigError
 from kervljepa_jax.sharding import make_mesh, named_shardings
 
 K = 32
@@ -173,8 +174,17 @@ def test_bad_shapes_fail_with_a_clear_message(params):
         MODEL.apply({"params": params}, jnp.zeros((1, 4, 16)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool))
     with pytest.raises(ValueError, match="z_mm"):
         MODEL.apply({"params": params}, jnp.zeros((1, 4, 32)), jnp.zeros((1, 5)), jnp.ones((1, 4), bool))
-    with pytest.raises(ValueError, match="divisible"):
-        C.CompressorConfig(d_visual=30, num_heads=4)
+
+
+def test_sizes_that_cannot_work_are_a_model_config_error_naming_the_flag():
+    """d_visual is --config.model.d_visual (the slice width, data.embed_dim): a value the heads do not
+    divide, odd (the sin/cos z encoding) or not positive is the user's, one line at the entry points."""
+    for d_visual, heads in ((30, 4), (0, 4), (-8, 4), (9, 3)):     # 9: 3 heads divide it, but odd
+        with pytest.raises(ModelConfigError, match=f"--config.model.d_visual={d_visual}: the compressor's {heads} heads"):
+            C.CompressorConfig(d_visual=d_visual, num_heads=heads)
+    assert C.CompressorConfig(d_visual=48, num_heads=16).head_dim == 3     # an odd head dim is fine
+    with pytest.raises(ModelConfigError, match="--config.model.num_visual_tokens=0"):
+        C.CompressorConfig(d_visual=32, num_heads=4, num_zones=0)
 
 
 # --------------------------------------------------------------------------------------- params

@@ -172,11 +172,15 @@ def test_3b_preset_shapes_without_memory():
 
 
 def test_config_validation_is_one_line():
-    with pytest.raises(ValueError, match="num_key_value_heads"):
+    """A model config that cannot work is a ModelConfigError (a ValueError the entry points report in
+    one line, not a traceback), naming the setting."""
+    with pytest.raises(llama.ModelConfigError, match="num_key_value_heads"):
         llama.tiny(num_attention_heads=4, num_key_value_heads=3)
-    with pytest.raises(ValueError, match="remat_policy"):
+    with pytest.raises(llama.ModelConfigError, match="remat_policy"):
         llama.tiny(remat_policy="sometimes")
-    with pytest.raises(ValueError, match="injection_layers"):
+    with pytest.raises(llama.ModelConfigError, match=r"--config.model.injection_layers=\(3,\)"):
         llama.tiny(injection_layers=(3,))
-    with pytest.raises(ValueError, match="model.preset"):
+    with pytest.raises(llama.ModelConfigError, match=r"--config.model.preset='llama9': no such preset; choose "
+                                                       r"one of \['llama3_2_3b', 'tiny'\]") as raised:
         llama.preset("llama9")
+    assert "\n" not in str(raised.value)
