@@ -332,8 +332,10 @@ def _is_masked(x: Any) -> bool:
 def ewc_gradient(anchor_params: Any = None, lam: float = EWC_LAMBDA) -> optax.GradientTransformation:
     """EWC as a gradient transformation: updates += 2 lam (theta - theta_anchor) = grad of `ewc_penalty`.
 
-    Chain it before the optimizer (e.g. optax.chain(ewc_gradient(lam=100.), optax.adamw(...)))
-    on the LoRA label of a multi_transform. The anchor lives in the optimizer state, not in
+    Chain it, masked to the LoRA leaves, before the global-norm clip and the optimizer (e.g.
+    optax.chain(optax.masked(ewc_gradient(lam=100.), lora), clip, optax.adamw(...)), as
+    training/optim.py does): the penalty is a term of the loss, so its gradient is clipped with the
+    loss's. The anchor lives in the optimizer state, not in
     a closure: it is sharded and checkpointed like the other state, resumes correctly, and
     is not baked into the compiled step as a constant. With anchor_params=None, `init`
     takes the parameters it is given, which is "Phase 3 LoRA weights captured at training

@@ -7,15 +7,17 @@
 Structure (outside in):
 
     apply_if_finite                       a non-finite gradient skips the step and is counted
-      chain(clip_by_global_norm,          over every trainable gradient
+      chain(clip_by_global_norm,          over every trainable gradient; when config.ewc.lam > 0
+                                          chain(masked(ewc_gradient(anchor, lam), lora), clip)
             inject_hyperparams(           learning_rate = schedule(count), lr_scale (host-set)
               multi_transform({           over the optimizer label tree (`optimizer_labels`):
                 frozen:    set_to_zero()                                 no state
-                trainable: adamw(lr * lr_scale)
-                lora:      [ewc_gradient(anchor, lam) ->] adamw          EWC when config.ewc.lam > 0
+                trainable, lora: adamw(lr * lr_scale)
                 projector: adamw, update x clip(||w|| / ||g||, 1, 30)    when projector_lr_scale.enabled
               })))
 
+EWC's gradient joins the loss's before the clip: the paper's phase-4 loss is LM + focal +
+lam * sum (theta - theta_P3)^2 (eq. 13), and the clip applies to the gradient of that whole loss.
 `lr_scale` lives in the optimizer state, so ReduceLROnPlateau (host side) changes it with
 `set_lr_scale` between steps without recompiling, and it is checkpointed with the state. The
 EWC anchor (theta_P3) is optimizer state too (losses.ewc_gradient).
@@ -148,8 +150,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, labels: Any, 
             return optax.adamw(learning_rate * lr_scale, b1=train.b1, b2=train.b2, eps=train.eps,
                                weight_decay=train.weight_decay, mask=decay_mask)
 
-        txs = {FROZEN: optax.set_to_zero(), TRAINABLE: adamw()}
-        txs[LORA] = optax.chain(losses.ewc_gradient(anchor, lam), adamw()) if lam > 0 else adamw()
+        txs = {FROZEN: optax.set_to_zero(), TRAINABLE: adamw(), LORA: adamw()}
         txs[PROJECTOR] = (trust_ratio_scaled(adamw(), scale_cfg.min, scale_cfg.max) if scale_cfg.enabled
                           else adamw())
         for i, (_, multiplier) in enumerate(multipliers):
@@ -160,6 +161,10 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, labels: Any, 
     scheduled = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
         learning_rate=make_schedule(train, steps_per_epoch), lr_scale=1.0)
     clip = optax.clip_by_global_norm(train.grad_clip) if train.grad_clip else optax.identity()
+    if lam > 0:      # the penalty's gradient is part of the loss's, so it is clipped with it
+        lora_paths = {p for p, g in zip(phases.leaf_paths(groups), jax.tree.leaves(groups)) if g == LORA}
+        on_lora = lambda tree: phases.map_with_path(lambda p, _: p in lora_paths, tree)  # noqa: E731
+        clip = optax.chain(optax.masked(losses.ewc_gradient(anchor, lam), on_lora), clip)
     return optax.apply_if_finite(optax.chain(clip, scheduled), int(train.max_consecutive_nonfinite))
 
 

@@ -326,3 +326,29 @@ def test_early_stopping_stays_stopped_after_a_resume():
     resumed = optim.EarlyStopping(patience=2, mode="min")
     resumed.load_state_dict(stop.state_dict())
     assert resumed.should_stop() and not optim.EarlyStopping(patience=2).should_stop()
+
+
+def test_phase4_optimizer_clips_the_gradient_of_loss_plus_ewc(params):
+    """With the global-norm clip on, the update == adamw on clip(grad(loss + lam * sum (theta -
+    theta_P3)^2)): the EWC pull is part of the clipped gradient (eq. 13), not added after the clip."""
+    c = _config(4, lr=1e-2, weight_decay=0.0, grad_clip=0.5)
+    labels = phases.trainable_labels(params, c.trainable, c.phase)
+    tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
+    trainable, _ = phases.split_params(params, labels)
+    lora = {p: x for p, x in _by_path(params).items() if p.endswith(("lora_A", "lora_B"))}
+    ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adam(1e-2))
+    ref_state, ref_params = ref.init(lora), lora
+    state, update = tx.init(trainable), jax.jit(tx.update)
+    for step in range(3):
+        grads = _by_path(phases.split_params(_grads(params, seed=step), labels)[0])
+        pull = jax.grad(lambda p: losses.ewc_penalty(p, lora, lam=100.0))(ref_params)
+        ref_grads = jax.tree.map(jnp.add, grads, pull)
+        assert float(optax.global_norm(ref_grads)) > 0.5          # the clip is active
+        updates, state = update(phases.split_params(_grads(params, seed=step), labels)[0], state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        ref_updates, ref_state = ref.update(ref_grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, ref_updates)
+    got = _by_path(trainable)
+    assert max(float(np.abs(ref_params[p] - lora[p]).max()) for p in lora) > 1e-3   # they did move
+    for p in lora:
+        np.testing.assert_allclose(got[p], ref_params[p], rtol=1e-5, atol=1e-6)
