@@ -155,3 +155,28 @@ def test_paper_recalibrates_alpha_once_an_epoch_where_v_hat_trains():
         default = config_lib.load_phase_config(phase)
         assert run_lib.recalibration_interval(default, params, labels) == 0
     assert intervals[4] == 0
+
+
+def test_xattn_gate_fields_reach_the_adapters():
+    """model.xattn_gate / xattn_gate_init become the VLM's adapter config; the shipped profiles keep
+    Flamingo's tanh gate at 0; a checkpoint's config without the fields means the same; a bad gate
+    is one line naming its flag."""
+    from kervljepa_jax import stand_in
+    from kervljepa_jax.data import tokenizer as tokenizers
+    from kervljepa_jax.model import llama
+
+    tokenizer = tokenizers.load_hf(str(stand_in.PACKAGED_DIR))
+    llm_cfg = llama.preset("tiny").replace(vocab_size=tokenizers.vocab_size(tokenizer))
+    for arg in (None, "paper"):
+        c = config_lib.load_phase_config(3, arg)
+        xattn = run_lib.make_vlm_config(c, tokenizer, llm_cfg).xattn
+        assert (xattn.gate, xattn.gate_init) == ("tanh", 0.0)
+    c = config_lib.apply_overrides(config_lib.load_phase_config(3), {"model.xattn_gate": "none",
+                                                                      "model.xattn_gate_init": "0.25"})
+    xattn = run_lib.make_vlm_config(c, tokenizer, llm_cfg).xattn
+    assert (xattn.gate, xattn.gate_init) == ("none", 0.25)
+    del c.model["xattn_gate"], c.model["xattn_gate_init"]
+    assert run_lib.make_vlm_config(c, tokenizer, llm_cfg).xattn.gate == "tanh"
+    c.model.xattn_gate = "sigmoid"
+    with pytest.raises(run_lib.TrainError, match=r"^--config.model.xattn_gate='sigmoid': use one of"):
+        run_lib.make_vlm_config(c, tokenizer, llm_cfg)

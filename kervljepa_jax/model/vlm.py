@@ -8,6 +8,7 @@
       -> (a) graft: the embeddings at the K `<|visual_region|>` ids := V~
          (b) gated cross-attention after decoder layers l in injection_layers:
              h += tanh(g_l) * MHA(LN(h), Linear_l(V~))          projector_{l}/, xattn_{l}/
+             (or ungated, eq. 7, with xattn_gate="none": xattn.py)
          (c) JEPA head on mean(V~) -> z_v [B, jepa_dim], and per token -> [B, K, jepa_dim]
          (d) visual classifier on V' (mean and MIL max), LLM-visual classifier on the
              response tokens' last-layer hidden states            visual_classifier/, llm_classifier/
@@ -47,6 +48,7 @@ Array = jax.Array
 
 VISUAL_MODES = ("normal", "zero", "shuffle", "noise")
 CALIBRATOR_PATH = ("calibrator",)     # where alpha sits in the "calibration" collection
+XATTN_GATES = xattn_lib.GATES         # make_config's choices of xattn_gate
 # The warm bridge (paper IV-B): layer projectors, cross-attention adapters, every LoRA tensor.
 BRIDGE_PATTERNS = (xattn_lib.PROJECTOR_PATTERN, xattn_lib.XATTN_PATTERN, lora_lib.LORA_PATTERN)
 
@@ -77,8 +79,12 @@ class VLMConfig:
 
 def make_config(preset: str = "tiny", *, visual_token_id: int, vocab_size: int | None = None,
                 d_visual: int = 1024, num_visual_tokens: int = 32, lora: lora_lib.LoraConfig | None = None,
-                jepa_dim: int = 256, llm_config: llama_lib.LlamaConfig | None = None, **llm_overrides) -> VLMConfig:
+                jepa_dim: int = 256, llm_config: llama_lib.LlamaConfig | None = None, xattn_gate: str = "tanh",
+                xattn_gate_init: float = 0.0, **llm_overrides) -> VLMConfig:
     """Every sub-config from one LLM preset (or an imported HF config, `llm_config`).
+
+    xattn_gate / xattn_gate_init: the adapters' gate, "tanh" starting at the given value (Flamingo's,
+    the default) or "none" (eq. 7 as written); see xattn.py.
 
     The JEPA space is the whitened text space, at most the LLM width wide (the tiny LLM has 64
     dims, so its JEPA/whitening space is 64, the 3B's is the paper's 256).
@@ -95,7 +101,8 @@ def make_config(preset: str = "tiny", *, visual_token_id: int, vocab_size: int |
     bridge = BridgeConfig(d_visual=d_visual, d_llm=d_llm, jepa_hidden=min(1024, 4 * d_llm),
                           jepa_dim=min(jepa_dim, d_llm), dtype=dtype)
     cross = xattn_lib.CrossAttentionConfig(d_model=d_llm, num_heads=llm.num_attention_heads, head_dim=llm.head_dim,
-                                           layer_norm_eps=llm.rms_norm_eps, dtype=dtype)
+                                           layer_norm_eps=llm.rms_norm_eps, gate=xattn_gate,
+                                           gate_init=float(xattn_gate_init), dtype=dtype)
     return VLMConfig(llm=llm, compressor=compressor, bridge=bridge, xattn=cross, visual_token_id=visual_token_id,
                      num_visual_tokens=num_visual_tokens)
 

@@ -6,10 +6,16 @@ After each injection layer l (7, 14, 21 for the 3B):
     h'      = h + tanh(gate_l) * MHA_l(LN(h), P_l(V~), P_l(V~))   GatedCrossAttention [B, T, D]
 
 MHA_l has bias-free Q/K/V/O projections, Xavier-uniform with gain 0.3; one LayerNorm (scale +
-bias) normalises the queries; the scalar gate starts at 0, so a fresh adapter is the identity and a
-fresh VLM equals its base LLM exactly. Each adapter therefore holds 7 tensors (q, k, v, o kernels,
-LN scale, LN bias, gate) and each projector 2: 3 injection layers give the paper's 27 bridge
-components.
+bias) normalises the queries. The gate is a choice (`CrossAttentionConfig.gate`, from
+`model.xattn_gate` / `model.xattn_gate_init` of the run config): the paper calls its adapters
+gated and Flamingo-style (III-B3) but writes eq. 7 without a gate, h' = h + MHA_l(...).
+
+* "tanh" (default): Flamingo's scalar tanh gate, starting at `gate_init` = 0, so a fresh adapter
+  is the identity and a fresh VLM equals its base LLM exactly: the pretrained decoder is not
+  disturbed by a random adapter before the bridge has learnt anything. Each adapter holds 7
+  tensors (q, k, v, o kernels, LN scale, LN bias, gate) and each projector 2: 3 injection layers
+  give the paper's 27 bridge components.
+* "none": eq. 7 as written, the adapter's output added ungated (6 tensors an adapter, no gate).
 
 K/V are recomputed from the 32 projected visual tokens on every call (cheap), and nothing depends
 on the query length: a full sequence h [B, T, D] and one decode step h [B, 1, D] go through the
@@ -36,6 +42,7 @@ XATTN_PATTERN = r"(^|.*/)xattn_\d+/.*"
 PROJECTOR_PATTERN = r"(^|.*/)projector_\d+/.*"
 
 _MASKED = -1e9
+GATES = ("tanh", "none")     # CrossAttentionConfig.gate: Flamingo's tanh(gate) * out, or eq. 7's ungated out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +53,8 @@ class CrossAttentionConfig:
     num_heads: int = 24
     head_dim: int = 128
     init_gain: float = 0.3
-    gate_init: float = 0.0
+    gate: str = "tanh"          # one of GATES
+    gate_init: float = 0.0      # the tanh gate's initial value
     layer_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -55,6 +63,8 @@ class CrossAttentionConfig:
         if min(self.d_model, self.num_heads, self.head_dim) <= 0:
             raise ValueError(f"xattn: d_model, num_heads and head_dim must be positive, got {self.d_model}, "
                              f"{self.num_heads}, {self.head_dim}")
+        if self.gate not in GATES:
+            raise ValueError(f"xattn: gate={self.gate!r}; use one of {list(GATES)}")
 
 
 def _xavier(gain: float, n_in: int, n_out: int):
@@ -145,7 +155,14 @@ class GatedCrossAttention(nn.Module):
         attended = constrain(attended, ("batch", "length", "act_heads", None))
         out = Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,), ("heads", "head_dim", "embed"),
                          cfg.init_gain, cfg.dtype, cfg.param_dtype, name="o_proj")(attended)
+        h_new = h + (self._gate() * out.astype(jnp.float32)).astype(h.dtype)
+        return constrain(h_new, ("batch", "length", "act_embed"))
+
+    def _gate(self) -> jax.Array | float:
+        """What multiplies the adapter's output: tanh of the learnt scalar gate, or 1 (eq. 7)."""
+        cfg = self.config
+        if cfg.gate == "none":
+            return 1.0
         gate = self.param("gate", nn.with_logical_partitioning(nn.initializers.constant(cfg.gate_init), ()),
                           (), cfg.param_dtype)
-        h_new = h + (jnp.tanh(gate.astype(jnp.float32)) * out.astype(jnp.float32)).astype(h.dtype)
-        return constrain(h_new, ("batch", "length", "act_embed"))
+        return jnp.tanh(gate.astype(jnp.float32))

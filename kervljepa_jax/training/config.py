@@ -156,6 +156,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Decoder layers (0-based) followed by a gated cross-attention adapter; [] = the preset's
     # (3B: 7, 14, 21, the paper's). `--config.model.injection_layers=[0,1,2]`.
     c.model.injection_layers = []
+    # The adapters' gate (model/xattn.py): "tanh" = Flamingo's tanh(g) * MHA(...), g starting at
+    # xattn_gate_init; "none" = eq. 7 as the paper writes it, h + MHA(...). Both profiles keep
+    # Flamingo's, which the paper names (III-B3: "gated cross-attention adapters following the
+    # Flamingo architecture"): at 0 a fresh VLM is exactly its base LLM, so phase 3 starts from the
+    # pretrained decoder, not from one disturbed by three random adapters.
+    c.model.xattn_gate = "tanh"
+    c.model.xattn_gate_init = 0.0
     # The tiny preset's base LLM when llm_path and tokenizer_path are empty (synthetic data):
     # "packaged" copies the stand-in shipped with the package (kervljepa_jax/stand_in.py: pretrained
     # once, like Llama) to WORKDIR/base_llm; "phase0" pretrains one there with the settings below.

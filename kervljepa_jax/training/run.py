@@ -289,10 +289,15 @@ def tokenizer_config(config, base_folder: str) -> ml_collections.ConfigDict:
 
 
 def make_vlm_config(config, tokenizer, llm_cfg: llama_lib.LlamaConfig) -> vlm_lib.VLMConfig:
+    # .get: a checkpoint saved before the gate fields existed carries a config without them (tanh, 0).
+    gate = str(config.model.get("xattn_gate", "tanh"))
+    if gate not in vlm_lib.XATTN_GATES:
+        raise TrainError(f"--config.model.xattn_gate={gate!r}: use one of {list(vlm_lib.XATTN_GATES)}")
     return vlm_lib.make_config(visual_token_id=tokenizers.special_ids(tokenizer)["visual"],
                                d_visual=int(config.model.d_visual),
                                num_visual_tokens=int(config.model.num_visual_tokens),
-                               jepa_dim=int(config.model.jepa_dim), llm_config=llm_cfg)
+                               jepa_dim=int(config.model.jepa_dim), llm_config=llm_cfg, xattn_gate=gate,
+                               xattn_gate_init=float(config.model.get("xattn_gate_init", 0.0)))
 
 
 def fresh_params(vcfg: vlm_lib.VLMConfig, llm_params: Any, batch: dict, text_rows: np.ndarray,

@@ -203,3 +203,28 @@ def test_3b_preset_trains_f32_master_weights_over_bf16_frozen_ones(phase):
     lora = [dtype for p, (_, dtype) in dtypes.items() if "lora_" in p]
     # 4 scanned segments (split at the adapters after layers 7, 14, 21) x 7 projections x (A, B)
     assert len(lora) == 4 * 7 * 2 and all(d == jnp.float32 for d in lora)
+
+
+def test_ungated_vlm_is_the_default_without_gates_at_tanh_1(variables):
+    """model.xattn_gate="none" (eq. 7): the default's param tree less the gates, same init, and the
+    default's output with every gate fully open (tanh(20) == 1 in f32)."""
+    ungated_cfg = vlm_lib.make_config("tiny", visual_token_id=VIS, d_visual=32, num_visual_tokens=K,
+                                      lora=lora_lib.LoraConfig(rank=4, alpha=8.0), vocab_size=256,
+                                      injection_layers=(0, 2), xattn_gate="none")
+    ungated = vlm_lib.init(ungated_cfg, jax.random.key(0))
+    def paths(tree):
+        return {jax.tree_util.keystr(k): x for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    default, plain = paths(variables["params"]), paths(ungated["params"])
+    assert set(default) - set(plain) == {"['xattn_0']['gate']", "['xattn_2']['gate']"}
+    assert all(np.array_equal(plain[k], default[k]) for k in plain)
+    open_gates = _with_gates(variables, 20.0)
+    params = {**open_gates["params"], **{f"xattn_{l}": {k: v for k, v in open_gates["params"][f"xattn_{l}"].items()
+                                                      if k != "gate"} for l in CFG.llm.injection_layers}}
+    want = jax.jit(lambda v: MODEL.apply(v, *INPUTS).logits)(open_gates)
+    got = jax.jit(lambda v: vlm_lib.VLM(ungated_cfg).apply(v, *INPUTS).logits)({**ungated, "params": params})
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    fresh = jax.jit(lambda v: vlm_lib.VLM(ungated_cfg).apply(v, *INPUTS).logits)(ungated)
+    base = jax.jit(lambda v: MODEL.apply(v, *INPUTS).logits)(variables)     # tanh at 0: the base LLM
+    assert float(jnp.abs(fresh - base).max()) > 1e-3                      # ungated adapters act from the start
+    with pytest.raises(ValueError, match="gate='sigmoid'"):
+        vlm_lib.make_config("tiny", visual_token_id=VIS, xattn_gate="sigmoid")

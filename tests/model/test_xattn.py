@@ -1,5 +1,6 @@
 """Gated cross-attention adapter and visual projector: identity at init, decode-step parity, torch MHA parity."""
 
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -68,12 +69,9 @@ def test_full_sequence_equals_token_by_token_decoding(open_params):
     np.testing.assert_allclose(steps, full, atol=1e-6)
 
 
-def test_matches_torch_multihead_attention(open_params):
-    """h + tanh(gate) * torch.MHA(bias=False)(LN(h), P, P) on the same weights (head_dim * heads == D here)."""
-    h, visual = inputs(seed=2)
-    mask = np.ones((2, K), bool)
-    mask[1, 20:] = False
-    d, p = CFG.d_model, jax.tree.map(np.asarray, open_params)
+def _torch_attended(params, h, visual, mask):
+    """torch.MHA(bias=False)(LN(h), P, P) on the adapter's weights (head_dim * heads == D here): eq. 7's MHA_l."""
+    d, p = CFG.d_model, jax.tree.map(np.asarray, params)
     mha = torch.nn.MultiheadAttention(d, CFG.num_heads, bias=False, batch_first=True).eval()
     ln = torch.nn.LayerNorm(d, eps=1e-5)
     with torch.no_grad():
@@ -84,9 +82,45 @@ def test_matches_torch_multihead_attention(open_params):
         ln.bias.copy_(torch.from_numpy(p["layer_norm"]["bias"].copy()))
         th, tv = torch.from_numpy(np.array(h)), torch.from_numpy(np.array(visual))
         attended, _ = mha(ln(th), tv, tv, key_padding_mask=torch.from_numpy(~mask), need_weights=False)
-        want = (th + np.tanh(0.7) * attended).numpy()
+    return attended.numpy()
+
+
+def _masked_inputs():
+    h, visual = inputs(seed=2)
+    mask = np.ones((2, K), bool)
+    mask[1, 20:] = False
+    return h, visual, mask
+
+
+def test_matches_torch_multihead_attention(open_params):
+    """h + tanh(gate) * torch.MHA(bias=False)(LN(h), P, P) on the same weights."""
+    h, visual, mask = _masked_inputs()
+    want = np.asarray(h) + np.tanh(0.7) * _torch_attended(open_params, h, visual, mask)
     got = np.asarray(adapter(open_params, h, visual, jnp.asarray(mask)))
     assert np.abs(got - want).max() <= 1e-5
+
+
+def test_ungated_adapter_is_eq_7(open_params):
+    """gate="none": h' = h + MHA_l(LN(h), P, P) as eq. 7 writes it, and no gate parameter."""
+    ungated = X.GatedCrossAttention(dataclasses.replace(CFG, gate="none"))
+    h, visual, mask = _masked_inputs()
+    fresh = nn.unbox(ungated.init(jax.random.PRNGKey(0), h, visual))["params"]
+    assert set(fresh) == {"q_proj", "k_proj", "v_proj", "o_proj", "layer_norm"}
+    params = {k: v for k, v in open_params.items() if k != "gate"}
+    got = np.asarray(ungated.apply({"params": params}, h, visual, jnp.asarray(mask)))
+    want = np.asarray(h) + _torch_attended(open_params, h, visual, mask)
+    assert np.abs(got - want).max() <= 1e-5
+    assert np.abs(got - np.asarray(h)).max() > 1e-2           # a fresh ungated adapter is no identity
+
+
+def test_gate_init_and_bad_gate():
+    h, visual = inputs()
+    opened = X.GatedCrossAttention(dataclasses.replace(CFG, gate_init=0.5))
+    params = nn.unbox(opened.init(jax.random.PRNGKey(0), h, visual))["params"]
+    assert float(params["gate"]) == 0.5
+    assert np.abs(np.asarray(opened.apply({"params": params}, h, visual)) - np.asarray(h)).max() > 1e-3
+    with pytest.raises(ValueError, match="gate='sigmoid'"):
+        X.CrossAttentionConfig(gate="sigmoid")
 
 
 def test_visual_mask(open_params):
