@@ -128,3 +128,45 @@ def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
         except OSError as e:                     # a --config file that cannot be read
             fail(prog, f"--config: {str(e).splitlines()[-1]}", 2)
     return parse
+
+
+# Multi-process runs: where each process learns the coordinator, the process count and its own id.
+# Flags win; else these variables (a launcher that is neither SLURM nor a TPU VM sets them); else
+# jax.distributed's own detection (SLURM, Open MPI, TPU VM / pod metadata).
+DISTRIBUTED_ENV = {"coordinator_address": "KERVLJEPA_COORDINATOR", "num_processes": "KERVLJEPA_NUM_PROCESSES",
+                   "process_id": "KERVLJEPA_PROCESS_ID"}
+
+
+def distributed_settings(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
+                         environ: dict | None = None) -> dict:
+    """The keyword arguments for `jax.distributed.initialize`: the flags', else the environment's;
+    empty when neither names them (JAX then detects SLURM / MPI / TPU itself). Half a setting (an
+    address without a process count) is an error naming what is missing."""
+    environ = os.environ if environ is None else environ
+    given = {"coordinator_address": coordinator_address or environ.get(DISTRIBUTED_ENV["coordinator_address"], ""),
+             "num_processes": num_processes or int(environ.get(DISTRIBUTED_ENV["num_processes"], 0) or 0),
+             "process_id": process_id if process_id >= 0 else int(environ.get(DISTRIBUTED_ENV["process_id"], -1))}
+    named = {k: v for k, v in given.items() if v not in ("", 0, -1)}
+    if given["process_id"] == 0:
+        named["process_id"] = 0
+    if named and len(named) < 3:
+        missing = sorted(set(given) - set(named))
+        raise ValueError(f"--distributed: give all of --coordinator_address, --num_processes and --process_id "
+                         f"(or {', '.join(DISTRIBUTED_ENV.values())}); missing {', '.join('--' + m for m in missing)}")
+    if named and not 0 <= named["process_id"] < named["num_processes"]:
+        raise ValueError(f"--process_id={named['process_id']}: must be in [0, {named['num_processes']})")
+    return named
+
+
+def initialize_distributed(prog: str, coordinator_address: str = "", num_processes: int = 0,
+                           process_id: int = -1) -> None:
+    """`jax.distributed.initialize` with `distributed_settings`; on CPU the cross-process collectives
+    go through gloo (XLA's CPU client has none of its own)."""
+    import jax
+    try:
+        settings = distributed_settings(coordinator_address, num_processes, process_id)
+    except ValueError as e:
+        fail(prog, str(e), 2)
+    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)

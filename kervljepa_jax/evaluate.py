@@ -100,7 +100,7 @@ def take(batches: Iterable[dict], num_examples: int) -> Iterator[dict]:
     seen = 0
     for batch in batches:
         yield batch
-        seen += int(np.asarray(batch["labels"]).shape[0])
+        seen += int(batch["labels"].shape[0])       # the global batch, whichever process reads it
         if num_examples and seen >= num_examples:
             return
 
@@ -127,7 +127,8 @@ def generation_eval(generator: ReportGenerator, variables: Any, batches: Sequenc
     labeler = labeler or RuleLabeler()
     rng = jax.random.key(0) if rng is None else rng
     truth = np.concatenate([_host(b["labels"]) for b in batches])
-    names = [n for b in batches for n in b.get("meta", {}).get("volume_name", [""] * len(b["labels"]))]
+    names = sharding.host_strings([n for b in batches for n in b.get("meta", {}).get("volume_name", [])])
+    names += [""] * (len(truth) - len(names))
     results: dict[str, Any] = {"labels": truth, "volume_names": names}
     texts: dict[str, list[str]] = {mode: [] for mode in modes}
     for i, batch in enumerate(batches):
@@ -531,7 +532,7 @@ def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str])
         # Ablation modes only while fewer than `ablated` volumes have them (0: every batch).
         batch_modes = modes if not ablated or len(out["names"]) < ablated else modes[:1]
         out["labels"].append(labels)
-        out["names"] += list(batch["meta"]["volume_name"])
+        out["names"] += sharding.host_strings(list(batch["meta"]["volume_name"]))
         tokens, calibrated, visual_probs = map(_host, encode(variables, batch["slices"], batch["z_mm"], batch["valid"]))
         out["tokens"].append(tokens)
         out["calibrated"].append(calibrated)
@@ -736,7 +737,8 @@ def main(argv: list[str]) -> None:
     workdir = FLAGS.workdir
     try:
         if FLAGS.distributed:
-            jax.distributed.initialize()
+            cli_lib.initialize_distributed("evaluate", FLAGS.coordinator_address, FLAGS.num_processes,
+                                           FLAGS.process_id)
         options = EvalOptions(split=FLAGS.split, ablations=parse_ablations(FLAGS.ablations), nll=FLAGS.nll,
                               probe=FLAGS.probe, probe_folds=FLAGS.probe_folds, num_examples=FLAGS.num_examples,
                               ablation_examples=FLAGS.ablation_examples,

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from kervljepa_jax import sampling as sampling_lib
+from kervljepa_jax import sampling as sampling_lib, sharding
 from kervljepa_jax.data import text, tokenizer as tokenizers
 from kervljepa_jax.model import llama as llama_lib
 from kervljepa_jax.model import vlm as vlm_lib
@@ -201,5 +201,6 @@ class ReportGenerator:
     def __call__(self, variables: Any, slices: Array, z_mm: Array, valid: Array, *, visual_mode: str = "normal",
                  rng: Array | None = None) -> list[str]:
         out = self.tokens(variables, slices, z_mm, valid, visual_mode=visual_mode, rng=rng)
-        tokens, lengths = jax.device_get((out.tokens, out.lengths))
+        # Every process gets every row: a multi-process batch is split over processes.
+        tokens, lengths = sharding.host_copy((out.tokens, out.lengths))
         return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(tokens, lengths)]

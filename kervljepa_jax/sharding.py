@@ -182,3 +182,18 @@ def as_host_f32(tree: Any) -> Any:
         narrow_float = jax.numpy.issubdtype(x.dtype, jax.numpy.floating) and x.dtype.itemsize < 4
         return x.astype(np.float32) if narrow_float else x
     return jax.tree.map(widen, host_copy(tree))
+
+
+def host_strings(local: list[str]) -> list[str]:
+    """Every process's `local` strings, in process order (the order of a batch's rows split over
+    processes): the volume names that go with gathered outputs. One process: `local` itself."""
+    if jax.process_count() == 1:
+        return list(local)
+    from jax.experimental import multihost_utils  # only multi-host runs need it
+    encoded = [s.encode("utf-8") for s in local]
+    width = int(np.max(multihost_utils.process_allgather(np.asarray([max(map(len, encoded), default=0)]))))
+    rows = np.zeros((len(encoded), max(width, 1)), np.uint8)
+    for i, b in enumerate(encoded):
+        rows[i, :len(b)] = np.frombuffer(b, np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+    return [bytes(row).rstrip(b"\0").decode("utf-8") for row in gathered]

@@ -54,7 +54,12 @@ flags.DEFINE_string("workdir", None, "Output folder: checkpoints, logs, tokenize
 flags.DEFINE_string("init_from", "", "Checkpoint to start the phase from (default: best of phase N-1).")
 flags.DEFINE_string("warm_bridge_from", "", "Phase-3 checkpoint whose bridge (projectors, adapters, LoRA) "
                     "overwrites ours at the start of phase 3.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host GPU / TPU pod).")
+flags.DEFINE_bool("distributed", False, "One of several processes (multi-host GPU / TPU pod): call "
+                  "jax.distributed.initialize() with the three flags below, or the KERVLJEPA_* variables, or "
+                  "what JAX detects (SLURM, Open MPI, TPU VM).")
+flags.DEFINE_string("coordinator_address", "", "With --distributed: host:port of process 0.")
+flags.DEFINE_integer("num_processes", 0, "With --distributed: how many processes in all.")
+flags.DEFINE_integer("process_id", -1, "With --distributed: this process's index, 0..num_processes-1.")
 
 
 def _default_phase(argv: list[str]) -> int:
@@ -403,7 +408,7 @@ def main(argv: list[str]) -> None:
     check_flags(config_path, overrides)
     cli_lib.ensure_folder("train", "workdir", FLAGS.workdir)
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        cli_lib.initialize_distributed("train", FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     logging.get_absl_handler().addFilter(without_orbax_info)     # keep the log about training
     arg = config_path.split(":", 1)[1] if ":" in config_path else None
     phases_to_run = [1, 2, 3, 4] if FLAGS.phase == "all" else [int(FLAGS.phase)]

@@ -61,3 +61,17 @@ def test_output_folders_are_made_up_front_or_fail_naming_the_flag(tmp_path, caps
         assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"prog: --{flag}={path}"), err
         assert text in err[0]
     cli_lib.ensure_folder("train", "workdir", "gs://bucket/run")           # remote: left to Orbax
+
+
+def test_distributed_settings_from_flags_or_environment_or_none():
+    from kervljepa_jax.cli import distributed_settings
+    assert distributed_settings(environ={}) == {}              # JAX detects SLURM / MPI / TPU itself
+    want = {"coordinator_address": "host:1234", "num_processes": 2, "process_id": 0}
+    assert distributed_settings("host:1234", 2, 0, environ={}) == want
+    env = {"KERVLJEPA_COORDINATOR": "host:1234", "KERVLJEPA_NUM_PROCESSES": "2", "KERVLJEPA_PROCESS_ID": "1"}
+    assert distributed_settings(environ=env) == {**want, "process_id": 1}
+    assert distributed_settings(process_id=0, environ=env) == want                # a flag wins
+    with pytest.raises(ValueError, match="missing --num_processes, --process_id"):
+        distributed_settings("host:1234", environ={})
+    with pytest.raises(ValueError, match=r"--process_id=2: must be in \[0, 2\)"):
+        distributed_settings("host:1234", 2, 2, environ={})

@@ -547,7 +547,7 @@ class Run:
             i, m = ids[start:start + batch], mask[start:start + batch]
             n = len(i)
             i, m = np.pad(i, ((0, batch - n), (0, 0))), np.pad(m, ((0, batch - n), (0, 0)))
-            out.append(np.asarray(self._embed(llm, jnp.asarray(i), jnp.asarray(m)), np.float32)[:n])
+            out.append(sharding.as_host_f32(self._embed(llm, jnp.asarray(i), jnp.asarray(m)))[:n])
         return np.concatenate(out)
 
     def compressor_tokens(self, config, params: Any, labels: Any) -> np.ndarray | None:
@@ -575,7 +575,8 @@ class Run:
             padded = [np.pad(batch[k], [(0, rows - n)] + [(0, 0)] * (batch[k].ndim - 1))
                       for k in ("slices", "z_mm", "valid")]
             padded[2][n:, 0] = True            # a padding row needs one valid slice (its output is dropped)
-            table[batch["record_index"]] = np.asarray(compress(weights, *padded))[:n]
+            # Under the run's mesh the output may span every process's devices: gathered, not read.
+            table[batch["record_index"]] = sharding.as_host_f32(compress(weights, *padded))[:n]
         return table
 
     def consts(self) -> dict:
