@@ -8,8 +8,10 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("configs", "data", "findings", "hf", "label", "losses", "metrics", "model",
-               "sharding", "whitening", "generate", "training", "evaluate")
+# The library's modules (the command-line entry points, e.g. `python -m kervljepa_jax.train`, are
+# modules too but are run, not imported).
+_SUBMODULES = ("data", "evaluate", "figures", "findings", "generate", "hf", "label", "losses", "metrics",
+               "model", "probe", "sampling", "sharding", "training", "whitening")
 
 
 def __getattr__(name):
