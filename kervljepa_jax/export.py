@@ -177,12 +177,13 @@ def _mha(prefix: str, p: dict) -> dict[str, np.ndarray]:
 
 
 def _cross_attention(prefix: str, p: dict) -> dict[str, np.ndarray]:
-    """GatedCrossAttention -> bias-free torch Linears q/k/v [H*hd, D], o [D, H*hd], the LN, the gate []."""
+    """GatedCrossAttention -> bias-free torch Linears q/k/v [H*hd, D], o [D, H*hd], the LN, the gate [] if any."""
     out = {f"{prefix}.{n}.weight": _np(p[n]["kernel"]).reshape(_np(p[n]["kernel"]).shape[0], -1).T.copy()
            for n in ("q_proj", "k_proj", "v_proj")}
     o = _np(p["o_proj"]["kernel"])                                                # [H, hd, D]
     out[f"{prefix}.o_proj.weight"] = o.reshape(-1, o.shape[-1]).T.copy()
-    out[f"{prefix}.gate"] = _np(p["gate"])
+    if "gate" in p:                                   # an ungated adapter (xattn gate "none") has none
+        out[f"{prefix}.gate"] = _np(p["gate"])
     return {**out, **_layer_norm(f"{prefix}.layer_norm", p["layer_norm"])}
 
 
@@ -229,7 +230,8 @@ def bridge_config(trained: Trained) -> dict[str, Any]:
                                                               "layer_norm_eps", "pe_base", "z_relative_to_first")},
         "bridge": {k: getattr(v.bridge, k) for k in ("d_visual", "d_llm", "jepa_hidden", "jepa_dim", "num_classes",
                                                      "layer_norm_eps")},
-        "xattn": {k: getattr(v.xattn, k) for k in ("d_model", "num_heads", "head_dim", "layer_norm_eps")},
+        "xattn": {**{k: getattr(v.xattn, k) for k in ("d_model", "num_heads", "head_dim", "layer_norm_eps")},
+                  "gate": getattr(v.xattn, "gate", "tanh")},
     }
 
 
@@ -268,7 +270,8 @@ def write_bridge(trained: Trained, folder: str, workdir: str) -> None:
     whitening = whitening_lib.load(path) if os.path.isfile(path) else None
     tensors = bridge_tensors(trained.params, trained.vcfg, trained.alpha, whitening)
     hf.save_safetensors(tensors, os.path.join(folder, BRIDGE_FILE))
-    write_json(os.path.join(folder, "config.json"), {**bridge_config(trained), "has_whitening": whitening is not None})
+    shape = None if whitening is None else list(np.shape(whitening.projection))      # [D, k]
+    write_json(os.path.join(folder, "config.json"), {**bridge_config(trained), "whitening_shape": shape})
 
 
 def phase_metrics(workdir: str, phase: int, step: int) -> dict | None:

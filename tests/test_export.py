@@ -71,18 +71,33 @@ def make_workdir(root):
     return workdir, run.vcfg, saved
 
 
+_SHARED: dict = {}     # one workdir and one export per session: tests/test_torch_runner.py reads them too
+
+
+def shared_workdir(tmp_path_factory):
+    if "workdir" not in _SHARED:
+        _SHARED["workdir"] = make_workdir(tmp_path_factory.mktemp("workdir"))
+    return _SHARED["workdir"]
+
+
+def shared_export(tmp_path_factory) -> str:
+    """The best step exported in float32 with its base, shards of ~100 KB to exercise the index."""
+    if "export" not in _SHARED:
+        options = export.ExportOptions(workdir=shared_workdir(tmp_path_factory)[0],
+                                       out=str(tmp_path_factory.mktemp("export") / "out"), dtype="f32",
+                                       with_base=True, max_shard_bytes=100_000)
+        _SHARED["export"] = export.export(options)
+    return _SHARED["export"]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return make_workdir(tmp_path_factory.mktemp("workdir"))
+    return shared_workdir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def exported(workdir, tmp_path_factory):
-    """The best step exported in float32 with its base, shards of ~100 KB to exercise the index."""
-    root = tmp_path_factory.mktemp("export")
-    options = export.ExportOptions(workdir=workdir[0], out=str(root / "out"), dtype="f32", with_base=True,
-                                   max_shard_bytes=100_000)
-    return export.export(options)
+def exported(tmp_path_factory):
+    return shared_export(tmp_path_factory)
 
 
 def _ids(vocab: int, shape=(2, 11)) -> np.ndarray:
@@ -134,7 +149,7 @@ def test_bridge_holds_the_checkpoint_in_torch_layouts(workdir, exported):
     tensors = load_file(os.path.join(exported, "bridge", export.BRIDGE_FILE))
     config = json.loads(open(os.path.join(exported, "bridge", "config.json")).read())
     assert config["prompt_ids"].count(vcfg.visual_token_id) == vcfg.num_visual_tokens == 8
-    assert config["injection_layers"] == list(vcfg.llm.injection_layers) and config["has_whitening"]
+    assert config["injection_layers"] == list(vcfg.llm.injection_layers) and config["whitening_shape"] == [64, 8]
     compressor = {k[len("compressor."):]: v for k, v in tensors.items() if k.startswith("compressor.")}
     restored = compressor_lib.torch_state_dict_to_params(compressor, vcfg.compressor)      # the library's inverse
     jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(params["compressor"]))
@@ -166,7 +181,6 @@ def test_cli_mistakes_are_one_line_and_write_nothing(workdir, tmp_path):
                                                                                       "steps [3, 5]"),
         (f"--workdir={workdir[0]}", f"--out={full}"): (1, "exists and is not an empty folder"),
         (f"--out={tmp_path / 'c'}",): (2, "--workdir is required"),
-        (f"--workdir={workdir[0]}", f"--out={tmp_path / 'd'}", "--dtype=f16"): (2, "--dtype"),
     }
     running = {args: subprocess.Popen([sys.executable, "-m", "kervljepa_jax.export", *args], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=ENV) for args in cases}
