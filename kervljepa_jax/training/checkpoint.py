@@ -9,6 +9,8 @@ Layout: `WORKDIR/phase{N}/checkpoints/{step}/` with the items
     config     JSON           the phase config
 
 Kept: the latest `keep` steps and the best `keep_best` by `best_metric` (saved with `metrics=`).
+A damaged step (truncated, or missing a file) is skipped with a warning naming it: resume and
+hand-over restore the step before it (`restore_latest`, `restore_best`).
 
     ckpt = PhaseCheckpointer.from_config(workdir, config)
     restored = ckpt.restore_latest(params_target, opt_state_target)      # resume, or None
@@ -28,7 +30,8 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, NamedTuple
+import shutil
+from typing import Any, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -69,6 +72,66 @@ def _writing(directory: pathlib.Path):
         raise CheckpointError(f"cannot write checkpoints to {directory}: {fault}; free disk space or make it "
                               "writable, then rerun the same command: it resumes from the last checkpoint "
                               "there") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Damaged steps: a step folder truncated or missing a file (a copy cut short, a disk fault, a hand
+# that deleted a file) is skipped, with a warning naming it, and the step before it is used.
+# ------------------------------------------------------------------------------------------------
+
+# Items every saved step holds (opt_state is optional); JsonSave writes each to ITEM/metadata.
+_REQUIRED_ITEMS = (PARAMS, META, HOST, CONFIG)
+_JSON_FILES = (f"{META}/metadata", f"{HOST}/metadata", f"{CONFIG}/metadata", "metrics/metrics",
+               f"{PARAMS}/_METADATA", f"{PARAMS}/array_metadatas/process_0")
+
+
+def step_problem(step_dir: pathlib.Path) -> str | None:
+    """What makes a step folder unusable, found without reading its arrays (None: nothing found).
+    A truncated array file shows only when read: `restore` finds those."""
+    for item in _REQUIRED_ITEMS:
+        if not (step_dir / item).is_dir():
+            return f"no {item}/ item"
+    for name in _JSON_FILES:
+        file = step_dir / name
+        required = name.split("/")[0] in (META, HOST, CONFIG)
+        if not file.is_file():
+            if required:
+                return f"{name} is missing"
+            continue
+        try:
+            json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            return f"{name} is unreadable ({e})"
+    return None
+
+
+def _unreadable(error: Exception) -> bool:
+    """Whether a restore failed on the step's files (missing, truncated, corrupt), not on the target:
+    Orbax raises FileNotFoundError or a JSON error, tensorstore a ValueError with its status code."""
+    if isinstance(error, (OSError, json.JSONDecodeError)):
+        return True
+    return isinstance(error, ValueError) and bool(
+        re.search(r"\b(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND)\b|Error (reading|decoding)", str(error)))
+
+
+class _SkippingNameFormat:
+    """Orbax's standard step naming, blind to the steps in `skipped`: the manager neither lists, keeps,
+    counts nor restores them (a damaged step's metrics would otherwise fail the manager's start)."""
+
+    def __init__(self):
+        self.standard = ocp.step.standard_name_format()
+        self.skipped: set[int] = set()
+
+    def build_name(self, step: int) -> str:
+        return self.standard.build_name(step)
+
+    def find_all(self, base_path) -> Iterator[Any]:
+        return (m for m in self.standard.find_all(base_path) if m.step not in self.skipped)
+
+    def find_step(self, base_path, step: int) -> Any:
+        if step in self.skipped:
+            raise ValueError(f"step {step} under {base_path} is damaged and skipped")
+        return self.standard.find_step(base_path, step)
 
 
 class Restored(NamedTuple):
@@ -148,9 +211,16 @@ class PhaseCheckpointer:
             preservation.LatestN(n=keep),
             preservation.BestN(get_metric_fn=self._metric, reverse=best_mode == "min", n=keep_best,
                                keep_checkpoints_without_metrics=False)])
+        self._names = _SkippingNameFormat()
+        if self.directory.is_dir():
+            for step_dir in sorted(d for d in self.directory.iterdir() if d.name.isdigit() and d.is_dir()):
+                problem = step_problem(step_dir)
+                if problem:
+                    self._skip(int(step_dir.name), problem, reload=False)
         options = ocp.CheckpointManagerOptions(
             best_fn=self._metric, best_mode=best_mode, preservation_policy=policy, create=not read_only,
-            read_only=read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+            read_only=read_only, enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
+            step_name_format=self._names)
         with _writing(self.directory):
             self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -161,6 +231,34 @@ class PhaseCheckpointer:
         return cls(workdir, config.phase if phase is None else phase, keep=c.keep, keep_best=c.keep_best,
                    best_metric=c.best_metric, best_mode=c.best_mode, every_steps=c.every_steps,
                    async_save=c.async_save, **kwargs)
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Damaged steps found in the folder: left on disk, invisible to the manager."""
+        return sorted(self._names.skipped)
+
+    def _skip(self, step: int, problem: str, reload: bool = True) -> None:
+        self._names.skipped.add(int(step))
+        logging.warning("checkpoint %s is damaged (%s): skipped, an earlier step is used; a rerun that saves "
+                        "step %d again replaces it, else delete it", self.directory / str(step), problem, step)
+        if reload:
+            self.manager.reload()
+
+    def _restore_first(self, pick, params_target: Any, opt_state_target: Any) -> Restored | None:
+        """restore(pick()), skipping each step whose files fail to read, until one restores; None when
+        the folder holds no step; CheckpointError when it holds only damaged ones."""
+        self.manager.wait_until_finished()
+        while (step := pick()) is not None:
+            try:
+                return self.restore(step, params_target, opt_state_target)
+            except (OSError, ValueError) as e:
+                if not _unreadable(e):
+                    raise
+                self._skip(step, str(e).splitlines()[0][:300])
+        if self._names.skipped:
+            raise CheckpointError(f"{self.directory}: every checkpoint there is damaged (steps "
+                                  f"{self.skipped_steps}); move the folder aside to start phase {self.phase} over")
+        return None
 
     def _metric(self, metrics: dict) -> float:
         if self.best_metric not in metrics:
@@ -195,6 +293,10 @@ class PhaseCheckpointer:
             if int(step) in self.all_steps():
                 self.manager.wait_until_finished()      # an async save of that step must land before it goes
                 self.manager.delete(int(step))
+            elif int(step) in self._names.skipped:      # a damaged copy of the step this save rewrites
+                if jax.process_index() == 0:            # the process that finalizes the new one, after this
+                    shutil.rmtree(self.directory / str(int(step)), ignore_errors=True)
+                self._names.skipped.discard(int(step))
             return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
 
     # -------------------------------------------------------------------------------- query
@@ -228,14 +330,14 @@ class PhaseCheckpointer:
                         alpha=meta.get("alpha"), host=dict(out[HOST] or {}), config=dict(out[CONFIG] or {}), meta=meta)
 
     def restore_latest(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
-        """Resume: the latest step, or None in a fresh workdir."""
-        step = self.latest_step()
-        return None if step is None else self.restore(step, params_target, opt_state_target)
+        """Resume: the latest step that reads back (a damaged one is skipped with a warning naming
+        it), or None in a fresh workdir."""
+        return self._restore_first(self.latest_step, params_target, opt_state_target)
 
     def latest_host(self) -> dict:
         """The latest step's host state alone ({} in a fresh folder): read before the optimizer is
         built, it says which optimizer the saved state belongs to (phase 3: before or after the
-        LoRA freeze)."""
+        LoRA freeze). Steps whose files show damage without reading the arrays are skipped already."""
         step = self.latest_step()
         if step is None:
             return {}
@@ -244,11 +346,9 @@ class PhaseCheckpointer:
         return dict(out[HOST] or {})
 
     def restore_best(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
-        """The best step (the latest if no step has metrics), or None if there is none."""
-        step = self.best_step()
-        if step is None:
-            step = self.latest_step()
-        return None if step is None else self.restore(step, params_target, opt_state_target)
+        """The best step (the latest if no step has metrics) that reads back, or None if there is none."""
+        return self._restore_first(lambda: self.best_step() if self.best_step() is not None else self.latest_step(),
+                                   params_target, opt_state_target)
 
     def wait(self) -> None:
         """Block until the asynchronous saves are on disk; a disk fault raises CheckpointError."""

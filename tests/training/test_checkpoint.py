@@ -1,5 +1,7 @@
 """Orbax phase checkpoints: round trip, best vs latest, resume, shardings, --init_from, warm bridge."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -222,3 +224,69 @@ def test_latest_host_reads_the_host_state_alone(tmp_path, trained):
         ckpt.save(2, params=params, opt_state=opt_state, host={"lora_frozen": False})
         ckpt.save(5, params=params, opt_state=opt_state, host={"lora_frozen": True, "epoch": 2})
         assert ckpt.latest_host() == {"lora_frozen": True, "epoch": 2}
+
+
+def _largest_array_file(step_dir):
+    """The biggest array data file of a step's params (OCDBT: params/d/<hash>)."""
+    return max((f for f in (step_dir / "params" / "d").iterdir() if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+DAMAGE = {  # how a step folder gets damaged -> what the damage does to it
+    "meta file deleted": lambda step: (step / "meta" / "metadata").unlink(),
+    "metrics truncated": lambda step: (step / "metrics" / "metrics").write_text('{"val_gen_f1"'),
+    "array file deleted": lambda step: _largest_array_file(step).unlink(),
+    "array file truncated": lambda step: _largest_array_file(step).write_bytes(
+        _largest_array_file(step).read_bytes()[:100]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_step_is_skipped_with_a_warning_and_the_previous_one_resumed(tmp_path, trained, damage,
+                                                                                      caplog):
+    """Issue 25.3: a newest step truncated or missing a file is skipped with a warning naming its folder,
+    the step before it is restored, and keep / keep_best still hold as the resumed phase saves again."""
+    params, _ = trained
+    scaled = {s: jax.tree.map(lambda x, s=s: x * s, params) for s in range(1, 5)}
+    f1s = {1: 0.9, 2: 0.1, 3: 0.2, 4: 0.3}
+    with _checkpointer(tmp_path, keep=2) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, params=scaled[step], host={"epoch": step}, metrics={"val_gen_f1": f1s[step]})
+        assert ckpt.all_steps() == [1, 2, 3]             # latest 2 + the best, step 1
+    newest = tmp_path / "phase3" / "checkpoints" / "3"
+    DAMAGE[damage](newest)
+    caplog.set_level(logging.WARNING)
+    with _checkpointer(tmp_path, keep=2) as ckpt:
+        out = ckpt.restore_latest(params)
+        assert out.step == 2 and out.host == {"epoch": 2}
+        _assert_trees_equal(out.params, scaled[2])
+        assert f"checkpoint {newest} is damaged" in caplog.text and ckpt.skipped_steps == [3]
+        assert ckpt.latest_host() == {"epoch": 2}
+        for step in (3, 4):                              # the resumed phase saves step 3 again, then 4
+            ckpt.save(step, params=scaled[step], host={"epoch": step}, metrics={"val_gen_f1": f1s[step]})
+        assert ckpt.all_steps() == [1, 3, 4] and ckpt.best_step() == 1 and ckpt.skipped_steps == []
+    assert sorted(p.name for p in newest.parent.iterdir() if p.name.isdigit()) == ["1", "3", "4"]
+    with _checkpointer(tmp_path, keep=2) as ckpt:
+        out = ckpt.restore_latest(params)
+    assert out.step == 4
+    _assert_trees_equal(out.params, scaled[4])
+
+
+def test_a_damaged_best_step_hands_over_the_next_best_and_all_damaged_is_one_line(tmp_path, trained, caplog):
+    params, _ = trained
+    with _checkpointer(tmp_path, keep=2, keep_best=2) as ckpt:
+        for step, f1 in {1: 0.9, 2: 0.5, 3: 0.1}.items():
+            ckpt.save(step, params=jax.tree.map(lambda x, s=step: x * s, params), metrics={"val_gen_f1": f1})
+    folder = tmp_path / "phase3" / "checkpoints"
+    DAMAGE["array file truncated"](folder / "1")
+    caplog.set_level(logging.WARNING)
+    with _checkpointer(tmp_path, read_only=True) as ckpt:          # the next phase reading this one
+        out = ckpt.restore_best(params)
+    assert out.step == 2 and f"checkpoint {folder / '1'} is damaged" in caplog.text
+    assert (folder / "1").is_dir()                                  # read only: left as it was
+    for step in (2, 3):
+        DAMAGE["array file deleted"](folder / str(step))
+    with _checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CheckpointError, match=r"every checkpoint there is damaged \(steps \[1, 2, 3\]\); "
+                                                              "move the folder aside") as err:
+            ckpt.restore_latest(params)
+    assert str(folder) in str(err.value) and "\n" not in str(err.value)
