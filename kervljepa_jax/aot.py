@@ -64,6 +64,7 @@ flags.DEFINE_integer("batch_per_device", 8, "Training examples per device (globa
 flags.DEFINE_integer("seq_len", 544, "Token positions per example (data.max_tokens).")
 flags.DEFINE_integer("num_slices", 0, "Slices per volume (data.max_slices); 0 = the config's.")
 flags.DEFINE_string("lora", "paper", "LoRA variant: paper (r=16) or card (r=64).")
+flags.DEFINE_string("remat_policy", "", "Layer remat policy (model/llama.py REMAT_POLICIES); '' = the preset's.")
 flags.DEFINE_bool("flops", True, "Also lower the step and forward with unrolled layers to count FLOPs.")
 
 GiB = 1024 ** 3
@@ -90,10 +91,11 @@ def phase_config(phase: int, preset: str, batch_per_device: int, seq_len: int, n
     return config
 
 
-def vlm_config(config, scan_layers: bool = True) -> vlm_lib.VLMConfig:
+def vlm_config(config, scan_layers: bool = True, remat_policy: str = "") -> vlm_lib.VLMConfig:
     """The trainer's VLM config for the preset, with <|visual_region|> appended to the vocabulary."""
     base = llama_lib.preset(config.model.preset)
-    llm = base.replace(vocab_size=base.vocab_size + 1, lora=run_lib.lora_config(config), scan_layers=scan_layers)
+    llm = base.replace(vocab_size=base.vocab_size + 1, lora=run_lib.lora_config(config), scan_layers=scan_layers,
+                       remat_policy=remat_policy or base.remat_policy)
     return vlm_lib.make_config(visual_token_id=base.vocab_size, d_visual=int(config.data.embed_dim),
                                num_visual_tokens=int(config.data.num_visual_tokens),
                                jepa_dim=int(config.model.jepa_dim), llm_config=llm)
@@ -129,9 +131,9 @@ def abstract_batch(config, vcfg: vlm_lib.VLMConfig, mesh, phase: int) -> dict:
             for k, (shape, dtype) in spec.items()}
 
 
-def build(config, phase: int, mesh, scan_layers: bool = True) -> dict:
+def build(config, phase: int, mesh, scan_layers: bool = True, remat_policy: str = "") -> dict:
     """Abstract arguments and the trainer's step and forward for `phase`, unlowered."""
-    vcfg = vlm_config(config, scan_layers)
+    vcfg = vlm_config(config, scan_layers, remat_policy)
     params = abstract_params(vcfg, mesh)
     labels = phases.trainable_labels(params, config.trainable, phase)
     trainable, frozen = phases.split_params(params, labels)
@@ -155,7 +157,7 @@ def build(config, phase: int, mesh, scan_layers: bool = True) -> dict:
     return {"step": (jax.jit(train_step, donate_argnums=(0, 2)),
                      (trainable, frozen, opt_state, calibration, batch, rng, consts)),
             "forward": (jax.jit(eval_step), (params, calibration, batch, consts)),
-            "trainable": trainable}
+            "trainable": trainable, "remat_policy": vcfg.llm.remat_policy}
 
 
 def _flops(cost) -> float:
@@ -163,9 +165,9 @@ def _flops(cost) -> float:
     return float((cost or {}).get("flops", 0.0))
 
 
-def analyse(config, phase: int, mesh, count_flops: bool = True) -> dict:
+def analyse(config, phase: int, mesh, count_flops: bool = True, remat_policy: str = "") -> dict:
     """Compile the scanned step (memory, compile time); count FLOPs on unrolled lowerings."""
-    built = build(config, phase, mesh)
+    built = build(config, phase, mesh, remat_policy=remat_policy)
     fn, args = built["step"]
     with sharding.use_mesh(mesh):
         t0 = time.time()
@@ -179,12 +181,13 @@ def analyse(config, phase: int, mesh, count_flops: bool = True) -> dict:
                                       + per_device["temp_bytes"] - per_device["alias_bytes"])
     trainable = [x for x in jax.tree.leaves(built["trainable"])]
     out = {"preset": config.model.preset, "phase": phase, "mesh": dict(mesh.shape),
+           "remat_policy": built["remat_policy"],
            "global_batch": int(config.train.batch_size), "seq_len": int(config.data.max_tokens),
            "num_slices": int(config.data.max_slices), "compile_seconds": round(compile_seconds, 1), **per_device,
            "trainable_params": int(sum(np.prod(x.shape) for x in trainable)),
            "trainable_dtypes": sorted({str(x.dtype) for x in trainable})}
     if count_flops:
-        unrolled = build(config, phase, mesh, scan_layers=False)
+        unrolled = build(config, phase, mesh, scan_layers=False, remat_policy=remat_policy)
         with sharding.use_mesh(mesh):
             step_fn, step_args = unrolled["step"]
             fwd_fn, fwd_args = unrolled["forward"]
@@ -196,7 +199,8 @@ def analyse(config, phase: int, mesh, count_flops: bool = True) -> dict:
 
 def report(figures: dict) -> str:
     lines = [f"{figures['preset']} phase {figures['phase']} train step, mesh {figures['mesh']}, global batch "
-             f"{figures['global_batch']} x {figures['seq_len']} tokens, {figures['num_slices']} slices",
+             f"{figures['global_batch']} x {figures['seq_len']} tokens, {figures['num_slices']} slices, "
+             f"remat {figures['remat_policy']}",
              f"  trainable: {figures['trainable_params'] / 1e6:.1f}M params in {figures['trainable_dtypes']}",
              f"  compile: {figures['compile_seconds']:.1f} s"]
     for key in ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "per_device_bytes"):
@@ -221,7 +225,9 @@ def main(argv: list[str]) -> None:
     except (ValueError, run_lib.TrainError) as e:
         cli_lib.fail("aot", str(e).splitlines()[0].replace("--config.mesh", "--mesh"), 2)
     mesh = sharding.mesh_from_spec(FLAGS.mesh)
-    figures = analyse(config, FLAGS.phase, mesh, FLAGS.flops)
+    if FLAGS.remat_policy and FLAGS.remat_policy not in llama_lib.REMAT_POLICIES:
+        cli_lib.fail("aot", f"--remat_policy={FLAGS.remat_policy}: choose one of {sorted(llama_lib.REMAT_POLICIES)}", 2)
+    figures = analyse(config, FLAGS.phase, mesh, FLAGS.flops, FLAGS.remat_policy)
     print(report(figures))
     print(json.dumps(figures))
 
