@@ -69,6 +69,8 @@ AS_PAPER = "<as in configs/phaseN.py>"   # an EMBEDDED cell that keeps the phase
 EMBEDDED = {
     "model.preset":                  ("tiny",) * 4,
     "model.whiten_layer":            (-1,) * 4,                   # the tiny LLM's middle layer
+    # Fitted on the text targets, not the reports: the numbers of this profile were measured so.
+    "model.whiten_texts":            ("targets",) * 4,
     "data.max_slices":               (240,) * 4,                  # the synthetic volumes' maximum
     "data.embed_dim":                (256,) * 4,                  # paper 1024 (LeJEPA ViT-L); 16x cheaper here
     "data.source":                   ("synthetic",) * 4,
@@ -153,6 +155,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_visual_tokens = c.data.get_ref("num_visual_tokens")
     c.model.jepa_dim = 256             # whitened text space (capped at the LLM width by vlm.make_config)
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
+    # What the PCA whitening is fitted on (Run.fit_whitening): "reports", the training reports, as the
+    # paper (III-B4: 22,773 training report embeddings, layer 14 of 28, top 256 components), or
+    # "targets", the texts the phases compare with (per-condition and positive-findings texts).
+    c.model.whiten_texts = "reports"
     # Decoder layers (0-based) followed by a gated cross-attention adapter; [] = the preset's
     # (3B: 7, 14, 21, the paper's). `--config.model.injection_layers=[0,1,2]`.
     c.model.injection_layers = []

@@ -486,22 +486,43 @@ class Run:
         for pipe in list(self._pipelines.values()):
             self._attach_text_targets(pipe)
 
-    def fit_whitening(self, config) -> tuple[whitening_lib.Whitening, dict[str, float], dict[str, np.ndarray]]:
-        """Fit the PCA whitening on the training split's text targets (per-condition texts and
-        class-ordered findings texts, embedded as the batches carry them) and measure it: mean
-        pairwise cosine and d' before and after (a pair is "same" when its label rows match: a
-        condition text is labelled with its class, a findings text with its volume's labels),
-        retained variance. Returns (whitening, stats, the split's `_embedded_rows`)."""
-        pipe = self.pipeline(config, "train")
-        raw = self._embedded_rows(pipe, {"llm": self.llm_params})
+    def fit_whitening(self, config) -> tuple[whitening_lib.Whitening, dict[str, float], dict[str, np.ndarray] | None]:
+        """Fit the PCA whitening on the training split's texts chosen by `model.whiten_texts` and
+        measure it: mean pairwise cosine and d' before and after (a pair is "same" when its label
+        rows match), retained variance, and `texts`, which texts it was fitted on:
+
+          "targets"  the text targets (per-condition texts, labelled with their class, and the
+                     class-ordered findings texts, with their volume's labels) as the batches carry them
+          "reports"  the training reports (Findings_EN) with their volume's labels: the paper's
+                     22,773 training report embeddings (III-B4)
+
+        Returns (whitening, stats, the split's `_embedded_rows` when they were computed, else None)."""
+        texts = str(config.model.get("whiten_texts", "targets"))
         _, labels = training_texts(config.data)
-        classes = np.nonzero(raw["condition_index"] >= 0)[1]     # row-major: the order of condition_rows
-        label_rows = np.concatenate([np.eye(findings.NUM_CLASSES, dtype=np.int32)[classes],
-                                     np.stack(labels).astype(np.int32)])
-        emb = np.concatenate([raw["condition_rows"], raw["target"]])
+        labels = np.stack(labels).astype(np.int32)
+        raw = None
+        if texts == "reports":
+            emb, label_rows = self._report_rows(config), labels
+        elif texts == "targets":
+            raw = self._embedded_rows(self.pipeline(config, "train"), {"llm": self.llm_params})
+            classes = np.nonzero(raw["condition_index"] >= 0)[1]     # row-major: the order of condition_rows
+            label_rows = np.concatenate([np.eye(findings.NUM_CLASSES, dtype=np.int32)[classes], labels])
+            emb = np.concatenate([raw["condition_rows"], raw["target"]])
+        else:
+            raise TrainError(f"--config.model.whiten_texts={texts!r}: use 'targets' or 'reports'")
         w, stats = whitening_lib.fit_and_report(emb, label_rows, dim=self.vcfg.bridge.jepa_dim)
-        logging.info("whitening (layer %d, %d texts): %s", self.whiten_layer, len(emb), json.dumps(stats))
+        stats = {"texts": texts, "num_texts": len(emb), **stats}
+        logging.info("whitening (layer %d, %d training %s): %s", self.whiten_layer, len(emb), texts, json.dumps(stats))
         return w, stats, raw
+
+    def _report_rows(self, config) -> np.ndarray:
+        """Unwhitened embeddings [N, D] of the training reports, tokenised as a raw-text phase's
+        batches carry them (a text-only pipeline of its own: nothing else of it is embedded)."""
+        data = ml_collections.ConfigDict(config.data.to_dict())
+        data.text_mode = "raw"
+        rows = pipeline_lib.Pipeline(data, "train", self.tokenizer).text_rows()
+        t = rows["target_ids"].shape[-1]
+        return self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], {"llm": self.llm_params})
 
     def _text_key(self, pipe: pipeline_lib.Pipeline) -> str:
         """What a split's text targets depend on: its records and text settings, not batching."""

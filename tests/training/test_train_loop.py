@@ -177,3 +177,23 @@ def test_alpha_is_recalibrated_every_n_steps_and_resumed_exactly(run):
     assert logged[3] == alphas[2]                         # the resumed alpha, exactly
     resumed = ckpt_lib.restore_params(folder / "4", run.abstract_params)[1]["alpha"]
     assert resumed == pytest.approx(alphas[4], rel=1e-6)
+
+
+def test_paper_whitening_is_fitted_on_the_training_reports(run):
+    """model.whiten_texts="reports" (the paper profile's): the whitening's mean is that of the
+    training reports' embeddings as a raw-text phase's batches carry them, and its report says so;
+    the embedded default fits on the text targets and says that."""
+    import numpy as np
+
+    # 160 reports: a 64-component whitening needs more than 64 texts spanning 64 dimensions.
+    reports = _config(4, run.workdir, **{"model.whiten_texts": "reports", "data.num_train": 160})
+    w, stats, raw = run.fit_whitening(reports)
+    assert raw is None and stats["texts"] == "reports" and stats["num_texts"] == 160
+    report_rows = run._embedded_rows(run.pipeline(reports, "train"), {"llm": run.llm_params})["target"]
+    np.testing.assert_allclose(w.mean, report_rows.mean(0), rtol=1e-5, atol=1e-6)
+    assert {"d_prime_before", "d_prime_after", "mean_cosine_before"} <= set(stats)
+    _, targets, _ = run.fit_whitening(_config(1, run.workdir))
+    assert targets["texts"] == "targets" and targets["num_texts"] > 24
+    assert config_lib.load_phase_config(1, "paper").model.whiten_texts == "reports"
+    with pytest.raises(run_lib.TrainError, match="--config.model.whiten_texts='words'"):
+        run.fit_whitening(_config(1, run.workdir, **{"model.whiten_texts": "words"}))
