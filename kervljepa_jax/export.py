@@ -215,16 +215,10 @@ def bridge_tensors(params: Any, vcfg: vlm_lib.VLMConfig, alpha: float,
     return out
 
 
-def bridge_config(trained: Trained) -> dict[str, Any]:
-    """What the torch runner needs besides the tensors: every size, the prompt and the special ids."""
-    v = trained.vcfg
-    ids = tokenizers.special_ids(trained.tokenizer)
+def bridge_sizes(v: vlm_lib.VLMConfig) -> dict[str, Any]:
+    """Every size `torch_runner.Bridge` is built from (the part of bridge/config.json a model needs)."""
     return {
-        "format": "kervljepa-bridge/1", "phase": int(trained.config.phase), "step": trained.step,
         "visual_token_id": v.visual_token_id, "num_visual_tokens": v.num_visual_tokens,
-        "prompt": text_lib.chat_prompt(v.num_visual_tokens),
-        "prompt_ids": [int(i) for i in text_lib.encode_prompt(trained.tokenizer, v.num_visual_tokens)],
-        "eos_token_ids": [ids["eot"], ids["eos"]], "pad_token_id": ids["pad"],
         "injection_layers": list(v.llm.injection_layers), "dtype": "float32",
         "compressor": {k: getattr(v.compressor, k) for k in ("d_visual", "num_zones", "num_heads", "ffn_dim",
                                                               "layer_norm_eps", "pe_base", "z_relative_to_first")},
@@ -232,6 +226,18 @@ def bridge_config(trained: Trained) -> dict[str, Any]:
                                                      "layer_norm_eps")},
         "xattn": {**{k: getattr(v.xattn, k) for k in ("d_model", "num_heads", "head_dim", "layer_norm_eps")},
                   "gate": getattr(v.xattn, "gate", "tanh")},
+    }
+
+
+def bridge_config(trained: Trained) -> dict[str, Any]:
+    """What the torch runner needs besides the tensors: every size, the prompt and the special ids."""
+    v = trained.vcfg
+    ids = tokenizers.special_ids(trained.tokenizer)
+    return {
+        "format": "kervljepa-bridge/1", "phase": int(trained.config.phase), "step": trained.step,
+        **bridge_sizes(v), "prompt": text_lib.chat_prompt(v.num_visual_tokens),
+        "prompt_ids": [int(i) for i in text_lib.encode_prompt(trained.tokenizer, v.num_visual_tokens)],
+        "eos_token_ids": [ids["eot"], ids["eos"]], "pad_token_id": ids["pad"],
     }
 
 
