@@ -252,7 +252,7 @@ class PhaseCheckpointer:
             try:
                 return self.restore(step, params_target, opt_state_target)
             except (OSError, ValueError) as e:
-                if not _unreadable(e):
+                if isinstance(e, CheckpointError) or not _unreadable(e):
                     raise
                 self._skip(step, str(e).splitlines()[0][:300])
         if self._names.skipped:
@@ -319,6 +319,9 @@ class PhaseCheckpointer:
     def restore(self, step: int, params_target: Any, opt_state_target: Any = None) -> Restored:
         """Restore `step` onto the targets' shapes, dtypes and shardings; opt_state only if a target is given."""
         self.manager.wait_until_finished()
+        problem = architecture_problem(self.directory / str(int(step)), params_target)
+        if problem:
+            raise CheckpointError(f"phase {self.phase}: {problem}; or move {self.directory} aside to start over")
         items = {PARAMS: ocp.args.StandardRestore(abstract_target(params_target)), META: ocp.args.JsonRestore(),
                  HOST: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
         if opt_state_target is not None:
@@ -403,14 +406,73 @@ def read_json(item_dir: pathlib.Path) -> dict:
 def restore_params(path: str | pathlib.Path, params_target: Any) -> tuple[Any, dict]:
     """(params, meta) of the checkpoint at `path` (see `resolve_step_dir`), onto the target (--init_from)."""
     step_dir = resolve_step_dir(path)
+    problem = architecture_problem(step_dir, params_target)
+    if problem:
+        raise CheckpointError(f"--init_from={path}: {problem}")
     params = ocp.StandardCheckpointer().restore(step_dir / PARAMS, abstract_target(params_target))
     return params, read_json(step_dir / META)
 
 
 def _stored_shapes(params_dir: pathlib.Path) -> dict[str, tuple[tuple[int, ...], Any]]:
-    tree = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
+    """path -> (shape, dtype) of every saved array, from the metadata alone; CheckpointError when
+    Orbax finds none (it reports a damaged item's metadata as absent)."""
+    item = ocp.StandardCheckpointer().metadata(params_dir).item_metadata
+    if item is None:
+        raise CheckpointError(f"{params_dir}: no readable array metadata; the checkpoint is damaged")
+    tree = item.tree
     flat = traverse_util.flatten_dict(tree, sep="/")
     return {path: (tuple(m.shape), m.dtype) for path, m in flat.items()}
+
+
+# The config.model fields that fix the parameter shapes (a checkpoint's config records them).
+ARCHITECTURE_FIELDS = ("preset", "d_visual", "num_visual_tokens", "jepa_dim", "injection_layers", "lora.rank")
+
+
+def model_settings(model: Any) -> dict[str, Any]:
+    """ARCHITECTURE_FIELDS of a config's `model` (a ConfigDict or a checkpoint's JSON), as JSON values
+    (tuples and lists alike); None for a field it lacks."""
+    out = {}
+    for key in ARCHITECTURE_FIELDS:
+        value = model
+        for part in key.split("."):
+            value = value.get(part) if hasattr(value, "get") else None
+        out[key] = json.loads(json.dumps(value))
+    return out
+
+
+def check_same_model(path: str | pathlib.Path, config: Any, flag: str) -> None:
+    """CheckpointError naming the checkpoint at `path` (anything `resolve_step_dir` takes) when it was
+    saved with other ARCHITECTURE_FIELDS than `config`: a cheap check of the saved config alone, for
+    an entry point to run before any model is built (`flag` names where the path came from)."""
+    step_dir = resolve_step_dir(path)
+    saved, ours = model_settings(read_json(step_dir / CONFIG).get("model", {})), model_settings(config.model)
+    differ = [f"model.{k}={saved[k]!r} (this run: {ours[k]!r})" for k in ARCHITECTURE_FIELDS
+              if saved[k] is not None and saved[k] != ours[k]]
+    if differ:
+        raise CheckpointError(f"{flag}: checkpoint {step_dir} was saved with {', '.join(differ)}; pass the "
+                              "--config.model settings it was trained with, or a checkpoint of this model")
+
+
+def architecture_problem(step_dir: pathlib.Path, params_target: Any) -> str | None:
+    """Why the params saved in `step_dir` cannot fill `params_target` (tensors missing, extra or of
+    other shapes: a checkpoint of another model preset or sizes), in one line naming the checkpoint
+    and the model settings it was saved with; None when they fit. Reads metadata only, so it runs
+    before any restore or compilation."""
+    try:
+        stored = _stored_shapes(step_dir / PARAMS)
+    except (OSError, ValueError):       # unreadable metadata is damage: the restore reports it (and skips)
+        return None
+    wanted = {p: tuple(leaf.shape) for p, leaf in zip(phases.leaf_paths(params_target), jax.tree.leaves(params_target))}
+    bad = [f"{p!r} saved {stored[p][0]}, this run's {wanted[p]}" for p in wanted if p in stored and stored[p][0] != wanted[p]]
+    bad += [f"{p!r} absent from it" for p in wanted if p not in stored]
+    bad += [f"{p!r} not in this run's model" for p in stored if p not in wanted]
+    if not bad:
+        return None
+    settings = model_settings(read_json(step_dir / CONFIG).get("model", {}))
+    saved = ", ".join(f"{k}={v!r}" for k, v in settings.items() if v not in (None, "", []))
+    return (f"checkpoint {step_dir} holds another model ({len(bad)} tensor(s) do not fit, first "
+            f"{bad[0]}); it was saved with {saved or 'no model config'}: use the same --config.model settings "
+            "or a checkpoint of this model")
 
 
 def bridge_paths(params: Any) -> list[str]:

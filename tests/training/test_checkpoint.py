@@ -290,3 +290,43 @@ def test_a_damaged_best_step_hands_over_the_next_best_and_all_damaged_is_one_lin
                                                               "move the folder aside") as err:
             ckpt.restore_latest(params)
     assert str(folder) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_of_another_model_is_one_line_naming_it_before_any_restore(tmp_path, config, monkeypatch):
+    """Issue 25.5: resume, hand-over or --init_from onto a model of other sizes (another preset, LoRA
+    rank, layer count) fails with a CheckpointError naming the checkpoint, its first misfit tensor and
+    the model settings it was saved with, found from the metadata before Orbax reads an array."""
+    with _checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, params=toy_params(), config=config, metrics={"val_gen_f1": 0.5})
+    step_dir = tmp_path / "phase3" / "checkpoints" / "3"
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", lambda *a, **k: pytest.fail("restored"))
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointer, "restore", lambda *a, **k: pytest.fail("restored"))
+    others = {"wider": (toy_params(d=8), r"'compressor/queries'|saved \(.*\), this run's"),
+              "lora rank": (toy_params(rank=4), r"lora_A' saved \(2, 6, 2\), this run's \(2, 6, 4\)"),
+              "more layers": (toy_params(segments=((0, 1), (2, 5))), r"'llm/model/layers_2_5/.*' absent from it")}
+    for name, (target, first) in others.items():
+        with _checkpointer(tmp_path, read_only=True) as ckpt:
+            for restore in (ckpt.restore_latest, ckpt.restore_best):
+                with pytest.raises(checkpoint.CheckpointError, match=first) as err:
+                    restore(target)
+                message = str(err.value)
+                assert f"phase 3: checkpoint {step_dir} holds another model" in message, name
+                assert "saved with preset='tiny'" in message and "\n" not in message, message
+        with pytest.raises(checkpoint.CheckpointError, match=f"--init_from={tmp_path / 'phase3'}: checkpoint"):
+            checkpoint.restore_params(tmp_path / "phase3", target)
+
+
+def test_check_same_model_compares_the_saved_model_settings_before_any_set_up(tmp_path, config):
+    with _checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, params=toy_params(), config=config, metrics={"val_gen_f1": 0.5})
+    step_dir = tmp_path / "phase3" / "checkpoints" / "3"
+    same = config_lib.load_phase_config(3)
+    same.model.injection_layers = tuple(config.model.injection_layers)      # a tuple is the same list
+    checkpoint.check_same_model(tmp_path / "phase3", same, "--init_from")
+    other = config_lib.load_phase_config(3)
+    other.model.preset, other.model.lora.rank = "llama3_2_3b", 16
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        checkpoint.check_same_model(tmp_path / "phase3", other, "--init_from")
+    assert str(err.value) == (f"--init_from: checkpoint {step_dir} was saved with model.preset='tiny' (this run: "
+                              f"'llama3_2_3b'), model.lora.rank={config.model.lora.rank} (this run: 16); pass the "
+                              "--config.model settings it was trained with, or a checkpoint of this model")
