@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kervljepa_jax import generate, torch_runner
+from kervljepa_jax import export, generate, torch_runner
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.sampling import SamplingConfig
 from tests.test_export import BEST, shared_export, shared_workdir
@@ -101,3 +101,21 @@ def test_cli_prints_a_report_and_mistakes_are_one_line(setup, tmp_path, capsys):
             torch_runner.main([f"--export={out}", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 1 and len(err) == 1 and err[0].startswith("torch_runner: ") and text in err[0]
+
+
+def test_a_bf16_export_runs_in_bf16_close_to_the_f32_jax_model(setup, tmp_path_factory):
+    """--dtype=bf16 (the default) through the runner in bfloat16: the adapters run in f32 on bf16
+    hidden states and the grafted tokens are cast to the embeddings' dtype; the logits stay within
+    bf16 rounding of the f32 JAX model's and pick the same next token almost everywhere."""
+    _, vcfg, variables, runner = setup
+    workdir = shared_workdir(tmp_path_factory)[0]
+    out = export.export(export.ExportOptions(workdir=workdir, out=str(tmp_path_factory.mktemp("bf16") / "out")))
+    bf16 = torch_runner.load(out, dtype=torch.bfloat16)
+    assert bf16.model.dtype == torch.bfloat16
+    slices, z, valid = _inputs(vcfg.compressor.d_visual)
+    ids = _ids(runner, vcfg.llm.vocab_size)
+    want = np.asarray(vlm_lib.VLM(vcfg).apply(variables, jnp.asarray(slices), jnp.asarray(z), jnp.asarray(valid),
+                                              jnp.asarray(ids), jnp.ones(ids.shape, bool)).logits)
+    got = bf16.logits(ids, slices, z, valid).numpy()
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
