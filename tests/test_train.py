@@ -233,3 +233,20 @@ def test_bad_workdir_files_and_config_files_fail_in_one_line_before_training(tmp
         assert process.returncode == 1 and "Traceback" not in err, (args, err[-3000:])
         assert last.startswith("train: " + cases[workdir, args]), (args, last)
         assert not (workdir / "phase1" / "checkpoints").exists() or not os.listdir(workdir / "phase1" / "checkpoints")
+
+
+@pytest.mark.slow
+def test_init_from_a_checkpoint_of_another_model_is_one_line_naming_it(tmp_path):
+    """Issue 25.5: --init_from pointing at a checkpoint of another model fails in one line naming the
+    checkpoint and the settings it was saved with, before any array is read into the run's model."""
+    from kervljepa_jax.training import checkpoint, config as config_lib
+    from tests.training import toy_params
+    with checkpoint.PhaseCheckpointer(tmp_path / "other", 1, async_save=False) as ckpt:
+        ckpt.save(5, params=toy_params(), config=config_lib.load_phase_config(1), metrics={"val_macro_f1": 0.5})
+    source = tmp_path / "other" / "phase1"
+    out = _run(["--phase=2", f"--init_from={source}", *SMALL], tmp_path / "w")
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert last.startswith(f"train: --init_from={source}: checkpoint {source / 'checkpoints' / '5'} holds another "
+                           "model ("), last
+    assert "it was saved with preset='tiny'" in last
