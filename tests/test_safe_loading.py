@@ -31,6 +31,9 @@ KNOWN = {
     ("kervljepa_jax/parity.py", "LlamaForCausalLM.from_pretrained without use_safetensors=True"),
     ("kervljepa_jax/label.py", "AutoModel.from_pretrained without use_safetensors=True"),
     ("kervljepa_jax/torch_runner.py", "PeftModel.from_pretrained without use_safetensors=True"),
+    # Safe (it loads the adapter it has just written with hf.save_peft_lora), but says so nowhere:
+    # its owner adds a `# safe-load:` comment and drops this entry.
+    ("benchmarks/train_step_vs_torch.py", "PeftModel.from_pretrained without use_safetensors=True"),
 }
 
 
