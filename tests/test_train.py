@@ -3,7 +3,6 @@ paper's claims in miniature on the default `--phase=all`."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -146,24 +145,19 @@ def test_phase4_keeps_phase3_f1(default_run):
 
 
 @pytest.mark.slow
-def test_warm_bridge_beats_cold_bridge_at_the_first_evaluation(default_run, tmp_path):
-    """Paper IV-B: phase 3 started with the bridge of a finished phase 3 (projectors, adapters, LoRA)
-    is ahead of a cold phase 3 at its first evaluation (here: after one epoch)."""
+def test_warm_bridge_beats_cold_bridge_at_the_first_evaluation(default_run):
+    """Paper IV-B / Table VI: phase 3 started with the bridge of a finished phase 3 (projectors,
+    adapters, LoRA) is ahead of a cold phase 3 at its first evaluation (here: after one epoch), both
+    from the same base LLM and phases 1-2. Built by `python -m kervljepa_jax.experiments --table=VI`."""
+    from kervljepa_jax import experiments
     _, source = default_run
-    one_epoch = ["--phase=3", "--config.train.epochs=1", "--config.train.eval_every_epochs=1"]
-    f1 = {}
-    for name, extra in (("cold", []), ("warm", [f"--warm_bridge_from={source}/phase3/checkpoints"])):
-        workdir = tmp_path / name
-        workdir.mkdir()
-        for item in ("base_llm", "whitening.npz", "phase1", "phase2"):   # same base LLM and phases 1-2
-            src = source / item
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, workdir / item)
-        out = _run([*one_epoch, *extra], workdir)
-        assert out.returncode == 0, out.stderr[-3000:]
-        if name == "warm":
-            assert "warm bridge: restored" in out.stderr
-        f1[name] = json.load(open(workdir / "report.json"))["phase3"]["macro_f1"]
+    table = open(experiments.build("VI", str(source), epochs=1)).read()
+    f1 = {name: json.load(open(source / "experiments" / "VI" / name / "report.json"))["phase3"]["macro_f1"]
+          for name in ("cold", "warm")}
+    assert "| warm bridge |" in table and "| cold bridge |" in table
     assert f1["warm"] > f1["cold"], f1
+    ablations = open(experiments.build("IX", str(source))).read()     # Table IX from the final evaluations
+    assert "| 3 | Zeroed |" in ablations and "| 4 | Random noise |" in ablations
 
 
 @pytest.mark.slow
