@@ -124,21 +124,41 @@ def table_x(workdir: str, num_examples: int) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------- Table VI
 
 
+# What a rerun of phase 3 must share with the workdir's own: its profile, data and LLM.
+SETUP_KEYS = ("data.source", "data.root", "data.tokenizer_path", "data.embed_dim", "model.llm_path", "model.preset",
+              "model.injection_layers", "model.whiten_layer", "model.lora.rank", "model.lora.alpha")
+
+
+def same_setup(workdir: str) -> list[str]:
+    """`--config=configs/phase3.py:PROFILE --config.a.b=v ...` reproducing the setup the workdir's
+    phase 3 was trained with (its saved config)."""
+    from kervljepa_jax import evaluate
+    from kervljepa_jax.training import config as config_lib
+    saved = evaluate.saved_config(workdir, 3)
+    args = [f"--config={config_lib.CONFIGS_DIR / 'phase3.py'}:{saved.get('profile', 'default')}"]
+    for key in SETUP_KEYS:
+        value = saved
+        for name in key.split("."):
+            value = value.get(name) if isinstance(value, dict) else None
+        if value not in (None, "", []):
+            args.append(f"--config.{key}={json.dumps(value) if isinstance(value, list) else value}")
+    return args
+
+
 def _phase3_run(workdir: str, out: str, epochs: int, warm: bool) -> dict:
     """Phase 3 for `epochs` from the workdir's base LLM, whitening and phases 1-2, in `out`."""
     if not os.path.isfile(os.path.join(out, "report.json")):
         shutil.rmtree(out, ignore_errors=True)
         os.makedirs(out)
-        for item in ("base_llm", "whitening.npz", "phase1", "phase2"):
+        for item in ("base_llm", "whitening.npz", "phase1", "phase2"):   # base_llm: a stand-in's only
             src = os.path.join(workdir, item)
-            (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(out, item))
-        config = os.path.join(workdir, "phase3", "config.json")
+            if os.path.exists(src):
+                (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, os.path.join(out, item))
         cmd = [sys.executable, "-m", "kervljepa_jax.train", "--phase=3", f"--workdir={out}",
-               f"--config.train.epochs={epochs}", f"--config.train.eval_every_epochs={epochs}"]
+               *same_setup(workdir), f"--config.train.epochs={epochs}", f"--config.train.eval_every_epochs={epochs}"]
         if warm:
             cmd.append(f"--warm_bridge_from={os.path.join(workdir, 'phase3', 'checkpoints')}")
-        logging.info("table VI: %s (%s)", " ".join(cmd[3:]), "config of the workdir's phase 3" if
-                     os.path.isfile(config) else "default config")
+        logging.info("table VI: %s", " ".join(cmd[3:]))
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise ExperimentError(f"table VI: phase 3 in {out} failed: {done.stderr.strip().splitlines()[-1]}")

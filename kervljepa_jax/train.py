@@ -40,6 +40,8 @@ from kervljepa_jax import cli as cli_lib, evaluate, figures, sharding
 from kervljepa_jax.data.records import DataError
 from kervljepa_jax.hf import HFLoadError
 from kervljepa_jax.model import bridge as bridge_lib
+from kervljepa_jax.model import compressor as compressor_lib
+from kervljepa_jax.model import llama as llama_lib
 from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.training import checkpoint as ckpt_lib
@@ -321,6 +323,20 @@ def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -
 # ----------------------------------------------------------------------------- main
 
 
+def check_before_set_up(config, workdir: str, init_from: str) -> None:
+    """What can be known wrong from the config alone, before minutes of set-up and compilation: the
+    mesh and batch, the preset, the compressor's sizes, the loss weights, and a checkpoint (resumed or
+    --init_from) of another model."""
+    run_lib.check_layout(config)
+    llama_lib.preset(config.model.preset)
+    compressor_lib.CompressorConfig(d_visual=int(config.model.d_visual), num_zones=int(config.model.num_visual_tokens))
+    step_lib.check_loss_weights(int(config.phase), dict(config.loss_weights))
+    if init_from:
+        ckpt_lib.check_same_model(init_from, config, f"--init_from={init_from}")
+    if ckpt_lib.has_checkpoint(workdir, int(config.phase)):
+        ckpt_lib.check_same_model(ckpt_lib.phase_directory(workdir, int(config.phase)), config, f"--workdir={workdir}")
+
+
 def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, overrides: dict[str, str],
                    explicit_config=None, init_from: str = "", warm_bridge_from: str = "") -> dict:
     configs = {p: explicit_config if explicit_config is not None else phase_config(p, arg, overrides)
@@ -329,7 +345,7 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
         if {"train.batch_size", "data.batch_size"} & set(overrides) and "train.batch_per_device" not in overrides:
             config.train.batch_per_device = 0       # a global batch given on the command line wins
         config_lib.resolve_batch(config, jax.device_count())
-        run_lib.check_layout(config)   # a mesh or batch that cannot work: one line, before set-up
+        check_before_set_up(config, workdir, init_from if config is configs[phases_to_run[0]] else "")
     first = phases_to_run[0]
     if first > 1 and not init_from and not ckpt_lib.has_checkpoint(workdir, first - 1):
         raise TrainError(no_previous_phase(first, workdir))   # before minutes of set-up, not after
@@ -368,7 +384,7 @@ def write_figures(workdir: str, report: dict) -> None:
 # The user's mistakes and faults, each raised with a one-line message that names the flag or file;
 # anything else is a bug and keeps its traceback.
 USER_ERRORS = (TrainError, DataError, config_lib.OverrideError, ckpt_lib.CheckpointError, evaluate.EvalError,
-               HFLoadError)
+               HFLoadError, llama_lib.ModelConfigError)
 
 
 def without_orbax_info(record: pylogging.LogRecord) -> bool:

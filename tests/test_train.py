@@ -59,6 +59,9 @@ def test_flag_mistakes_fail_in_one_line_before_any_set_up(tmp_path):
         ("--phase=1", "--config.train.epochs=-1"): (1, "--config.train.epochs=-1"),
         ("--phase=1", f"--workdir={a_file}"): (2, f"--workdir={a_file} is a file"),
         ("--phase=1", f"--config.model.llm_path={tmp_path / 'nope'}"): (2, "--config.model.llm_path="),
+        ("--phase=1", "--config.model.preset=nope"): (1, "--config.model.preset='nope': no such preset"),
+        ("--phase=1", "--config.data.embed_dim=100"): (1, "--config.model.d_visual=100"),
+        ("--phase=1", "--config.mesh=data:3"): (1, "--config.mesh='data:3': data*fsdp*tensor = 3 but 1 devices"),
     }
     running = {}
     for args in cases:
