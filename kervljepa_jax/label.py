@@ -119,7 +119,7 @@ class RadBertLabeler:
         if not os.path.isdir(encoder_dir):
             raise LabelError(f"--radbert_encoder: no such folder {encoder_dir}")
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
-        self.encoder = transformers.AutoModel.from_pretrained(encoder_dir, local_files_only=True,
+        self.encoder = transformers.AutoModel.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=True,
                                                               add_pooling_layer=True)
         encoder_state, weight, bias = _split_classifier_state(_load_classifier_state(classifier_path),
                                                               classifier_path)

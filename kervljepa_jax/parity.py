@@ -51,7 +51,7 @@ def compare(hf_path: str, dtype: str, batch: int, seq_len: int, seed: int) -> di
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     cfg, params = hf.load_llama(hf_path, dtype=dtype, param_dtype=dtype)   # first: its errors name the file
-    reference = transformers.LlamaForCausalLM.from_pretrained(hf_path, dtype=torch_dtype).eval()
+    reference = transformers.LlamaForCausalLM.from_pretrained(hf_path, dtype=torch_dtype, use_safetensors=True).eval()
     model = llama.Llama(cfg)
     ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, seq_len))
     with torch.no_grad():
