@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any
 
@@ -38,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import traverse_util
 
 from kervljepa_jax import cli as cli_lib, evaluate, hf
 from kervljepa_jax import whitening as whitening_lib
@@ -384,7 +382,7 @@ no_repeat_ngram_size {s.no_repeat_ngram_size}, max_new_tokens {s.max_new_tokens}
 - `llm/`: LoRA merged; `transformers.LlamaForCausalLM.from_pretrained("llm", use_safetensors=True)`
   ({num_shards} safetensors file(s)), with the tokenizer (`AutoTokenizer.from_pretrained("llm")`).
 - `adapter/`: the PEFT LoRA adapter; `peft.PeftModel.from_pretrained(base, "adapter")` on
-  {'`base/` (the unmerged decoder)' if options.with_base else 'the unmerged decoder (export with --with_base to get it as base/)'}.
+  {'`base/` (the unmerged decoder)' if options.with_base else 'the unmerged decoder (--with_base writes it as base/)'}.
 - `bridge/`: `bridge.safetensors` + `config.json` (compressor, predictor, calibrator, adapters,
   projectors, heads{', whitening' if os.path.isfile(os.path.join(options.workdir, 'whitening.npz')) else ''}).
 

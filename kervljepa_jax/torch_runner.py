@@ -186,7 +186,8 @@ class Bridge(nn.Module):
             self.whitening.register_buffer("mean", torch.zeros(config["whitening_shape"][0]))
             self.whitening.register_buffer("projection", torch.zeros(*config["whitening_shape"]))
 
-    def visual(self, slices: torch.Tensor, z_mm: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def visual(self, slices: torch.Tensor, z_mm: torch.Tensor,
+               valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (V' [B, K, d_v], V~ [B, K, D])."""
         tokens = self.compressor(slices, z_mm, valid)
         return tokens, self.calibrator(self.predictor(tokens))
@@ -262,7 +263,8 @@ class Runner:
     def _inputs(self, slices, z_mm, valid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         slices = torch.as_tensor(np.asarray(slices, np.float32))
         z_mm = torch.as_tensor(np.asarray(z_mm, np.float32))
-        valid = torch.ones(slices.shape[:2], dtype=torch.bool) if valid is None else torch.as_tensor(np.asarray(valid, bool))
+        valid = (torch.ones(slices.shape[:2], dtype=torch.bool) if valid is None
+                 else torch.as_tensor(np.asarray(valid, bool)))
         return slices, z_mm, valid
 
     @torch.no_grad()

@@ -22,8 +22,8 @@ from kervljepa_jax.training import checkpoint as ckpt_lib, run as run_lib
 
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 # The packaged stand-in decoder (64 wide, 4 layers) with a small bridge: 8 visual tokens of width 32.
-OVERRIDES = {"checkpoint.async_save": "false", "data.embed_dim": "32", "data.num_visual_tokens": "8", "model.lora.rank": "4",
-             "model.lora.alpha": "8.0"}
+OVERRIDES = {"checkpoint.async_save": "false", "data.embed_dim": "32", "data.num_visual_tokens": "8",
+             "model.lora.rank": "4", "model.lora.alpha": "8.0"}
 BEST, LATEST = 3, 5
 
 

@@ -3,7 +3,6 @@ same V', V~ and full-model logits as the JAX VLM (f32, <= 1e-4), also through pe
 the same greedy tokens as the JAX sampler, the adapters fire at every decode step, the CLI prints a
 report and says what is wrong in one line."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
