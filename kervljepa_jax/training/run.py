@@ -501,8 +501,9 @@ class Run:
         _, labels = training_texts(config.data)
         labels = np.stack(labels).astype(np.int32)
         raw = None
+        dim = self.vcfg.bridge.jepa_dim
         if texts == "reports":
-            emb, label_rows = self._report_rows(config), labels
+            emb, label_rows = self._report_rows(config, dim), labels
         elif texts == "targets":
             raw = self._embedded_rows(self.pipeline(config, "train"), {"llm": self.llm_params})
             classes = np.nonzero(raw["condition_index"] >= 0)[1]     # row-major: the order of condition_rows
@@ -510,18 +511,23 @@ class Run:
             emb = np.concatenate([raw["condition_rows"], raw["target"]])
         else:
             raise TrainError(f"--config.model.whiten_texts={texts!r}: use 'targets' or 'reports'")
-        w, stats = whitening_lib.fit_and_report(emb, label_rows, dim=self.vcfg.bridge.jepa_dim)
+        w, stats = whitening_lib.fit_and_report(emb, label_rows, dim=dim)
         stats = {"texts": texts, "num_texts": len(emb), **stats}
         logging.info("whitening (layer %d, %d training %s): %s", self.whiten_layer, len(emb), texts, json.dumps(stats))
         return w, stats, raw
 
-    def _report_rows(self, config) -> np.ndarray:
+    def _report_rows(self, config, dim: int) -> np.ndarray:
         """Unwhitened embeddings [N, D] of the training reports, tokenised as a raw-text phase's
-        batches carry them (a text-only pipeline of its own: nothing else of it is embedded)."""
+        batches carry them (a text-only pipeline of its own: nothing else of it is embedded); at
+        least `dim` + 1 of them, else TrainError before any is embedded."""
         data = ml_collections.ConfigDict(config.data.to_dict())
         data.text_mode = "raw"
         rows = pipeline_lib.Pipeline(data, "train", self.tokenizer).text_rows()
-        t = rows["target_ids"].shape[-1]
+        n, t = rows["target_ids"].shape
+        if n <= dim:     # a miniature split (the targets are ~5 texts a volume)
+            raise TrainError(f"--config.model.whiten_texts=reports: {n} training reports cannot fit a "
+                             f"{dim}-dimensional whitening (it needs more than {dim}); use more volumes or "
+                             "--config.model.whiten_texts=targets")
         return self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], {"llm": self.llm_params})
 
     def _text_key(self, pipe: pipeline_lib.Pipeline) -> str:

@@ -182,18 +182,23 @@ def test_alpha_is_recalibrated_every_n_steps_and_resumed_exactly(run):
 def test_paper_whitening_is_fitted_on_the_training_reports(run):
     """model.whiten_texts="reports" (the paper profile's): the whitening's mean is that of the
     training reports' embeddings as a raw-text phase's batches carry them, and its report says so;
-    the embedded default fits on the text targets and says that."""
+    too few reports for the whitening's width is one line naming the flag, before any is embedded."""
     import numpy as np
+
+    from kervljepa_jax.data import pipeline as pipeline_lib
 
     # 160 reports: a 64-component whitening needs more than 64 texts spanning 64 dimensions.
     reports = _config(4, run.workdir, **{"model.whiten_texts": "reports", "data.num_train": 160})
     w, stats, raw = run.fit_whitening(reports)
     assert raw is None and stats["texts"] == "reports" and stats["num_texts"] == 160
-    report_rows = run._embedded_rows(run.pipeline(reports, "train"), {"llm": run.llm_params})["target"]
-    np.testing.assert_allclose(w.mean, report_rows.mean(0), rtol=1e-5, atol=1e-6)
     assert {"d_prime_before", "d_prime_after", "mean_cosine_before"} <= set(stats)
-    _, targets, _ = run.fit_whitening(_config(1, run.workdir))
-    assert targets["texts"] == "targets" and targets["num_texts"] > 24
+    raw_text = pipeline_lib.Pipeline(reports.data, "train", run.tokenizer)         # phase 4: text_mode raw
+    report_rows = run._embedded_rows(raw_text, {"llm": run.llm_params})["target"]
+    np.testing.assert_allclose(w.mean, report_rows.mean(0), rtol=1e-5, atol=1e-6)
     assert config_lib.load_phase_config(1, "paper").model.whiten_texts == "reports"
+    assert config_lib.load_phase_config(1).model.whiten_texts == "targets"
     with pytest.raises(run_lib.TrainError, match="--config.model.whiten_texts='words'"):
         run.fit_whitening(_config(1, run.workdir, **{"model.whiten_texts": "words"}))
+    with pytest.raises(run_lib.TrainError, match="^--config.model.whiten_texts=reports: 24 training reports cannot "
+                                                 "fit a 64-dimensional whitening"):
+        run.fit_whitening(_config(1, run.workdir, **{"model.whiten_texts": "reports"}))
