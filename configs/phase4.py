@@ -1,27 +1,5 @@
-"""Phase 4, narrative (paper III-C4, eq. 13): only LoRA trains, on the raw Findings_EN text, pulled
-back to its phase-3 values by EWC (lambda 100, anchored at phase start); adapters and projectors
-are frozen so visual grounding survives the normal-anatomy prose.
+"""Phase 4: the packaged config, kervljepa_jax/configs/phase4.py (it ships with the wheel).
+`--config=configs/phase4.py[:paper]` reads this file: to change the phase, copy the packaged file
+over this one and edit it."""
 
-`--config=configs/phase4.py[:paper][,lora=card]`; see kervljepa_jax/training/config.py.
-"""
-
-from kervljepa_jax.model.lora import LORA_PATTERN
-from kervljepa_jax.training import config as config_lib
-
-PHASE = 4
-
-
-def get_config(arg=None):
-    c = config_lib.base_config()
-    c.data.text_mode = "raw"
-    c.trainable = [LORA_PATTERN]
-    # EWC is not a loss term here: the optimizer adds its gradient (training/optim.py).
-    c.loss_weights.update(dict(lm=1.0, focal=1.0))
-    c.ewc.lam = 100.0
-    c.train.epochs = 30
-    c.train.batch_per_device = 8      # per GPU
-    c.train.lr = 5e-7
-    c.train.schedule = "constant"
-    c.checkpoint.best_metric = "val_gen_f1"
-    c.checkpoint.best_mode = "max"
-    return config_lib.apply_profile(c, PHASE, arg)
+from kervljepa_jax.configs.phase4 import PHASE, get_config  # noqa: F401

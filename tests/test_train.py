@@ -177,6 +177,7 @@ def test_paper_profile_recipe_runs_every_phase_on_an_fsdp_mesh_of_8_devices(tmp_
     args = ["--phase=all", "--config=configs/phase1.py:paper", f"--config.model.llm_path={llm}",
             f"--config.data.tokenizer_path={llm}", f"--config.data.root={data}", "--config.model.injection_layers=[1]",
             "--config.model.whiten_layer=-1", "--config.data.embed_dim=64", "--config.data.max_slices=96",
+            "--config.model.whiten_texts=targets",      # 48 reports are too few to fit a 64-wide whitening
             "--config.train.max_steps=2", "--config.train.batch_size=8", "--config.eval.max_new_tokens=8",
             "--config.eval.ablation_examples=4"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu",

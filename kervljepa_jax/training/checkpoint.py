@@ -146,7 +146,8 @@ class Restored(NamedTuple):
 
 
 def phase_directory(workdir: str | pathlib.Path, phase: int) -> pathlib.Path:
-    return pathlib.Path(workdir) / f"phase{phase}" / "checkpoints"
+    # Absolute: Orbax refuses a relative path (`--workdir=w` failed at the first save).
+    return pathlib.Path(workdir).absolute() / f"phase{phase}" / "checkpoints"
 
 
 def has_checkpoint(workdir: str | pathlib.Path, phase: int) -> bool:
@@ -205,7 +206,7 @@ class PhaseCheckpointer:
             raise CheckpointError(f"--config.checkpoint.keep={keep}: keep at least the latest checkpoint (>= 1)")
         self.phase, self.best_metric, self.best_mode = phase, best_metric, best_mode
         self.every_steps = int(every_steps)
-        self.directory = pathlib.Path(directory) if directory is not None else phase_directory(workdir, phase)
+        self.directory = pathlib.Path(directory).absolute() if directory is not None else phase_directory(workdir, phase)
         # Latest `keep` plus best `keep_best`; a step saved without metrics survives only as a latest.
         policy = preservation.AnyPreservationPolicy([
             preservation.LatestN(n=keep),

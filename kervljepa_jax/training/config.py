@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
-import importlib.util
+import importlib
 import pathlib
 from typing import Any
 
@@ -29,7 +29,9 @@ from kervljepa_jax import data as data_lib, sharding
 
 PHASES = (1, 2, 3, 4)
 PROFILES = ("default", "paper")
-CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+# The phase configs ship inside the package (kervljepa_jax/configs): an installed wheel has no
+# top-level configs/ folder.
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # LoRA variants: the paper states r=16 (alpha unstated: 2r, the common choice); the released
 # model card says r=64, alpha=128.
@@ -304,14 +306,10 @@ def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None
 
 
 def load_phase_config(phase: int, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`configs/phase{phase}.py:get_config(arg)`, loaded by path (configs/ is not a package)."""
-    path = CONFIGS_DIR / f"phase{phase}.py"
-    if phase not in PHASES or not path.is_file():
-        raise FileNotFoundError(f"phase={phase!r}: no config file {path}; phases are {PHASES}")
-    spec = importlib.util.spec_from_file_location(f"kervljepa_phase{phase}_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    """`kervljepa_jax/configs/phase{phase}.py:get_config(arg)`, the packaged phase config."""
+    if phase not in PHASES:
+        raise FileNotFoundError(f"phase={phase!r}: no such phase config; phases are {PHASES}")
+    return importlib.import_module(f"kervljepa_jax.configs.phase{phase}").get_config(arg)
 
 
 # ------------------------------------------------------------------------------------------------
