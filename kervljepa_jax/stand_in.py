@@ -38,6 +38,7 @@ from absl import app, flags, logging
 from kervljepa_jax import cli as cli_lib, data as data_lib
 from kervljepa_jax.data import pipeline as pipeline_lib, synthetic
 from kervljepa_jax.data import text as text_lib
+from kervljepa_jax.training import pretrain
 
 PACKAGED_DIR = pathlib.Path(__file__).resolve().parent / "assets" / "stand_in_llm"
 PROVENANCE = "provenance.json"
@@ -135,7 +136,6 @@ def build(out: str, recipe: dict) -> dict:
     """Train the BPE and the tiny decoder on the pretrain stream with `recipe` (the keys of RECIPE);
     write the HF folder + provenance to `out`."""
     from kervljepa_jax.data import tokenizer as tokenizers
-    from kervljepa_jax.training import run as run_lib   # the phase-0 loop (imports this module)
 
     if set(recipe) != set(RECIPE):
         raise ValueError(f"stand_in.build: recipe keys {sorted(recipe)} != {sorted(RECIPE)}")
@@ -144,7 +144,7 @@ def build(out: str, recipe: dict) -> dict:
     tokenizer = tokenizers.train_bpe(fixed_texts() + reports, r["vocab_size"])
     staging = f"{out.rstrip('/')}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    loss = run_lib.pretrain_llm("tiny", tokenizer, documents, staging, steps=r["steps"], lr=r["lr"],
+    loss = pretrain.pretrain_llm("tiny", tokenizer, documents, staging, steps=r["steps"], lr=r["lr"],
                                 batch=r["batch"], seq_len=r["seq_len"], seed=r["seed"])
     provenance = {"fingerprint": fingerprint(r["seed"]), "recipe": recipe, "final_lm_loss": round(loss, 4),
                   "documents": len(documents), "build_seconds": round(time.time() - t0, 1),
