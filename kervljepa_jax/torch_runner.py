@@ -325,7 +325,11 @@ def load(export_dir: str, use_adapter: bool = False, dtype: torch.dtype = torch.
     model = transformers.LlamaForCausalLM.from_pretrained(llm, use_safetensors=True, dtype=dtype)
     if use_adapter:
         import peft
-        model = peft.PeftModel.from_pretrained(model, os.path.join(export_dir, "adapter")).get_base_model()
+        adapter = os.path.join(export_dir, "adapter")
+        if not os.path.isfile(os.path.join(adapter, "adapter_model.safetensors")):
+            raise RunnerError(f"{adapter}: no adapter_model.safetensors (only safetensors adapters are loaded)")
+        model = peft.PeftModel.from_pretrained(  # safe-load: adapter_model.safetensors checked to exist above
+            model, adapter).get_base_model()
     bridge, config = load_bridge(os.path.join(export_dir, "bridge"))
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm)
     generation = transformers.GenerationConfig.from_pretrained(os.path.join(export_dir, "llm"))
