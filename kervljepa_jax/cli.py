@@ -170,3 +170,40 @@ def initialize_distributed(prog: str, coordinator_address: str = "", num_process
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**settings)
+
+
+# ----------------------------------------------------------------------------- the flags train and evaluate share
+
+
+def _default_phase(argv: list[str]) -> int:
+    """N for `--phase=N` (so `--config.x` may name a field only phase N has), else 1."""
+    phase = next((a.split("=", 1)[1] for a in argv if a.startswith("--phase=")), None)
+    if phase is None and "--phase" in argv[:-1]:
+        phase = argv[argv.index("--phase") + 1]
+    return int(phase) if phase in ("1", "2", "3", "4") else 1
+
+
+def define_run_flags() -> None:
+    """--phase, --workdir, --config (with --config.a.b=v), --init_from, --warm_bridge_from and the
+    multi-process flags: one spelling for train and evaluate, defined once per process (a second call
+    does nothing). config_flags applies the --config.a.b=v overrides here, so a field that does not
+    exist raises KeyError/AttributeError from this call (`bad_config_field` turns it into one line)."""
+    if "workdir" in flags.FLAGS:
+        return
+    from ml_collections import config_flags
+    from kervljepa_jax.training import config as config_lib
+    flags.DEFINE_enum("phase", "all", ["1", "2", "3", "4", "all"], "Curriculum phase to run, or all four.")
+    flags.DEFINE_string("workdir", None, "Output folder: checkpoints, logs, tokenizer, report.json.")
+    flags.DEFINE_string("init_from", "", "Checkpoint to start the phase from (default: best of phase N-1).")
+    flags.DEFINE_string("warm_bridge_from", "", "Phase-3 checkpoint whose bridge (projectors, adapters, LoRA) "
+                        "overwrites ours at the start of phase 3.")
+    flags.DEFINE_bool("distributed", False, "One of several processes (multi-host GPU / TPU pod): call "
+                      "jax.distributed.initialize() with the three flags below, or the KERVLJEPA_* variables, or "
+                      "what JAX detects (SLURM, Open MPI, TPU VM).")
+    flags.DEFINE_string("coordinator_address", "", "With --distributed: host:port of process 0.")
+    flags.DEFINE_integer("num_processes", 0, "With --distributed: how many processes in all.")
+    flags.DEFINE_integer("process_id", -1, "With --distributed: this process's index, 0..num_processes-1.")
+    phase = _default_phase(sys.argv)
+    hold_out_list_overrides(sys.argv, config_lib.load_phase_config(phase))
+    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / f"phase{phase}.py"),
+                                    "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")

@@ -697,9 +697,9 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
-    """The evaluate flags on top of train's (--workdir, --phase, --config: one spelling for both CLIs)
-    and label's (--labeler, --radbert_encoder, --radbert_classifier)."""
-    from kervljepa_jax import train  # noqa: F401  (defines --workdir, --phase, --config)
+    """The evaluate flags on top of the run flags it shares with train (--workdir, --phase, --config:
+    one spelling for both CLIs) and label's (--labeler, --radbert_encoder, --radbert_classifier)."""
+    cli_lib.define_run_flags()          # --workdir, --phase, --config, --distributed, ... as train spells them
 
     flags.DEFINE_enum("split", "valid", ["train", "valid"], "Split to evaluate.")
     flags.DEFINE_string("ablations", ",".join(ABLATIONS), "Visual-token ablations to generate under (Table IX); "

@@ -34,7 +34,6 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from kervljepa_jax import cli as cli_lib, evaluate, figures, sharding
 from kervljepa_jax.data.records import DataError
@@ -51,32 +50,8 @@ from kervljepa_jax.training import optim, phases, run as run_lib, step as step_l
 from kervljepa_jax.training.run import Run, TrainError, alpha_of, calibrate, fresh_params, restored_variables
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("phase", "all", ["1", "2", "3", "4", "all"], "Curriculum phase to run, or all four.")
-flags.DEFINE_string("workdir", None, "Output folder: checkpoints, logs, tokenizer, report.json.")
-flags.DEFINE_string("init_from", "", "Checkpoint to start the phase from (default: best of phase N-1).")
-flags.DEFINE_string("warm_bridge_from", "", "Phase-3 checkpoint whose bridge (projectors, adapters, LoRA) "
-                    "overwrites ours at the start of phase 3.")
-flags.DEFINE_bool("distributed", False, "One of several processes (multi-host GPU / TPU pod): call "
-                  "jax.distributed.initialize() with the three flags below, or the KERVLJEPA_* variables, or "
-                  "what JAX detects (SLURM, Open MPI, TPU VM).")
-flags.DEFINE_string("coordinator_address", "", "With --distributed: host:port of process 0.")
-flags.DEFINE_integer("num_processes", 0, "With --distributed: how many processes in all.")
-flags.DEFINE_integer("process_id", -1, "With --distributed: this process's index, 0..num_processes-1.")
-
-
-def _default_phase(argv: list[str]) -> int:
-    """N for `--phase=N` (so `--config.x` may name a field only phase N has), else 1."""
-    phase = next((a.split("=", 1)[1] for a in argv if a.startswith("--phase=")), None)
-    if phase is None and "--phase" in argv[:-1]:
-        phase = argv[argv.index("--phase") + 1]
-    return int(phase) if phase in ("1", "2", "3", "4") else 1
-
-
 try:  # config_flags applies --config.a.b=v right here, at definition: a missing field fails now
-    _phase = _default_phase(sys.argv)
-    cli_lib.hold_out_list_overrides(sys.argv, config_lib.load_phase_config(_phase))
-    config_flags.DEFINE_config_file("config", str(config_lib.CONFIGS_DIR / f"phase{_phase}.py"),
-                                    "Phase config file[:arg]; with --phase=all its arg (profile) applies to every phase.")
+    cli_lib.define_run_flags()
 except (KeyError, AttributeError) as _error:
     cli_lib.bad_config_field(cli_lib.program_name(), sys.argv, _error)
 
