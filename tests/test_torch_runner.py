@@ -3,6 +3,8 @@ same V', V~ and full-model logits as the JAX VLM (f32, <= 1e-4), also through pe
 the same greedy tokens as the JAX sampler, the adapters fire at every decode step, the CLI prints a
 report and says what is wrong in one line."""
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -118,3 +120,24 @@ def test_a_bf16_export_runs_in_bf16_close_to_the_f32_jax_model(setup, tmp_path_f
     got = bf16.logits(ids, slices, z, valid).numpy()
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("gate", ["tanh", "none"])
+def test_adapter_matches_the_jax_cross_attention_gated_or_not(gate):
+    """torch_runner.GatedCrossAttention on the weights export._cross_attention writes: the JAX
+    adapter's output, with Flamingo's tanh gate or ungated (model.xattn_gate="none", no gate weight)."""
+    from kervljepa_jax.model import xattn as xattn_lib
+    cfg = xattn_lib.CrossAttentionConfig(d_model=32, num_heads=4, head_dim=8, gate=gate, gate_init=0.7)
+    rng = np.random.default_rng(3)
+    h, visual = rng.standard_normal((2, 5, 32)).astype(np.float32), rng.standard_normal((2, 7, 32)).astype(np.float32)
+    module = xattn_lib.GatedCrossAttention(cfg)
+    params = nn.unbox(module.init(jax.random.key(0), jnp.asarray(h), jnp.asarray(visual)))["params"]
+    want = np.asarray(module.apply({"params": params}, jnp.asarray(h), jnp.asarray(visual)))
+    torch_module = torch_runner.GatedCrossAttention({"d_model": 32, "num_heads": 4, "head_dim": 8,
+                                                      "layer_norm_eps": cfg.layer_norm_eps, "gate": gate})
+    state = {k[len("a."):]: torch.from_numpy(v) for k, v in export._cross_attention("a", params).items()}
+    torch_module.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        got = torch_module(torch.from_numpy(h), torch.from_numpy(visual)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert ("gate" in state) == (gate == "tanh") and np.abs(want - h).max() > 1e-2
