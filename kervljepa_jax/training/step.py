@@ -95,8 +95,14 @@ def condition_mask(batch: dict[str, Array]) -> Array:
 
 
 def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: Any, calibration: Any,
-                 batch: dict[str, Array], rng: Array, consts: dict[str, Any]) -> dict[str, Array]:
-    """The named loss terms of `phase` (unweighted)."""
+                 batch: dict[str, Array], rng: Array, consts: dict[str, Any],
+                 weights: dict[str, float] | None = None) -> dict[str, Array]:
+    """The named loss terms of `phase` (unweighted) that have a non-zero weight in `weights` (all
+    when None): a term weighted 0 is not computed, so it costs nothing and a NaN in it cannot make
+    the step non-finite (0 * NaN = NaN)."""
+    def on(name: str) -> bool:
+        return weights is None or float(weights.get(name, 0.0)) != 0.0
+
     variables = {"params": params, "calibration": calibration}
     rngs = {"dropout": rng}
     labels = batch["labels"].astype(jnp.float32)
@@ -113,24 +119,30 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
     visual = out.visual
     terms = {}
     if phase == 1:
-        terms["bce"] = losses.bce_with_logits(visual.cls_logits, labels, pos_weight)
-        terms["mil"] = losses.bce_with_logits(visual.mil_logits, labels, pos_weight)
-        terms["orth"] = losses.orthogonality_loss(visual.tokens)
-    if phase in (1, 2):
+        if on("bce"):
+            terms["bce"] = losses.bce_with_logits(visual.cls_logits, labels, pos_weight)
+        if on("mil"):
+            terms["mil"] = losses.bce_with_logits(visual.mil_logits, labels, pos_weight)
+        if on("orth"):
+            terms["orth"] = losses.orthogonality_loss(visual.tokens)
+    if phase in (1, 2) and on("mmd"):
         cond = condition_targets(encoder, params, batch, whitening)
         terms["mmd"] = losses.mmd_imq_loss(visual.z_tokens, cond, batch["condition_valid"])
-    if phase == 2:
+    if phase == 2 and on("infonce"):
         target = report_targets(encoder, params, batch, whitening)
         terms["infonce"] = losses.info_nce_loss(visual.z_visual, target, params["log_temperature"])
     if phase in (3, 4):
-        head = lambda hidden: model.apply(variables, hidden, method=vlm_lib.VLM.token_logits)  # noqa: E731
-        terms["lm"] = losses.lm_loss_from_hidden(out.hidden, batch["input_ids"], batch["loss_mask"], head,
-                                                 LM_CHUNK)
-        terms["focal"] = losses.focal_loss(out.llm_cls_logits, labels)
+        if on("lm"):
+            head = lambda hidden: model.apply(variables, hidden, method=vlm_lib.VLM.token_logits)  # noqa: E731
+            terms["lm"] = losses.lm_loss_from_hidden(out.hidden, batch["input_ids"], batch["loss_mask"], head,
+                                                     LM_CHUNK)
+        if on("focal"):
+            terms["focal"] = losses.focal_loss(out.llm_cls_logits, labels)
     if phase == 3:
-        target = report_targets(encoder, params, batch, whitening)
-        terms["jepa"] = losses.jepa_loss(visual.z_visual, target)
-        terms["llm_cls"] = losses.llm_visual_cls_loss(out.llm_cls_logits, labels, pos_weight)
+        if on("jepa"):
+            terms["jepa"] = losses.jepa_loss(visual.z_visual, report_targets(encoder, params, batch, whitening))
+        if on("llm_cls"):
+            terms["llm_cls"] = losses.llm_visual_cls_loss(out.llm_cls_logits, labels, pos_weight)
     return terms
 
 
@@ -165,7 +177,7 @@ def make_train_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, tx: op
     def step(trainable, frozen, opt_state, calibration, batch, rng, consts):
         def loss_fn(t):
             terms = phase_losses(phase, model, encoder, phases.merge_params(t, frozen), calibration, batch, rng,
-                                 consts)
+                                 consts, weights)
             return weighted_total(terms, weights, phase), terms
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)
@@ -181,7 +193,7 @@ def make_eval_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, weights
     check_loss_weights(phase, weights)
 
     def step(params, calibration, batch, consts):
-        terms = phase_losses(phase, model, encoder, params, calibration, batch, jax.random.key(0), consts)
+        terms = phase_losses(phase, model, encoder, params, calibration, batch, jax.random.key(0), consts, weights)
         return {"loss": weighted_total(terms, weights, phase), **terms}
 
     return step

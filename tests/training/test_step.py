@@ -89,3 +89,20 @@ def test_one_step_on_each_mesh_equals_one_device(phase, boxed):
         assert mesh_params.keys() == params.keys()
         for path, value in params.items():     # updates are ~1e-3; a missing or doubled one fails
             np.testing.assert_allclose(mesh_params[path], value, rtol=1e-5, atol=2e-6, err_msg=f"{spec} {path}")
+
+
+def test_a_term_weighted_zero_is_not_computed_and_its_nan_cannot_spoil_the_step(boxed, monkeypatch):
+    """The embedded default's phase 3 weighs focal, JEPA and LLM-cls at 0: they are not computed (not
+    in the metrics), and a NaN one of them would produce leaves the loss finite (0 * NaN is NaN)."""
+    monkeypatch.setattr(step_lib.losses, "focal_loss", lambda *a, **k: jnp.float32(jnp.nan))
+    variables, batch, consts = nn.unbox(boxed), {k: jnp.asarray(v) for k, v in _batch().items()}, _consts()
+    config = config_lib.load_phase_config(3)
+    weights = dict(config.loss_weights)
+    assert weights["focal"] == weights["jepa"] == weights["llm_cls"] == 0.0 and weights["lm"] == 1.0
+    encoder = step_lib.TextEncoder(CFG.llm, 2)
+    terms = step_lib.phase_losses(3, vlm_lib.VLM(CFG), encoder, variables["params"], variables["calibration"],
+                                  batch, jax.random.key(0), consts, weights)
+    assert set(terms) == {"lm"} and np.isfinite(float(terms["lm"]))
+    every = step_lib.phase_losses(3, vlm_lib.VLM(CFG), encoder, variables["params"], variables["calibration"],
+                                  batch, jax.random.key(0), consts)
+    assert set(every) == {"lm", "focal", "jepa", "llm_cls"} and np.isnan(float(every["focal"]))
