@@ -56,16 +56,21 @@ from kervljepa_jax.training import config as config_lib, optim, phases  # noqa: 
 from kervljepa_jax.training import run as run_lib, step as step_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "llama3_2_3b", sorted(llama_lib.PRESETS), "LLM preset.")
-flags.DEFINE_integer("phase", 3, "Curriculum phase whose train step is compiled (1-4).")
-flags.DEFINE_string("mesh", "data:1,fsdp:8,tensor:1", "Mesh, as --config.mesh (data:D,fsdp:F,tensor:T).")
-flags.DEFINE_integer("devices", 8, "Devices in all when a mesh axis is -1 (host CPU devices are forced to match).")
-flags.DEFINE_integer("batch_per_device", 8, "Training examples per device (global batch = this x devices).")
-flags.DEFINE_integer("seq_len", 544, "Token positions per example (data.max_tokens).")
-flags.DEFINE_integer("num_slices", 0, "Slices per volume (data.max_slices); 0 = the config's.")
-flags.DEFINE_string("lora", "paper", "LoRA variant: paper (r=16) or card (r=64).")
-flags.DEFINE_string("remat_policy", "", "Layer remat policy (model/llama.py REMAT_POLICIES); '' = the preset's.")
-flags.DEFINE_bool("flops", True, "Also lower the step and forward with unrolled layers to count FLOPs.")
+
+
+def _define_flags() -> None:
+    """At `python -m` time only: importing this module defines no flag."""
+    flags.DEFINE_enum("preset", "llama3_2_3b", sorted(llama_lib.PRESETS), "LLM preset.")
+    flags.DEFINE_integer("phase", 3, "Curriculum phase whose train step is compiled (1-4).")
+    flags.DEFINE_string("mesh", "data:1,fsdp:8,tensor:1", "Mesh, as --config.mesh (data:D,fsdp:F,tensor:T).")
+    flags.DEFINE_integer("devices", 8, "Devices in all when a mesh axis is -1 (host CPU devices are forced to match).")
+    flags.DEFINE_integer("batch_per_device", 8, "Training examples per device (global batch = this x devices).")
+    flags.DEFINE_integer("seq_len", 544, "Token positions per example (data.max_tokens).")
+    flags.DEFINE_integer("num_slices", 0, "Slices per volume (data.max_slices); 0 = the config's.")
+    flags.DEFINE_string("lora", "paper", "LoRA variant: paper (r=16) or card (r=64).")
+    flags.DEFINE_string("remat_policy", "", "Layer remat policy (model/llama.py REMAT_POLICIES); '' = the preset's.")
+    flags.DEFINE_bool("flops", True, "Also lower the step and forward with unrolled layers to count FLOPs.")
+
 
 GiB = 1024 ** 3
 
@@ -233,4 +238,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=cli_lib.flags_parser("aot"))

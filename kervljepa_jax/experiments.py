@@ -32,10 +32,17 @@ from kervljepa_jax import cli as cli_lib, figures
 
 FLAGS = flags.FLAGS
 TABLES = ("VI", "IX", "X")
-flags.DEFINE_enum("table", None, list(TABLES), "Which of the paper's tables to build.")
-flags.DEFINE_string("workdir", None, "A training workdir (python -m kervljepa_jax.train --workdir=DIR).")
-flags.DEFINE_integer("epochs", 1, "Table VI: phase-3 epochs of each run (the paper compares epoch 1).")
-flags.DEFINE_integer("num_examples", 200, "Table X: validation volumes to score, whole batches (0 = all; the paper: 200).")
+
+
+def _define_flags() -> None:
+    """At `python -m` time only: a module that only imports this one keeps its own flags."""
+    flags.DEFINE_enum("table", None, list(TABLES), "Which of the paper's tables to build.")
+    if "workdir" not in FLAGS:       # the same flag train and evaluate define
+        flags.DEFINE_string("workdir", None, "A training workdir (python -m kervljepa_jax.train --workdir=DIR).")
+    flags.DEFINE_integer("epochs", 1, "Table VI: phase-3 epochs of each run (the paper compares epoch 1).")
+    flags.DEFINE_integer("num_examples", 200, "Table X: validation volumes to score, whole batches (0 = all; "
+                         "the paper: 200).")
+
 
 MODE_NAMES = {"full": "Full visual tokens", "normal": "Full visual tokens", "zero": "Zeroed",
               "shuffle": "Shuffled (other patient)", "noise": "Random noise"}
@@ -225,4 +232,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=cli_lib.flags_parser("experiments"))

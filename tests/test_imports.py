@@ -54,3 +54,14 @@ def test_no_import_circles():
     # A package's __init__ importing its own submodules is not a circle of the code's floors.
     graph = {name: {m for m in deps if not name.startswith(m + ".")} for name, deps in graph.items()}
     assert import_cycles(graph) == set()
+
+
+def test_every_module_imports_beside_every_other():
+    """One process may import every module (a notebook, a test run): no two define the same absl
+    flag at import time (the CLIs' own flags are defined when they run)."""
+    import subprocess
+    import sys
+    names = sorted(m for m in _modules() if not m.startswith("kervljepa_jax.configs"))
+    code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\n" % names
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
