@@ -279,9 +279,10 @@ def load_llama(path: str, *, lora: LoraConfig | None = None, mesh: jax.sharding.
         if sources is None:
             missing_paths.append(p)
             continue
-        host = _gather(reader, sources, spec, path, _is_stacked(p))
-        loaded[p] = jax.device_put(host, flat_shardings.get(p)) if mesh is not None else jnp.asarray(host)
-        del host
+        if mesh is not None:
+            loaded[p] = _read_onto(reader, sources, spec, path, _is_stacked(p), flat_shardings[p])
+        else:
+            loaded[p] = jnp.asarray(_gather(reader, sources, spec, path, _is_stacked(p)))
     loaded.update(_init_missing(cfg, missing_paths, rng, mesh, flat_shardings))
     unused = _unused_tensors(reader, abstract)
     if unused:
@@ -291,11 +292,12 @@ def load_llama(path: str, *, lora: LoraConfig | None = None, mesh: jax.sharding.
     return cfg, traverse_util.unflatten_dict(loaded)
 
 
-def _gather(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
-            folder: str, stacked: bool) -> np.ndarray:
-    """One leaf into a fresh host buffer; a stacked leaf takes one HF tensor per layer."""
-    out = np.empty(spec.shape, dtype=spec.dtype)
-    for i, (name, transpose) in enumerate(sources):
+def _source_tensors(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
+                    folder: str, stacked: bool) -> list[np.ndarray]:
+    """The leaf's HF tensors as memory-mapped views in our layout (transposed where HF's is), one per
+    stacked layer, their shapes checked; nothing is read from disk yet."""
+    views = []
+    for name, transpose in sources:
         if name not in reader:
             raise HFLoadError(f"{folder}: tensor {name} is missing from the checkpoint")
         t = reader.get(name)
@@ -305,11 +307,33 @@ def _gather(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: ja
             hf_shape = tuple(t.T.shape) if transpose else tuple(t.shape)
             raise HFLoadError(f"{folder}: tensor {name} has shape {hf_shape}, the config expects "
                               f"{tuple(want)[::-1] if transpose else tuple(want)}")
-        if stacked:
-            out[i] = t.astype(spec.dtype)
-        else:
-            out[...] = t.astype(spec.dtype)
+        views.append(t)
+    return views
+
+
+def _gather(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
+            folder: str, stacked: bool) -> np.ndarray:
+    """One leaf into a fresh host buffer; a stacked leaf takes one HF tensor per layer."""
+    views = _source_tensors(reader, sources, spec, folder, stacked)
+    out = np.empty(spec.shape, dtype=spec.dtype)
+    for i, t in enumerate(views):
+        out[i if stacked else ...] = t.astype(spec.dtype)
     return out
+
+
+def _read_onto(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
+               folder: str, stacked: bool, placement: jax.sharding.Sharding) -> jax.Array:
+    """One leaf straight onto its sharding: for each of this process's devices only the slice that
+    device holds is read from the memory-mapped files (an FSDP shard of a 3B layer, not the layer)."""
+    views = _source_tensors(reader, sources, spec, folder, stacked)
+
+    def piece(index: tuple[slice, ...]) -> np.ndarray:
+        if not stacked:
+            return np.asarray(views[0][index], dtype=spec.dtype)
+        layers = range(*index[0].indices(spec.shape[0]))
+        return np.stack([np.asarray(views[i][index[1:]], dtype=spec.dtype) for i in layers])
+
+    return jax.make_array_from_callback(spec.shape, placement, piece)
 
 
 def _init_missing(cfg: LlamaConfig, paths: list[tuple[str, ...]], rng, mesh, flat_shardings) -> dict:
