@@ -137,6 +137,13 @@ DISTRIBUTED_ENV = {"coordinator_address": "KERVLJEPA_COORDINATOR", "num_processe
                    "process_id": "KERVLJEPA_PROCESS_ID"}
 
 
+def _env_int(environ, key: str, default: int) -> int:
+    raw = environ.get(DISTRIBUTED_ENV[key], "")
+    if raw and not raw.lstrip("-").isdigit():
+        raise ValueError(f"{DISTRIBUTED_ENV[key]}={raw!r}: not an integer")
+    return int(raw) if raw else default
+
+
 def distributed_settings(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
                          environ: dict | None = None) -> dict:
     """The keyword arguments for `jax.distributed.initialize`: the flags', else the environment's;
@@ -144,8 +151,8 @@ def distributed_settings(coordinator_address: str = "", num_processes: int = 0, 
     address without a process count) is an error naming what is missing."""
     environ = os.environ if environ is None else environ
     given = {"coordinator_address": coordinator_address or environ.get(DISTRIBUTED_ENV["coordinator_address"], ""),
-             "num_processes": num_processes or int(environ.get(DISTRIBUTED_ENV["num_processes"], 0) or 0),
-             "process_id": process_id if process_id >= 0 else int(environ.get(DISTRIBUTED_ENV["process_id"], -1))}
+             "num_processes": num_processes or _env_int(environ, "num_processes", 0),
+             "process_id": process_id if process_id >= 0 else _env_int(environ, "process_id", -1)}
     named = {k: v for k, v in given.items() if v not in ("", 0, -1)}
     if given["process_id"] == 0:
         named["process_id"] = 0
@@ -169,7 +176,11 @@ def initialize_distributed(prog: str, coordinator_address: str = "", num_process
         fail(prog, str(e), 2)
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**settings)
+    try:
+        jax.distributed.initialize(**settings)
+    except (ValueError, RuntimeError) as e:     # nothing to detect, or a coordinator that never answers
+        fail(prog, f"--distributed: {str(e).splitlines()[0] if str(e) else type(e).__name__}; give "
+                   "--coordinator_address, --num_processes and --process_id", 2)
 
 
 # ----------------------------------------------------------------------------- the flags train and evaluate share

@@ -127,7 +127,8 @@ def generation_eval(generator: ReportGenerator, variables: Any, batches: Sequenc
     labeler = labeler or RuleLabeler()
     rng = jax.random.key(0) if rng is None else rng
     truth = np.concatenate([_host(b["labels"]) for b in batches])
-    names = sharding.host_strings([n for b in batches for n in b.get("meta", {}).get("volume_name", [])])
+    # Per batch, as the rows of each global batch are laid out (process 0's rows, then process 1's, ...).
+    names = [n for b in batches for n in sharding.host_strings(list(b.get("meta", {}).get("volume_name", [])))]
     names += [""] * (len(truth) - len(names))
     results: dict[str, Any] = {"labels": truth, "volume_names": names}
     texts: dict[str, list[str]] = {mode: [] for mode in modes}
@@ -447,9 +448,38 @@ def restore_phase(run: Any, config: Any, phase: int) -> Loaded:
     return Loaded(run=run, config=config, phase=phase, variables=variables, step=restored.step)
 
 
+_LABELERS: dict[tuple[str, str, str], Any] = {}
+
+
+def config_labeler(config) -> Any:
+    """The labeler `config.eval` names (rules unless eval.labeler=radbert), loaded once per process:
+    RadBERT is a transformer, and validation calls for it at every evaluation."""
+    e = config.eval
+    key = (str(e.get("labeler", "rules")), str(e.get("radbert_encoder", "")), str(e.get("radbert_classifier", "")))
+    if key not in _LABELERS:
+        _LABELERS[key] = label_lib.make_labeler(*key)
+    return _LABELERS[key]
+
+
+def labeler_problem(config) -> str:
+    """Why `config.eval` cannot give its labeler, checked before any set-up ("" when it can)."""
+    e = config.eval
+    kind = str(e.get("labeler", "rules"))
+    if kind not in ("rules", "radbert"):
+        return f"--config.eval.labeler={kind}: use rules or radbert"
+    for key in ("radbert_encoder", "radbert_classifier") if kind == "radbert" else ():
+        if not e.get(key) or not os.path.exists(e[key]):
+            return (f"--config.eval.labeler=radbert needs --config.eval.{key}=PATH (a local path; "
+                    f"got {e.get(key)!r})")
+    return ""
+
+
 def headline_numbers(payload: dict) -> dict:
-    """`evaluate_phase`'s headline numbers: macro F1 / P / R with the CI, each ablation's, per-class F1."""
+    """`evaluate_phase`'s headline numbers: macro F1 / P / R with the CI, each ablation's, per-class F1,
+    and which labeler scored the reports."""
     out = {k: payload[k] for k in ("macro_f1", "precision", "recall", "macro_f1_ci", "num_volumes")}
+    if "labeler" in payload:
+        out["labeler"] = payload["labeler"]
     out["per_class_f1"] = {c["name"]: c["f1"] for c in payload["report"]["per_class"]}
     if "ablations" in payload:
         out["ablations"] = {m: {k: a[k] for k in ("macro_f1", "precision", "recall", "num_volumes", "full_macro_f1")}
@@ -471,7 +501,7 @@ class EvalOptions:
     # The ablations generate for the first this-many of those volumes (whole batches);
     # None: config.eval.ablation_examples; 0 = all of them.
     ablation_examples: int | None = None
-    labeler: Any = None                  # None: the rule labeler
+    labeler: Any = None                  # None: the one the phase's config.eval names (rules by default)
 
 
 def parse_ablations(raw: str) -> tuple[str, ...]:
@@ -627,7 +657,7 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     t0 = time.time()
     generating = loaded.phase in GENERATING_PHASES
     modes = ("normal", *options.ablations) if generating else ()
-    labeler = options.labeler or RuleLabeler()
+    labeler = options.labeler or config_labeler(loaded.config)
     outputs = _collect_outputs(loaded, options, modes)
     truth = outputs["labels"]
     payload: dict[str, Any] = {"phase": loaded.phase, "checkpoint_step": loaded.step, "split": options.split,
@@ -638,7 +668,11 @@ def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     figure_paths: dict[str, str | None] = {}
     if generating:
         labelled = {m: labeler(outputs["texts"][m]) for m in modes}
-        if llm_classifier_trained(loaded.config, loaded.run.workdir):
+        if hasattr(labeler, "scores"):     # RadBERT: its own probabilities of the reports, as the paper
+            scores, scores_note = labeler.scores(outputs["texts"]["normal"]), (
+                "RadBERT classifier probabilities on the generated (normal-mode) reports; used for AUC and the "
+                "threshold search (the paper's protocol)")
+        elif llm_classifier_trained(loaded.config, loaded.run.workdir):
             scores, scores_note = outputs["llm_probs"], ("LLM-visual classifier probabilities on the generated "
                                                          "(normal-mode) report; used for AUC and the threshold search")
         else:
@@ -742,8 +776,9 @@ def main(argv: list[str]) -> None:
         options = EvalOptions(split=FLAGS.split, ablations=parse_ablations(FLAGS.ablations), nll=FLAGS.nll,
                               probe=FLAGS.probe, probe_folds=FLAGS.probe_folds, num_examples=FLAGS.num_examples,
                               ablation_examples=FLAGS.ablation_examples,
-                              labeler=label_lib.make_labeler(FLAGS.labeler, FLAGS.radbert_encoder,
-                                                             FLAGS.radbert_classifier))
+                              labeler=(label_lib.make_labeler(FLAGS.labeler, FLAGS.radbert_encoder,
+                                                              FLAGS.radbert_classifier)
+                                       if FLAGS["labeler"].present else None))   # None: the config's
         check_workdir(workdir)
         if FLAGS.phase == "all" and FLAGS["phase"].present:
             phases = trained_phases(workdir)

@@ -132,8 +132,9 @@ def table_x(workdir: str, num_examples: int) -> tuple[str, dict]:
 
 
 # What a rerun of phase 3 must share with the workdir's own: its profile, data and LLM.
-SETUP_KEYS = ("data.source", "data.root", "data.tokenizer_path", "data.embed_dim", "model.llm_path", "model.preset",
-              "model.injection_layers", "model.whiten_layer", "model.lora.rank", "model.lora.alpha")
+SETUP_KEYS = ("data.source", "data.root", "data.tokenizer_path", "data.embed_dim", "data.num_visual_tokens",
+              "model.llm_path", "model.preset", "model.injection_layers", "model.whiten_layer", "model.whiten_texts",
+              "model.jepa_dim", "model.xattn_gate", "model.xattn_gate_init", "model.lora.rank", "model.lora.alpha")
 
 
 def same_setup(workdir: str) -> list[str]:
@@ -168,7 +169,8 @@ def _phase3_run(workdir: str, out: str, epochs: int, warm: bool) -> dict:
         logging.info("table VI: %s", " ".join(cmd[3:]))
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
-            raise ExperimentError(f"table VI: phase 3 in {out} failed: {done.stderr.strip().splitlines()[-1]}")
+            last = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise ExperimentError(f"table VI: phase 3 in {out} failed: {last}")
     return json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))["phase3"]
 
 
@@ -221,12 +223,18 @@ def main(argv: list[str]) -> None:
         cli_lib.fail("experiments", f"--workdir={FLAGS.workdir} does not exist; train first", 2)
     if FLAGS.epochs < 1 or FLAGS.num_examples < 0:
         cli_lib.fail("experiments", "--epochs must be >= 1 and --num_examples >= 0", 2)
-    from kervljepa_jax import evaluate
+    from kervljepa_jax import evaluate, hf
+    from kervljepa_jax.data.records import DataError
+    from kervljepa_jax.model.llama import ModelConfigError
+    from kervljepa_jax.training import checkpoint, config as config_lib
+    from kervljepa_jax.training.pretrain import TrainError
+    user_errors = (ExperimentError, evaluate.EvalError, TrainError, DataError, config_lib.OverrideError,
+                   checkpoint.CheckpointError, hf.HFLoadError, ModelConfigError)
     # Orbax narrates every restore at INFO; its warnings stay.
     logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
     try:
         path = build(FLAGS.table, FLAGS.workdir, FLAGS.epochs, FLAGS.num_examples)
-    except (ExperimentError, evaluate.EvalError) as e:
+    except user_errors as e:
         cli_lib.fail("experiments", str(e).splitlines()[0])
     print(open(path, encoding="utf-8").read())
 

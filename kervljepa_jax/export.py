@@ -91,6 +91,9 @@ def check_out(out: str) -> None:
 def resolve_step(ckpt: ckpt_lib.PhaseCheckpointer, which: str) -> int:
     """`best` (by the phase's validation metric; the latest if none has one), `latest`, or a saved step."""
     steps = sorted(ckpt.all_steps())
+    if not steps:          # every step folder damaged: the checkpointer hides them all
+        raise ExportError(f"phase {ckpt.phase}: no readable checkpoint in {ckpt.directory} "
+                          f"(damaged: {ckpt.skipped_steps})")
     if which == "best":
         best = ckpt.best_step()
         return steps[-1] if best is None else best

@@ -103,7 +103,8 @@ def validate(run: Run, config, phase: int, variables: dict, eval_step, modes=("n
         scored = evaluate.classifier_eval(run.classifier_logits(), variables, [evaluate.as_jnp(b) for b in batches])
         out["val_macro_f1"] = scored["macro_f1"]
     if phase in GENERATING_PHASES:
-        results = evaluate.generation_eval(run.report_generator(config), variables, batches, modes)
+        results = evaluate.generation_eval(run.report_generator(config), variables, batches, modes,
+                                           labeler=evaluate.config_labeler(config))
         out["val_gen_f1"] = results["normal"]["macro_f1"]
         out["generation"] = results
     return out
@@ -300,12 +301,14 @@ def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -
 
 def check_before_set_up(config, workdir: str, init_from: str) -> None:
     """What can be known wrong from the config alone, before minutes of set-up and compilation: the
-    mesh and batch, the preset, the compressor's sizes, the loss weights, and a checkpoint (resumed or
-    --init_from) of another model."""
+    mesh and batch, the preset, the compressor's sizes, the loss weights, the labeler's paths, and a
+    checkpoint (resumed or --init_from) of another model."""
     run_lib.check_layout(config)
     llama_lib.preset(config.model.preset)
     compressor_lib.CompressorConfig(d_visual=int(config.model.d_visual), num_zones=int(config.model.num_visual_tokens))
     step_lib.check_loss_weights(int(config.phase), dict(config.loss_weights))
+    if evaluate.labeler_problem(config):
+        raise TrainError(evaluate.labeler_problem(config))
     if init_from:
         ckpt_lib.check_same_model(init_from, config, f"--init_from={init_from}")
     if ckpt_lib.has_checkpoint(workdir, int(config.phase)):

@@ -342,3 +342,40 @@ def test_grounding_gap_benchmark_reads_a_trained_workdir(trained):
     assert (figures["phase"], figures["num_train"], figures["num_valid"]) == (3, 32, 16)
     for key in ("visual_probe_auc", "hidden_probe_auc", "forced_choice_auc", "generation_f1"):
         assert 0.0 <= figures[key] <= 1.0, figures
+
+
+def test_the_config_names_the_labeler_and_its_paths_are_checked_first(tmp_path):
+    """eval.labeler: rules by default; radbert needs two existing local paths, said in one line before
+    any set-up (train's check_before_set_up raises it as a TrainError)."""
+    from kervljepa_jax.label import RuleLabeler
+    from kervljepa_jax.training import config as config_lib
+    config = config_lib.load_phase_config(3)
+    assert evaluate.labeler_problem(config) == "" and isinstance(evaluate.config_labeler(config), RuleLabeler)
+    config.eval.labeler = "radbert"
+    assert "needs --config.eval.radbert_encoder=PATH" in evaluate.labeler_problem(config)
+    config.eval.radbert_encoder, config.eval.radbert_classifier = str(tmp_path), str(tmp_path / "nope.pt")
+    assert "--config.eval.radbert_classifier=PATH" in evaluate.labeler_problem(config)
+    config.eval.labeler = "bert"
+    assert evaluate.labeler_problem(config) == "--config.eval.labeler=bert: use rules or radbert"
+
+
+@pytest.mark.slow
+def test_radbert_from_the_config_scores_the_reports_and_drives_the_threshold_search(trained, tmp_path):
+    """The paper's protocol: with eval.labeler=radbert (a tiny random RoBERTa here) the phase's
+    reports are labelled by RadBERT and its probabilities are the scores of AUC and the threshold search."""
+    import safetensors.torch
+    import torch
+    from kervljepa_jax import sharding
+    from tests.test_label import _tiny_roberta
+    _, model = _tiny_roberta(str(tmp_path / "encoder"), seed=0)
+    torch.manual_seed(1)
+    safetensors.torch.save_file({"weight": torch.randn(18, 32) * 0.5, "bias": torch.linspace(-3.0, 3.0, 18)},
+                                str(tmp_path / "classifier.safetensors"))
+    overrides = {"eval.labeler": "radbert", "eval.radbert_encoder": str(tmp_path / "encoder"),
+                 "eval.radbert_classifier": str(tmp_path / "classifier.safetensors"), "eval.num_examples": "8"}
+    loaded = evaluate.load_phase(str(trained), 3, overrides)
+    with sharding.use_mesh(loaded.run.mesh):
+        payload = evaluate.evaluate_phase(loaded, evaluate.EvalOptions(ablations=()), str(tmp_path / "out"))
+    assert payload["labeler"] == "radbert" and payload["scores"].startswith("RadBERT classifier probabilities")
+    assert evaluate.headline_numbers(payload)["labeler"] == "radbert"
+    assert "threshold_tuned" in payload["report"]

@@ -389,13 +389,22 @@ def resolve_step_dir(path: str | pathlib.Path) -> pathlib.Path:
     if not steps:
         raise CheckpointError(f"checkpoint path {path}: no checkpoint there (want a phase dir, its checkpoints/ "
                                 "dir, or a step dir holding params/)")
-    meta = read_json(steps[-1][1] / META)
+    meta = {}
+    for _, folder in reversed(steps):      # the newest step whose meta reads (a damaged one is skipped)
+        try:
+            meta = read_json(folder / META)
+            break
+        except ValueError:
+            continue
     reader = PhaseCheckpointer(None, meta.get("phase", 0), directory=path, read_only=True, async_save=False,
                                best_metric=meta.get("best_metric", "val_macro_f1"),
                                best_mode=meta.get("best_mode", "max"))
     step = reader.best_step()
+    step = reader.latest_step() if step is None else step     # not a step the reader skipped
     reader.close()
-    return path / str(steps[-1][0] if step is None else step)
+    if step is None:
+        raise CheckpointError(f"checkpoint path {path}: every step there is damaged; pass another checkpoint")
+    return path / str(step)
 
 
 def read_json(item_dir: pathlib.Path) -> dict:

@@ -246,6 +246,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 384
     c.eval.num_examples = 0            # validation examples to generate for; 0 = all
     c.eval.ablation_examples = 0       # of those, the first N the visual ablations generate for; 0 = all
+    # Who labels the generated reports for validation, model selection, the plateau scheduler and the
+    # final evaluation: "rules" (kervljepa_jax.label.RuleLabeler, no weights) or "radbert" (the
+    # paper's protocol: CT-RATE's RadBERT classifier from two local paths; its probabilities drive the
+    # flagged per-class threshold search, Table IV).
+    c.eval.labeler = "rules"
+    c.eval.radbert_encoder = ""        # a local RadBERT-RoBERTa transformers folder
+    c.eval.radbert_classifier = ""     # the CT-RATE classifier checkpoint (.safetensors, or .pt/.pth)
 
     c.loss_weights = ml_collections.ConfigDict()
     c.trainable = []                   # regex (re.fullmatch) over '/'-joined param paths

@@ -198,8 +198,9 @@ def fresh_params(vcfg: vlm_lib.VLMConfig, llm_params: Any, batch: dict, text_row
     variables = vlm_lib.init(vcfg, jax.random.key(seed))
     params = dict(variables["params"])
     params["llm"] = llm_params
-    valid = np.asarray(batch["valid"]).astype(bool)
-    sample = np.asarray(batch["slices"], np.float32)[valid]
+    # Gathered from every process: each gets the same SVD init from the whole global batch.
+    valid = sharding.host_copy(batch["valid"]).astype(bool)
+    sample = sharding.as_host_f32(batch["slices"])[valid]
     params["compressor"] = {**params["compressor"],
                             "queries": jnp.asarray(compressor_lib.svd_init_queries(sample, vcfg.num_visual_tokens))}
     kernel = bridge_lib.svd_init_predictor_kernel(text_rows, d_visual=vcfg.compressor.d_visual)
@@ -289,7 +290,7 @@ class Run:
         self.log = MetricLog(workdir)
         self.llm_cfg, self.llm_params = load_base_llm(config, self.tokenizer, workdir, self.log, self.mesh)
         self.vcfg = make_vlm_config(config, self.tokenizer, self.llm_cfg)
-        emb = np.asarray(self.llm_params["model"]["embed_tokens"]["weight"], np.float32)
+        emb = sharding.as_host_f32(self.llm_params["model"]["embed_tokens"]["weight"])   # FSDP: other processes
         special = set(tokenizers.special_ids(self.tokenizer).values())
         self.text_rows = emb[[i for i in range(min(len(emb), len(self.tokenizer))) if i not in special]]
         self.whiten_layer = int(config.model.whiten_layer) if config.model.whiten_layer >= 0 else \

@@ -162,6 +162,9 @@ def check_loss_weights(phase: int, weights: dict[str, float]) -> None:
     """OverrideError naming the terms of `phase` that `weights` lacks: raised when a step is built,
     before its compilation, rather than while it is traced."""
     _missing_weights(phase, LOSS_TERMS[phase], weights)
+    if all(float(weights[k]) == 0.0 for k in LOSS_TERMS[phase]):
+        raise OverrideError(f"phase {phase}: every loss weight is 0 ({', '.join(LOSS_TERMS[phase])}); the phase "
+                            "would train nothing: set --config.loss_weights.<name> > 0 for one of them")
 
 
 def weighted_total(terms: dict[str, Array], weights: dict[str, float], phase: int | None = None) -> Array:

@@ -106,3 +106,9 @@ def test_a_term_weighted_zero_is_not_computed_and_its_nan_cannot_spoil_the_step(
     every = step_lib.phase_losses(3, vlm_lib.VLM(CFG), encoder, variables["params"], variables["calibration"],
                                   batch, jax.random.key(0), consts)
     assert set(every) == {"lm", "focal", "jepa", "llm_cls"} and np.isnan(float(every["focal"]))
+
+
+def test_a_phase_whose_every_loss_weight_is_zero_is_a_one_line_config_error():
+    from kervljepa_jax.training.config import OverrideError
+    with pytest.raises(OverrideError, match="phase 4: every loss weight is 0"):
+        step_lib.check_loss_weights(4, {"lm": 0.0, "focal": 0.0})
