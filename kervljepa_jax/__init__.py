@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 # The library's modules (the command-line entry points, e.g. `python -m kervljepa_jax.train`, are
 # modules too but are run, not imported).
-_SUBMODULES = ("data", "evaluate", "figures", "findings", "generate", "hf", "label", "losses", "metrics",
-               "model", "probe", "sampling", "sharding", "training", "whitening")
+_SUBMODULES = ("configs", "data", "evaluate", "figures", "findings", "generate", "hf", "label", "losses",
+               "metrics", "model", "probe", "sampling", "sharding", "training", "whitening")
 
 
 def __getattr__(name):
