@@ -106,7 +106,7 @@ def vlm_config(config, scan_layers: bool = True, remat_policy: str = "") -> vlm_
                                jepa_dim=int(config.model.jepa_dim), llm_config=llm)
 
 
-def _on(mesh, tree, shardings):
+def _on(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -117,7 +117,7 @@ def abstract_params(vcfg: vlm_lib.VLMConfig, mesh) -> dict:
         key, jnp.zeros((1, 4, d)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool),
         jnp.full((1, vcfg.num_visual_tokens), vcfg.visual_token_id, jnp.int32)), jax.random.key(0))
     shardings = sharding.named_shardings(boxed, mesh)["params"]
-    return _on(mesh, nn.unbox(boxed)["params"], shardings)
+    return _on(nn.unbox(boxed)["params"], shardings)
 
 
 def abstract_batch(config, vcfg: vlm_lib.VLMConfig, mesh, phase: int) -> dict:

@@ -63,10 +63,14 @@ def _metrics(workdir: str, phase: int) -> dict | None:
     return json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else None
 
 
+_RUNS: dict[str, object] = {}     # workdir -> its Run: phases 3 and 4 share the LLM load and the compiled samplers
+
+
 def _evaluate(workdir: str, phase: int, **options) -> dict:
     """evaluate_phase on `phase` with `options` (EvalOptions fields), into DIR/experiments/phaseN."""
     from kervljepa_jax import evaluate, sharding
-    loaded = evaluate.load_phase(workdir, phase)
+    loaded = evaluate.load_phase(workdir, phase, run=_RUNS.get(workdir))
+    _RUNS[workdir] = loaded.run
     with sharding.use_mesh(loaded.run.mesh):
         return evaluate.evaluate_phase(loaded, evaluate.EvalOptions(**options),
                                        os.path.join(workdir, "experiments", f"phase{phase}"))
