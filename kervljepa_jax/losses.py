@@ -66,23 +66,6 @@ def bce_with_logits(logits: Array, labels: Array, pos_weight: Array | None = Non
     return jnp.mean(pos_term + neg_term)
 
 
-def mil_max_pool(tokens: Array) -> Array:
-    """Multiple-instance pooling: element-wise max over the region tokens, [B, K, D] -> [B, D]."""
-    return jnp.max(tokens, axis=-2)
-
-
-def mil_loss(tokens: Array, labels: Array, classifier: Callable[[Array], Array],
-             pos_weight: Array | None = None) -> Array:
-    """MIL loss (paper III-C1): max-pool the region tokens, classify the pooled vector, BCE.
-
-    tokens: [B, K, D] visual tokens; labels: [B, C]; classifier: [B, D] -> [B, C] logits
-    (e.g. `lambda x: model.apply(params, x, method=...)`). When the model already returns
-    the logits of the max-pooled tokens, call `bce_with_logits` on them directly: it is the
-    same loss.
-    """
-    return bce_with_logits(classifier(mil_max_pool(tokens)), labels, pos_weight)
-
-
 def llm_visual_cls_loss(logits: Array, labels: Array, pos_weight: Array | None = None) -> Array:
     """Phase 3 LLM-visual classification loss: BCE on the classifier over last-layer hidden states.
 
@@ -92,18 +75,14 @@ def llm_visual_cls_loss(logits: Array, labels: Array, pos_weight: Array | None =
 
 
 def focal_loss(logits: Array, labels: Array, gamma: float = 2.0) -> Array:
-    """Binary multi-label focal loss on logits, -(1 - p_t)^gamma log p_t (paper eq. 12, gamma 2).
+    """Binary multi-label focal loss on logits, -(1 - p_t)^gamma log p_t (paper eq. 12, gamma 2),
+    mean over all elements: `optax.losses.sigmoid_focal_loss` without alpha (the paper gives none).
 
-    logits, labels: [..., C]; p = sigmoid(logits), p_t = p where y = 1 and 1 - p where y = 0
-    (soft labels interpolate: p_t = y p + (1 - y)(1 - p), log p_t taken as the BCE term).
-    No alpha balancing: the paper gives none. Mean over all elements.
+    logits, labels: [..., C]; p_t = p where y = 1 and 1 - p where y = 0 (soft labels interpolate).
     """
     logits = jnp.asarray(logits, jnp.float32)
     labels = jnp.asarray(labels, jnp.float32)
-    ce = labels * jax.nn.softplus(-logits) + (1.0 - labels) * jax.nn.softplus(logits)  # -log p_t
-    p = jax.nn.sigmoid(logits)
-    p_t = labels * p + (1.0 - labels) * (1.0 - p)
-    return jnp.mean((1.0 - p_t) ** gamma * ce)
+    return jnp.mean(optax.losses.sigmoid_focal_loss(logits, labels, gamma=gamma))
 
 
 # ---------------------------------------------------------------------------------------
