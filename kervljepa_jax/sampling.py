@@ -13,7 +13,8 @@ max_new_tokens 384.
 `process_logits` + `sample` spell the rules out one by one (each checked against transformers'
 own processor); a decode loop calls `next_token`, the same distribution in a few passes over the
 vocab: the repetition-penalty set kept incrementally (`seen_tokens`, `mark_seen`) and the nucleus
-drawn by rejection (`sample_top_p`) instead of being located first.
+drawn by rejection (`sample_top_p`) instead of being located first with a full-vocab sort (`top_p`,
+slow on CPU).
 """
 
 from __future__ import annotations
@@ -145,66 +146,14 @@ def top_k(logits: Array, k: int, min_tokens_to_keep: int = 1) -> Array:
     return jnp.where(logits < kth, NEG_INF, logits)
 
 
-TOP_P_CANDIDATES = 256  # top_p looks at this many top tokens first (a full vocab sort is slow on CPU)
-
-
 def top_p(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
-    """HF TopPLogitsWarper (nucleus), fast path: when the top `TOP_P_CANDIDATES` tokens already
-    hold mass >= p (every peaked next-token distribution), the nucleus lies inside them and a
-    partial `lax.top_k` decides it; otherwise the exact full-sort rule below runs (`lax.cond`).
-    In descending order, token r is kept iff the mass of the tokens ranked above it is < p, which
-    is HF's "cumulative ascending mass > 1 - p" rule.
-    """
-    vocab = logits.shape[-1]
-    k = min(TOP_P_CANDIDATES, vocab)
-    if k == vocab:
-        return top_p_full_sort(logits, p, min_tokens_to_keep)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    _, top_idx = jax.lax.top_k(logits, k)                                   # descending
-    top_probs = jnp.take_along_axis(probs, top_idx, axis=-1)
-    mass_above = jnp.cumsum(top_probs, axis=-1) - top_probs                 # exclusive
-    keep_top = (mass_above < p) | (jnp.arange(k) < min_tokens_to_keep)
-    rows = jnp.arange(logits.shape[0])[:, None]
-    keep = jnp.zeros(logits.shape, bool).at[rows, top_idx].set(keep_top)
-    fast = jnp.where(keep, logits, NEG_INF)
-    covered = jnp.all(top_probs.sum(-1) >= p)
-    return jax.lax.cond(covered, lambda: fast, lambda: top_p_bisect(logits, p, min_tokens_to_keep))
-
-
-def top_p_bisect(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
-    """The nucleus without a sort: token t is kept iff the mass of the tokens more probable than it
-    is < p, a property monotone in t's probability; 32 bisection steps over the float32 bit
-    patterns of the probability (ordered like the values, as all are >= 0) find the least kept
-    probability exactly. O(32 V) per row instead of a comparator sort."""
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-    def kept(q):                                               # q [B] -> is a token of prob q kept?
-        return jnp.sum(jnp.where(probs > q[:, None], probs, 0.0), axis=-1) < p
-
-    def step(_, bounds):
-        lo, hi = bounds                                        # bit patterns: lo not kept, hi kept
-        mid = lo + (hi - lo) // 2
-        ok = kept(jax.lax.bitcast_convert_type(mid, jnp.float32))
-        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-    b = logits.shape[0]
-    lo = jnp.full((b,), -1, jnp.int32)                         # "below 0.0": never kept by convention
-    hi = jnp.full((b,), jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32), jnp.int32)
-    _, hi = jax.lax.fori_loop(0, 32, step, (lo, hi))
-    threshold = jax.lax.bitcast_convert_type(hi, jnp.float32)[:, None]
-    keep = probs >= threshold
-    if min_tokens_to_keep > 1:
-        kth = jax.lax.top_k(probs, min_tokens_to_keep)[0][..., -1:]
-        keep |= probs >= kth
-    return jnp.where(keep, logits, NEG_INF)
-
-
-def top_p_full_sort(logits: Array, p: float, min_tokens_to_keep: int = 1) -> Array:
     """HF TopPLogitsWarper (nucleus): -inf outside the smallest top set with probability > p.
 
     Exactly HF's rule: sort ascending (stable), cumulative softmax; remove a token when the
     cumulative mass up to and including it is <= 1 - p; always keep the top
-    `min_tokens_to_keep`. Tied logits are ordered by index like torch's CPU sort.
+    `min_tokens_to_keep`. Tied logits are ordered by index like torch's CPU sort. The one nucleus
+    rule here: the decode loop does not call it per step (`sample_top_p` draws from the same
+    nucleus by rejection), only in the rare step where every rejection try misses.
     """
     vocab = logits.shape[-1]
     order = jnp.argsort(logits, axis=-1, stable=True)  # ascending
@@ -284,7 +233,7 @@ def sample_top_p(rng: Array, logits: Array, p: float, tries: int = TOP_P_TRIES,
     keep the first that lies in the nucleus (`in_top_p`). An accepted draw is distributed as the
     softmax restricted to the nucleus and renormalised, i.e. exactly HF's draw; each try succeeds
     with probability = nucleus mass >= p. A row whose `tries` candidates all miss draws from the
-    exact `top_p_bisect` logits instead (`lax.cond`: computed only when some row needs it), which
+    exact `top_p` logits instead (`lax.cond`: computed only when some row needs it), which
     leaves the distribution unchanged. logits [B, V] (already processed/warped) -> [B] int32.
     `uniforms` [B, tries] in [0, 1), independent of everything else, replace the candidates' draws
     (a decode loop draws them for all steps at once: on CPU every threefry call inside the loop is
@@ -304,7 +253,7 @@ def sample_top_p(rng: Array, logits: Array, p: float, tries: int = TOP_P_TRIES,
     accepted = jnp.any(ok, axis=-1)
 
     def fallback():
-        nucleus = top_p_bisect(logits, p) if p < 1.0 else logits
+        nucleus = top_p(logits, p) if p < 1.0 else logits
         return jnp.where(accepted, token, jax.random.categorical(fallback_key, nucleus, axis=-1).astype(jnp.int32))
 
     return jax.lax.cond(jnp.all(accepted), lambda: token, fallback)

@@ -121,16 +121,14 @@ def test_top_p_matches_hf(p, min_keep):
     _assert_same(ours, ref)
 
 
-@pytest.mark.parametrize("scale", [0.5, 8.0])   # flat rows: the bisection path; peaked rows: the top-k path
+@pytest.mark.parametrize("scale", [0.5, 8.0])   # flat and peaked rows
 @pytest.mark.parametrize("p", [0.5, 0.9])
-def test_top_p_large_vocab_paths_match_hf(scale, p):
+def test_top_p_large_vocab_matches_hf(scale, p):
     logits = RNG.normal(scale=scale, size=(8, 4096)).astype(np.float32)
     logits[1, :100] = -np.inf
     ours = sampling.top_p(jnp.asarray(logits), p)
     ref = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
     _assert_same(ours, ref)
-    for path in (sampling.top_p_bisect, sampling.top_p_full_sort):
-        _assert_same(path(jnp.asarray(logits), p), ref)
 
 
 def test_top_p_ties_and_peaked_rows_match_hf():
