@@ -1,7 +1,7 @@
 """Evaluation (paper IV-C, Tables IV, VIII-X): generate reports, label them, score against ground truth.
 
 Library: `generation_eval` (reports under every visual mode -> labels -> metrics), used by the
-trainer after each generating phase; `classifier_eval` (phase 1's visual classifier);
+trainer at each validation of a generating phase (3, 4); `classifier_eval` (phase 1's visual classifier);
 `load_phase` + `evaluate_phase` (what the CLI runs, also used by notebooks/quickstart.ipynb).
 
 CLI:
@@ -23,7 +23,8 @@ overrides it), and writes DIR/eval/phaseN/:
   reports.csv       one row per volume: ground-truth findings and the report of every visual mode.
   per_class_f1.png, ablations.png, loss_curves.png (from DIR/metrics.jsonl), zone_map.png.
 
-Scores for AUC and the threshold search. Phases 3-4: the LLM-visual classifier (the head trained
+Scores for AUC and the threshold search. Phases 3-4: with --labeler=radbert, RadBERT's own
+probabilities of the generated (normal-mode) reports (the paper's protocol); otherwise the LLM-visual classifier (the head trained
 in phase 3 on the response tokens' last hidden states) reading the model's own generated report
 (normal mode): sigmoid of its logits; where phase 3 did not train it (the default run's phase 3
 has no llm_cls or focal loss), the visual classifier on V' instead, and metrics.json says so. Phases 1-2 (no language path trained): the visual
@@ -119,7 +120,7 @@ def generate_texts(generator: ReportGenerator, variables: Any, batch: dict, mode
 
 def generation_eval(generator: ReportGenerator, variables: Any, batches: Sequence[dict],
                     modes: Sequence[str] = ("normal",), labeler=None, rng: jax.Array | None = None) -> dict:
-    """Generate under each visual mode, label with the rule labeler, score against the batch labels.
+    """Generate under each visual mode, label with `labeler` (the rule labeler when None), score against the batch labels.
 
     Returns {mode: {macro_f1, precision, recall, report, texts}} plus "labels" (ground truth) and
     "volume_names".
@@ -438,7 +439,7 @@ def restore_phase(run: Any, config: Any, phase: int) -> Loaded:
     """The best checkpoint of `phase` in `run.workdir`, restored onto `run`'s mesh as training left it."""
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase, read_only=True)
     try:
-        restored = ckpt.restore_best(run.abstract_params)
+        restored = ckpt.restore_best(run.abstract_params, base=run.llm_params)   # the frozen LLM: run's
     finally:
         ckpt.close()
     if restored is None:
@@ -515,7 +516,7 @@ def parse_ablations(raw: str) -> tuple[str, ...]:
 def ablation_count(options: EvalOptions, config) -> int:
     """Volumes the ablations generate for (0 = every evaluated one): the option, else the config's."""
     n = options.ablation_examples
-    # .get: a checkpoint saved before the field existed carries a config without it.
+    # .get: a hand-built config may lack the field (a checkpoint's config is restored onto today's schema).
     n = int(config.eval.get("ablation_examples", 0)) if n is None else int(n)
     if n < 0:
         raise EvalError(f"--ablation_examples={n}: use 0 (every evaluated volume) or a positive count")

@@ -20,7 +20,7 @@ sentence- and clause-level and NegEx-like:
   for", "consistent with", "compatible with", "suggestive of") count as PRESENT, as radiology
   labelling conventions (CheXpert's "uncertain -> positive" for report generation scoring)
   and the CT-RATE labels do; only hedges that lean negative ("unlikely", "cannot be
-  excluded" with nothing else asserted, "to rule out", "is not expected") count as absent.
+  excluded" with nothing else asserted, "to rule out") count as absent.
 """
 
 from __future__ import annotations
@@ -598,7 +598,7 @@ _CLAUSE_END = re.compile(
     re.IGNORECASE)
 # Negation cues before a mention. "no" must be a word of its own ("no." abbreviations aside).
 # A "not" that belongs to a limitation ("could not be evaluated optimally") or to an
-# uncertainty ("cannot be excluded", handled by `_POST_HEDGE`) negates nothing after it.
+# uncertainty ("cannot be excluded", handled by `_POST_NEGATION`) negates nothing after it.
 _NOT_A_CUE = (r"\s+be\s+(?:\w+\s+)?(?:evaluat|assess|distinguish|differentiat|separat|characteri|measur|"
               r"excluded|ruled\s+out)")
 _PRE_NEGATION = re.compile(

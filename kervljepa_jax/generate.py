@@ -3,7 +3,7 @@
 A decoder plugs in through two functions (a `DecodeModel`):
   prefill(variables, inputs, prompt_mask, cache) -> (last_logits [B, V], cache, context)
   extend(variables, token [B, 1], cache, context) -> (logits [B, V], cache)
-`context` rides in the loop state: for the VLM it is the calibrated visual tokens V~, so the gated
+`context` rides in the loop state: for the VLM it is the projected visual tokens Linear_l(V~), one per adapter, so the gated
 cross-attention adapters fire at every decode step (paper III-B 3), not only in the prefill.
 
 Prompts are left-padded ([B, P] with a mask); the repetition-penalty / n-gram history keeps each

@@ -45,9 +45,8 @@ PROVENANCE = "provenance.json"
 CHOICES = ("packaged", "phase0")   # config.model.stand_in
 STREAM = "pretrain"
 
-# The recipe of the packaged stand-in: names-following macro F1 0.96 (benchmarks/stand_in_llm.py),
-# against 0.77 for half the steps and conversations (4,000 x 16,384) and 0.25 for the embedded
-# 300-step phase 0 on the training split.
+# The recipe of the packaged stand-in (what it buys against shorter recipes: docs/embedded_profile.md,
+# "What the packaged stand-in buys"; measured by benchmarks/stand_in_llm.py).
 RECIPE = dict(steps=8000, lr=3e-3, batch=8, seq_len=384, num_reports=4096, num_chats=32768,
               vocab_size=2048, seed=0)
 
@@ -160,8 +159,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The CLI's flags. Not at import: `python -m` runs this file as __main__, and `build` imports it
-    again as kervljepa_jax.stand_in (through training.run), which would define every flag twice."""
+    """The CLI's flags. Not at import: training.run imports this module, so train, evaluate and
+    export would get these flags (export's own --out would clash)."""
     flags.DEFINE_string("out", None, "Folder to write the stand-in to (e.g. kervljepa_jax/assets/stand_in_llm).")
     for name, value in RECIPE.items():
         (flags.DEFINE_float if isinstance(value, float) else flags.DEFINE_integer)(

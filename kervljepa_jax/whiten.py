@@ -3,12 +3,13 @@
     python -m kervljepa_jax.whiten --workdir=DIR [--config=configs/phase1.py[:paper]] \\
         [--config.model.llm_path=HF_DIR --config.data.root=... ...] [--overwrite]
 
-Embeds the training split's text targets with the base LLM (hidden layer `model.whiten_layer`,
-mean-pooled, exactly as the training batches carry them), fits the top-`model.jepa_dim` PCA
-whitening, writes DIR/whitening.npz (what every phase then loads) and prints one JSON line:
+Embeds the training split's texts that `model.whiten_texts` names (the reports, as the paper; or
+the text targets, the embedded profile) with the base LLM (hidden layer `model.whiten_layer`,
+mean-pooled, exactly as the training batches carry them), fits the top-min(`model.jepa_dim`, LLM
+width) PCA whitening, writes DIR/whitening.npz (what every phase then loads) and prints one JSON line:
 mean pairwise cosine, d' and retained variance before and after (paper Table I: 0.949 -> ~0,
-d' 1.36 -> 16.03, 97.3%). `python -m kervljepa_jax.train` does the same at the start of phase 1
-when DIR has no whitening.npz; an existing one is kept unless --overwrite.
+d' 1.36 -> 16.03, 97.3%). `python -m kervljepa_jax.train` does the same at the start of the first
+phase it trains when DIR has no whitening.npz; an existing one is kept unless --overwrite.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """Only when run as a program: `train` imports nothing from here, but a second import of this
-    module as __main__ must not define the flags twice."""
+    """Only when run as a program: an import (tests, a notebook) must not define --workdir and
+    --config, which train and evaluate define too."""
     from ml_collections import config_flags
 
     flags.DEFINE_string("workdir", None, "Run folder: whitening.npz goes here (and the base LLM copy).")

@@ -39,7 +39,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.max_synthetic_slices = 240
     c.num_train = 2048
     c.num_valid = 256
-    c.signal_strength = 1.0           # scale of the per-class slice signal (1.0 = the tuned default)
+    c.signal_strength = 1.0           # scale of the per-class slice signal (1.0: synthetic.LESION_AMPLITUDE as tuned there; the embedded profile uses 2.0)
     c.seed = 0
     # Text.
     c.text_mode = "positive_findings"  # positive_findings (phases 2-3) | raw (phase 4: Findings_EN)

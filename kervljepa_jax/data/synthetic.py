@@ -399,8 +399,8 @@ class SyntheticSource:
     """grain RandomAccessDataSource: `source[i]` is a volume record, a pure function of (seed, split, i).
 
     Records are kept once made (up to MEMO_BYTES of slices, read-only): making a volume costs ~2 ms of
-    CPU, which every epoch would pay again on the cores the training step needs (phase 3 of the
-    default run reads the 512 training volumes 20 times).
+    CPU, which every epoch would pay again on the cores the training step needs (every epoch of
+    every phase reads the same training volumes again).
     """
 
     MEMO_BYTES = 512 << 20

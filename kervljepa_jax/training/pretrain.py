@@ -73,8 +73,7 @@ def pack_documents(docs: list[list[int]], eot: int, seq_len: int, pad: int = 0) 
     packed greedily into rows that each start at a document; the rest of a row is padding.
 
     Rows start at documents, not at arbitrary offsets of one long stream: a conversation cut in two
-    would train its answer without the prompt it answers (a findings-by-name chat, ~150 tokens, lost
-    its list of names in most rows that way). A document longer than a row is cut to the row.
+    would train its answer without the prompt it answers. A document longer than a row is cut to the row.
     """
     rows, row = [], []
     for doc in docs:
@@ -101,10 +100,9 @@ def pretraining_corpus(data, seed: int, extra_chats: int = 0) -> list[str]:
     plus `extra_chats` such conversations about synthetic volumes outside both splits (text only).
 
     A real Llama already writes fluent radiology prose and follows its prompt; the tiny stand-in
-    learns both here. (Plain findings texts without the names were tried: fluent, but the LLM then
-    wrote plausible findings whatever the image, zeroed visual tokens F1 0.23 vs 0.27.) The
-    training split alone holds too few conversations for a long phase 0: it memorises them
-    (names-following F1 ~0.5 after 1,000-2,000 steps); with 16k extra it reaches 0.83 at 3,000.
+    learns both here. Conversations that name the findings teach it to follow the prompt; the
+    training split alone holds too few of them for a long phase 0, which then memorises them
+    (docs/embedded_profile.md, "What the packaged stand-in buys").
     """
     if extra_chats > 0 and data.source != "synthetic":
         raise TrainError(f"model.pretrain_chats={extra_chats} draws synthetic conversations; with "

@@ -102,7 +102,9 @@ def lora_config(config) -> lora_lib.LoraConfig:
 
 
 def pretrain_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog) -> str:
-    """Phase 0 for the tiny preset: LM-pretrain the decoder on the training reports; save as a HF folder."""
+    """Phase 0 for the tiny preset, unless WORKDIR/base_llm already holds a base LLM (the packaged
+    stand-in's copy): LM-pretrain the decoder on `pretraining_corpus` (training reports and
+    findings-by-name conversations); save as a HF folder."""
     out = os.path.join(workdir, "base_llm")
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
@@ -131,8 +133,9 @@ def check_injection_layers(llm_path: str, injection: tuple[int, ...]) -> None:
 
 def load_base_llm(config, tokenizer, workdir: str, metric_log: MetricLog,
                   mesh: jax.sharding.Mesh | None = None) -> tuple[llama_lib.LlamaConfig, Any]:
-    """The LLM (HF folder or the phase-0 tiny model), its vocabulary grown to the tokenizer's; with
-    a mesh, each tensor goes from the file straight onto its sharding (no replicated copy first)."""
+    """The LLM (model.llm_path, else WORKDIR/base_llm: the packaged stand-in or a phase-0 model),
+    its vocabulary grown to the tokenizer's; with a mesh, each tensor goes from the file straight
+    onto its sharding (no replicated copy first)."""
     path = config.model.llm_path or pretrain_base_llm(config, tokenizer, workdir, metric_log)
     preset = llama_lib.preset(config.model.preset)
     injection = tuple(int(i) for i in config.model.injection_layers) or preset.injection_layers
@@ -181,7 +184,8 @@ def tokenizer_config(config, base_folder: str) -> ml_collections.ConfigDict:
 
 
 def make_vlm_config(config, tokenizer, llm_cfg: llama_lib.LlamaConfig) -> vlm_lib.VLMConfig:
-    # .get: a checkpoint saved before the gate fields existed carries a config without them (tanh, 0).
+    # .get: a hand-built config may lack the gate fields (tanh, 0); a checkpoint's config is
+    # restored onto today's schema.
     gate = str(config.model.get("xattn_gate", "tanh"))
     if gate not in vlm_lib.XATTN_GATES:
         raise TrainError(f"--config.model.xattn_gate={gate!r}: use one of {list(vlm_lib.XATTN_GATES)}")
@@ -266,7 +270,7 @@ def check_layout(config, num_devices: int | None = None) -> dict[str, int]:
 
 
 def mesh_spec(config) -> str:
-    # .get: a checkpoint saved before the field existed carries a config without it.
+    # .get: a hand-built config may lack the field (a checkpoint's config is restored onto today's schema).
     return str(config.get("mesh", "data:-1"))
 
 
@@ -473,8 +477,8 @@ class Run:
     def compressor_tokens(self, config, params: Any, labels: Any) -> np.ndarray | None:
         """V' [N, K, d_v] of every training record, for a phase whose compressor is frozen
         (train.cache_visual_tokens; None otherwise): the frozen compressor is a fixed function of
-        the slices, so its forward runs once per volume and phase instead of once per step (5% of
-        the tiny phase-3 step, benchmarks/train_step.py). Deterministic: a frozen compressor's
+        the slices, so its forward runs once per volume and phase instead of once per step
+        (docs/embedded_profile.md, "Where the time goes"). Deterministic: a frozen compressor's
         dropout trains nothing. Each process computes all N (an epoch draws any record); a
         skipped record keeps zeros. Compiled once per run."""
         trainable = [p for p, label in zip(phases_lib.leaf_paths(params), jax.tree.leaves(labels))
