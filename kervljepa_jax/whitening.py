@@ -97,6 +97,16 @@ def fit_whitening(embeddings: Any, dim: int = 256, eps: float = 1e-6) -> Whiteni
     )
 
 
+def identity(input_dim: int, dim: int) -> Whitening:
+    """No whitening (the Table XI ablation): x -> x, the raw embeddings as the target space. It
+    keeps every feature, so the target space must be as wide as the embeddings (dim == input_dim)."""
+    if dim != input_dim:
+        raise ValueError(f"identity whitening: the target space ({dim}) must be the embeddings' width "
+                         f"({input_dim}) to keep them unchanged")
+    return Whitening(mean=np.zeros(input_dim, np.float32), projection=np.eye(input_dim, dtype=np.float32),
+                     eigenvalues=np.ones(input_dim, np.float32), retained_variance=1.0, n_samples=0, eps=0.0)
+
+
 def apply(w: Whitening, x: Any) -> Any:
     """Whiten x [..., d] -> [..., k]; numpy in, numpy out; jax in, jax out (jittable)."""
     if x.shape[-1] != w.input_dim:

@@ -192,3 +192,24 @@ def test_a_bad_whitening_file_is_a_data_error_naming_it_and_the_fix(tmp_path):
     for sizes, needed in (({"input_dim": 64}, "needs 64 -> 4"), ({"dim": 8}, "needs 16 -> 8")):
         with pytest.raises(DataError, match=needed):
             whitening.load(good, **sizes)
+
+
+def test_identity_whitening_leaves_the_embeddings_as_they_are():
+    """The Table XI ablation (--config.model.whiten=false): targets are the raw embeddings."""
+    x = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32) + 3.0
+    w = whitening.identity(8, 8)
+    np.testing.assert_array_equal(whitening.apply(w, x), x)
+    assert w.dim == w.input_dim == 8
+    with pytest.raises(ValueError, match="must be the embeddings' width"):
+        whitening.identity(8, 4)
+
+
+def test_without_whitening_the_run_needs_a_jepa_space_as_wide_as_the_llm():
+    from types import SimpleNamespace
+
+    from kervljepa_jax.training import run as run_lib
+    fake = SimpleNamespace(llm_cfg=SimpleNamespace(hidden_size=8), vcfg=SimpleNamespace(bridge=SimpleNamespace(jepa_dim=4)))
+    with pytest.raises(run_lib.TrainError, match="--config.model.jepa_dim=8"):
+        run_lib.Run.identity_whitening(fake)
+    fake.vcfg.bridge.jepa_dim = 8
+    np.testing.assert_array_equal(run_lib.Run.identity_whitening(fake).projection, np.eye(8))

@@ -13,6 +13,8 @@ Decisions the paper leaves open, fixed here (all configurable):
   sets it again on the current training batch every `calibration.every_steps` steps of a phase
   that trains the compressor or the predictor, the modules V^ is computed by (training/run.py
   `calibrate`; `with_alpha` writes it into a variables dict). Checkpoints carry it.
+  `BridgeConfig.norm_calibration=False` (the Table XI ablation) fixes alpha at 1: the calibrator
+  passes V^ through unchanged and `calibrated_alpha` returns 1 whatever the norms.
 * The predictor's SVD initialisation (`svd_init_predictor_kernel`) maps the i-th visual principal
   direction onto the i-th text principal direction with the ratio of their standard deviations, then
   rescales the whole kernel to the Frobenius norm of the default init (LN follows, so only the
@@ -52,6 +54,8 @@ class BridgeConfig:
     jepa_hidden: int = 1024
     jepa_dim: int = 256
     num_classes: int = NUM_CLASSES
+    # False: alpha fixed at 1, V~ = V^ (no norm calibration: the component ablation of Table XI).
+    norm_calibration: bool = True
     layer_norm_eps: float = 1e-5
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -113,14 +117,21 @@ class JEPAPredictor(nn.Module):
 
 
 class NormCalibrator(nn.Module):
-    """`V^ [..., d_llm] -> V~ = alpha * V^` with alpha in the non-trainable "calibration" collection."""
+    """`V^ [..., d_llm] -> V~ = alpha * V^` with alpha in the non-trainable "calibration" collection;
+    `enabled=False`: V~ = V^ (alpha still exists, so checkpoints keep one layout)."""
 
     init_alpha: float = 1.0
+    enabled: bool = True
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
         alpha = self.variable(CALIBRATION, "alpha", lambda: jnp.asarray(self.init_alpha, jnp.float32))
-        return tokens * alpha.value.astype(tokens.dtype)
+        return tokens * alpha.value.astype(tokens.dtype) if self.enabled else tokens
+
+
+def calibrated_alpha(text_norms: Any, visual_norms: Any, enabled: bool = True) -> float:
+    """What the trainer sets alpha to: eq. 6 (`alpha_from_norms`), or 1 with calibration off."""
+    return alpha_from_norms(text_norms, visual_norms) if enabled else 1.0
 
 
 def calibrate_alpha(text_embeddings: Any, visual_tokens: Any) -> float:

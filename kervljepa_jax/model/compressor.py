@@ -4,6 +4,7 @@
       -> s'_i = s_i + PE(z_i)                         sinusoidal encoding of physical z (eq. 1)
       -> K = 32 learnable queries; query k attends only to the valid slices of its zone (eq. 2-3)
          Z_k = { i : floor(k n / K) <= i < floor((k+1) n / K) },  n = the volume's valid slices
+         (`zone_constraint=False`, the Table XI ablation: every query attends to every valid slice)
       -> one global post-norm TransformerEncoderLayer over the 32 tokens (eq. 4)   V' [B, K, d_v]
 
 Decisions the paper leaves open, fixed here:
@@ -70,6 +71,8 @@ class CompressorConfig:
     layer_norm_eps: float = 1e-5
     pe_base: float = 10000.0
     z_relative_to_first: bool = True
+    # False: no zones, every query attends to all valid slices (the component ablation of Table XI).
+    zone_constraint: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -118,8 +121,13 @@ def zone_bounds(num_valid: jax.Array, num_zones: int) -> tuple[jax.Array, jax.Ar
     return lo, hi
 
 
-def zone_mask(valid: jax.Array, num_zones: int) -> jax.Array:
-    """`valid [B, N]` bool (a prefix) -> `[B, K, N]` bool: may query k read slice i."""
+def zone_mask(valid: jax.Array, num_zones: int, constrained: bool = True) -> jax.Array:
+    """`valid [B, N]` bool (a prefix) -> `[B, K, N]` bool: may query k read slice i.
+
+    `constrained=False` drops the zones: every query may read every valid slice.
+    """
+    if not constrained:
+        return jnp.broadcast_to(valid[:, None, :], (valid.shape[0], num_zones, valid.shape[-1]))
     lo, hi = zone_bounds(valid.sum(axis=-1), num_zones)
     i = jnp.arange(valid.shape[-1], dtype=jnp.int32)
     in_zone = (i >= lo[..., None]) & (i < hi[..., None])
@@ -305,7 +313,7 @@ class ZoneCompressor(nn.Module):
         keys = jnp.where(valid[..., None], slices.astype(jnp.float32) + pe, 0.0).astype(cfg.dtype)
         keys = constrain(keys, ("batch", "slices", "act_embed"))
 
-        mask = zone_mask(valid, cfg.num_zones)                                  # [B, K, N]
+        mask = zone_mask(valid, cfg.num_zones, cfg.zone_constraint)            # [B, K, N]
         bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32)[:, None]       # [B, 1, K, N]
         queries = jnp.broadcast_to(self.queries.astype(cfg.dtype), (slices.shape[0],) + self.queries.shape)
         tokens = self.zone_attn(queries, keys, bias, deterministic)            # [B, K, d]

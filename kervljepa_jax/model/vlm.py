@@ -61,6 +61,9 @@ class VLMConfig:
     xattn: xattn_lib.CrossAttentionConfig
     visual_token_id: int
     num_visual_tokens: int = 32
+    # False: the adapters are built (checkpoints keep one layout) but never add to h, so the visual
+    # tokens reach the LLM only as grafted input embeddings (the component ablation of Table XI).
+    xattn_adapters: bool = True
 
     def __post_init__(self):
         checks = {"compressor.num_zones": (self.compressor.num_zones, self.num_visual_tokens),
@@ -80,11 +83,14 @@ class VLMConfig:
 def make_config(preset: str = "tiny", *, visual_token_id: int, vocab_size: int | None = None,
                 d_visual: int = 1024, num_visual_tokens: int = 32, lora: lora_lib.LoraConfig | None = None,
                 jepa_dim: int = 256, llm_config: llama_lib.LlamaConfig | None = None, xattn_gate: str = "tanh",
-                xattn_gate_init: float = 0.0, **llm_overrides) -> VLMConfig:
+                xattn_gate_init: float = 0.0, zone_constraint: bool = True, norm_calibration: bool = True,
+                xattn_adapters: bool = True, **llm_overrides) -> VLMConfig:
     """Every sub-config from one LLM preset (or an imported HF config, `llm_config`).
 
     xattn_gate / xattn_gate_init: the adapters' gate, "tanh" starting at the given value (Flamingo's,
     the default) or "none" (eq. 7 as written); see xattn.py.
+    zone_constraint / norm_calibration / xattn_adapters: False removes that component (Table XI):
+    queries attend to all valid slices, alpha stays 1, no adapter adds to the decoder's states.
 
     The JEPA space is the whitened text space, at most the LLM width wide (the tiny LLM has 64
     dims, so its JEPA/whitening space is 64, the 3B's is the paper's 256).
@@ -97,14 +103,15 @@ def make_config(preset: str = "tiny", *, visual_token_id: int, vocab_size: int |
     llm = llm.replace(**llm_overrides)
     dtype = llm.jnp_dtype
     d_llm = llm.hidden_size
-    compressor = CompressorConfig(d_visual=d_visual, num_zones=num_visual_tokens, dtype=dtype)
+    compressor = CompressorConfig(d_visual=d_visual, num_zones=num_visual_tokens, zone_constraint=zone_constraint,
+                                  dtype=dtype)
     bridge = BridgeConfig(d_visual=d_visual, d_llm=d_llm, jepa_hidden=min(1024, 4 * d_llm),
-                          jepa_dim=min(jepa_dim, d_llm), dtype=dtype)
+                          jepa_dim=min(jepa_dim, d_llm), norm_calibration=norm_calibration, dtype=dtype)
     cross = xattn_lib.CrossAttentionConfig(d_model=d_llm, num_heads=llm.num_attention_heads, head_dim=llm.head_dim,
                                            layer_norm_eps=llm.rms_norm_eps, gate=xattn_gate,
                                            gate_init=float(xattn_gate_init), dtype=dtype)
     return VLMConfig(llm=llm, compressor=compressor, bridge=bridge, xattn=cross, visual_token_id=visual_token_id,
-                     num_visual_tokens=num_visual_tokens)
+                     num_visual_tokens=num_visual_tokens, xattn_adapters=xattn_adapters)
 
 
 @struct.dataclass
@@ -192,7 +199,7 @@ class VLM(nn.Module):
         cfg = self.cfg
         self.compressor = ZoneCompressor(cfg.compressor)
         self.predictor = JEPAPredictor(cfg.bridge)
-        self.calibrator = NormCalibrator()
+        self.calibrator = NormCalibrator(enabled=cfg.bridge.norm_calibration)
         self.jepa_head = JEPAHead(cfg.bridge)
         self.visual_classifier = VisualClassifier(cfg.bridge)
         self.llm_classifier = LLMVisualClassifier(cfg.bridge)
@@ -206,7 +213,10 @@ class VLM(nn.Module):
     def _adapter(self, i: int):
         """Adapter i for the decoder hook: context = the projected visual tokens, one per adapter."""
         def adapter(h: Array, context: tuple[Array, ...] | None) -> Array:
-            return h if context is None else self.xattns[i](h, context[i])
+            if context is None:
+                return h
+            out = self.xattns[i](h, context[i])       # run even when off: init creates its params
+            return out if self.cfg.xattn_adapters else h   # off: XLA drops the unused adapter
         return adapter
 
     # ------------------------------------------------------------------ visual path

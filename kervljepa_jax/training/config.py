@@ -161,6 +161,13 @@ def base_config() -> ml_collections.ConfigDict:
     # paper (III-B4: 22,773 training report embeddings, layer 14 of 28, top 256 components), or
     # "targets", the texts the phases compare with (per-condition and positive-findings texts).
     c.model.whiten_texts = "reports"
+    # Component switches for the ablations of Table XI (python -m kervljepa_jax.experiments --table=XI);
+    # False removes the component: the compressor's queries attend to all valid slices instead of their
+    # zone; the text targets stay raw LLM embeddings (identity, no PCA whitening: needs jepa_dim >= the
+    # LLM width); the adapters never add to the decoder (the visual tokens enter only as inputs).
+    c.model.zone_constraint = True
+    c.model.whiten = True
+    c.model.xattn_adapters = True
     # Decoder layers (0-based) followed by a gated cross-attention adapter; [] = the preset's
     # (3B: 7, 14, 21, the paper's). `--config.model.injection_layers=[0,1,2]`.
     c.model.injection_layers = []
@@ -225,6 +232,8 @@ def base_config() -> ml_collections.ConfigDict:
     # steps of a phase that trains the compressor or the predictor (V^ moves only with them);
     # 0 = only at initialisation. The paper gives no period: the phase files set about one epoch.
     c.calibration = ml_collections.ConfigDict(dict(every_steps=0))
+    # False: alpha is fixed at 1, never calibrated (the Table XI ablation of the NormCalibrator).
+    c.calibration.enabled = True
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000    # 0 = only at evaluations and at phase end

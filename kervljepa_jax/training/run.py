@@ -193,7 +193,10 @@ def make_vlm_config(config, tokenizer, llm_cfg: llama_lib.LlamaConfig) -> vlm_li
                                d_visual=int(config.model.d_visual),
                                num_visual_tokens=int(config.model.num_visual_tokens),
                                jepa_dim=int(config.model.jepa_dim), llm_config=llm_cfg, xattn_gate=gate,
-                               xattn_gate_init=float(config.model.get("xattn_gate_init", 0.0)))
+                               xattn_gate_init=float(config.model.get("xattn_gate_init", 0.0)),
+                               zone_constraint=bool(config.model.get("zone_constraint", True)),
+                               norm_calibration=bool(config.get("calibration", {}).get("enabled", True)),
+                               xattn_adapters=bool(config.model.get("xattn_adapters", True)))
 
 
 def fresh_params(vcfg: vlm_lib.VLMConfig, llm_params: Any, batch: dict, text_rows: np.ndarray,
@@ -230,7 +233,7 @@ def calibrate(model: vlm_lib.VLM, variables: dict, batch: dict, text_rows: np.nd
     unit = bridge_lib.with_alpha(variables, 1.0, vlm_lib.CALIBRATOR_PATH)
     batch = {k: batch[k] for k in ("slices", "z_mm", "valid", "visual_tokens") if k in batch}
     norms = sharding.as_host_f32(_token_norms_jit(model, unit, batch))
-    alpha = bridge_lib.alpha_from_norms(np.linalg.norm(text_rows, axis=-1), norms)
+    alpha = bridge_lib.calibrated_alpha(np.linalg.norm(text_rows, axis=-1), norms, model.cfg.bridge.norm_calibration)
     return bridge_lib.with_alpha(variables, alpha, vlm_lib.CALIBRATOR_PATH)
 
 
@@ -243,7 +246,8 @@ def recalibration_interval(config, params: Any, labels: Any) -> int:
     phase trains a module of CALIBRATED_MODULES, else 0 (alpha stays as the phase received it)."""
     moves = any(path.startswith(CALIBRATED_MODULES) and label == phases_lib.TRAINABLE
                 for path, label in zip(phases_lib.leaf_paths(params), jax.tree.leaves(labels)))
-    return int(config.calibration.every_steps) if moves else 0
+    on = config.calibration.get("enabled", True)
+    return int(config.calibration.every_steps) if moves and on else 0
 
 
 def alpha_of(variables: dict) -> float:
@@ -373,7 +377,9 @@ class Run:
         self._text_targets_enabled = bool(config.train.cache_text_targets)
         train = self.pipeline(config, "train")
         train_raw = None
-        if os.path.isfile(path):
+        if not config.model.get("whiten", True):       # the ablation: never saved, never loaded
+            w = self.identity_whitening()
+        elif os.path.isfile(path):
             w = whitening_lib.load(path)
         else:
             w, _, train_raw = self.fit_whitening(config)
@@ -382,6 +388,15 @@ class Run:
         self._attach_text_targets(train, train_raw)
         for pipe in list(self._pipelines.values()):
             self._attach_text_targets(pipe)
+
+    def identity_whitening(self) -> whitening_lib.Whitening:
+        """--config.model.whiten=false: the raw text embeddings as targets, TrainError when the JEPA
+        space is narrower than the LLM (the identity keeps every feature)."""
+        try:
+            return whitening_lib.identity(self.llm_cfg.hidden_size, self.vcfg.bridge.jepa_dim)
+        except ValueError:
+            raise TrainError(f"--config.model.whiten=false: set --config.model.jepa_dim={self.llm_cfg.hidden_size} "
+                             f"(the LLM width; now {self.vcfg.bridge.jepa_dim}) so the raw embeddings fit") from None
 
     def fit_whitening(self, config) -> tuple[whitening_lib.Whitening, dict[str, float], dict[str, np.ndarray] | None]:
         """Fit the PCA whitening on the training split's texts chosen by `model.whiten_texts` and

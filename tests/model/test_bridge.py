@@ -90,6 +90,19 @@ def test_alpha_lives_outside_params_and_scales_the_tokens():
     assert float(variables[B.CALIBRATION]["alpha"]) == 1.0  # with_alpha did not mutate its input
 
 
+def test_without_norm_calibration_alpha_stays_1():
+    """The Table XI ablation: the trainer's alpha is 1 whatever the norms, and V~ = V^ even when a
+    checkpoint carries another alpha; with calibration on, the same norms give eq. 6's value."""
+    x = jnp.asarray(RNG.normal(size=(2, 8, CFG.d_llm)), jnp.float32)
+    text_norms, visual_norms = np.full(100, 0.5), np.linalg.norm(np.asarray(x), axis=-1)
+    assert B.calibrated_alpha(text_norms, visual_norms, enabled=False) == 1.0
+    assert B.calibrated_alpha(text_norms, visual_norms) == pytest.approx(0.5 / visual_norms.mean())
+    off = B.NormCalibrator(enabled=False)
+    variables = B.with_alpha(off.init(jax.random.PRNGKey(0), x), 2.5)
+    np.testing.assert_array_equal(np.asarray(off.apply(variables, x)), np.asarray(x))
+    np.testing.assert_allclose(np.asarray(B.NormCalibrator().apply(variables, x)), 2.5 * np.asarray(x), rtol=1e-6)
+
+
 def test_with_alpha_inside_a_parent_module_and_gradients_skip_alpha():
     class Parent(nn.Module):
         @nn.compact

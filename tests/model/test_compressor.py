@@ -161,6 +161,21 @@ def test_zone_attention_weights_are_sown_and_respect_the_zones(params):
     np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
 
 
+def test_without_the_zone_constraint_every_query_reads_every_valid_slice(params):
+    """The Table XI ablation: the mask is all valid slices for every query, nothing else changes."""
+    s, z, v = volume(np.random.default_rng(3), 50, 64)
+    mask = np.asarray(C.zone_mask(jnp.asarray(v), K, constrained=False))
+    np.testing.assert_array_equal(mask, np.broadcast_to(v[:, None, :], (1, K, 64)))
+    free = C.ZoneCompressor(C.CompressorConfig(**{**CFG.__dict__, "zone_constraint": False}))
+    _, state = jax.jit(lambda p: free.apply({"params": p}, s, z, v, mutable=["intermediates"]))(params)
+    (weights,) = state["intermediates"]["zone_attn"]["attention_weights"]
+    weights = np.asarray(weights)
+    assert np.abs(weights[..., 50:]).max() == 0.0                      # padding still never read
+    assert (weights[..., :50] > 0).all()                               # every query reads every valid slice
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-6)
+    assert np.abs(np.asarray(free.apply({"params": params}, s, z, v)) - np.asarray(forward(params, s, z, v))).max() > 1e-4
+
+
 def test_dropout_is_active_only_in_training(params):
     s, z, v = volume(np.random.default_rng(4), 40, 40)
     eval_out = forward(params, s, z, v)

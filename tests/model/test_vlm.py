@@ -1,5 +1,7 @@
 """The composed VLM: param layout, graft, fresh == base LLM, decode == full forward, ablations, 3B counts."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -228,3 +230,20 @@ def test_ungated_vlm_is_the_default_without_gates_at_tanh_1(variables):
     assert float(jnp.abs(fresh - base).max()) > 1e-3                      # ungated adapters act from the start
     with pytest.raises(ValueError, match="gate='sigmoid'"):
         vlm_lib.make_config("tiny", visual_token_id=VIS, xattn_gate="sigmoid")
+
+
+def test_without_adapters_the_decoder_sees_the_visual_tokens_only_as_inputs(variables):
+    """model.xattn_adapters=false (Table XI): the same param tree, and with the gates open the output
+    of the default with every gate shut (tanh(0) = 0): only the grafted tokens carry the image."""
+    off_cfg = dataclasses.replace(CFG, xattn_adapters=False)
+    off = vlm_lib.init(off_cfg, jax.random.key(0))
+    assert jax.tree.structure(off["params"]) == jax.tree.structure(variables["params"])
+    open_gates, shut_gates = _with_gates(variables, 0.7), _with_gates(variables, 0.0)
+    got = jax.jit(lambda v: vlm_lib.VLM(off_cfg).apply(v, *INPUTS).logits)(open_gates)
+    want = jax.jit(lambda v: MODEL.apply(v, *INPUTS).logits)(shut_gates)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    opened = jax.jit(lambda v: MODEL.apply(v, *INPUTS).logits)(open_gates)
+    assert float(jnp.abs(opened - want).max()) > 1e-3                      # the adapters did act when on
+    ablated = vlm_lib.make_config("tiny", visual_token_id=VIS, xattn_adapters=False, zone_constraint=False,
+                                  norm_calibration=False)
+    assert (ablated.xattn_adapters, ablated.compressor.zone_constraint, ablated.bridge.norm_calibration) == (False,) * 3
