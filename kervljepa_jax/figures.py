@@ -8,6 +8,7 @@ zone map.
   base) each class's evidence comes from.
 - `ablation_bars`: generation F1 under visual-token conditions (full / zero / shuffle / noise,
   paper Table IX), grouped per phase.
+- `component_bars`: macro F1 with its CI per component ablation against the full model (Table XI).
 - `zone_evidence`: a [classes, zones] matrix for the map, computed from compressor tokens and
   labels with numpy only (see its docstring).
 
@@ -250,4 +251,25 @@ def ablation_bars(results: Mapping, path: str, title: str = "Generation F1 by vi
     ax.set(ylabel="macro F1", title=title, ylim=(0, max(1e-3, np.nanmax(
         [v for g in groups.values() for v in g.values()] + [0])) * 1.2))
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def component_bars(rows: Sequence[tuple[str, float, float | None, float | None]], path: str,
+                   title: str = "Component ablations") -> str:
+    """Horizontal bars of macro F1 with its 95% CI, one per (name, f1, low, high) row, top to bottom;
+    the first row is the reference (the full model), drawn as a dashed line through every bar."""
+    if not rows or any(len(r) != 4 for r in rows):
+        raise ValueError("component_bars: expected rows of (name, f1, ci_low, ci_high), the full model first")
+    names = [r[0] for r in rows]
+    f1 = np.array([r[1] for r in rows], float)
+    low = np.array([r[1] if r[2] is None else r[2] for r in rows], float)
+    high = np.array([r[1] if r[3] is None else r[3] for r in rows], float)
+    y = np.arange(len(rows))[::-1]
+    fig, ax = _subplots(figsize=(6.0, 0.9 + 0.45 * len(rows)))
+    bars = ax.barh(y, f1, xerr=np.stack([f1 - low, high - f1]), capsize=3,
+                   color=["tab:gray"] + ["tab:blue"] * (len(rows) - 1))
+    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=6)
+    ax.axvline(f1[0], color="k", linestyle="--", linewidth=0.8)
+    ax.set_yticks(y, labels=names, fontsize=8)
+    ax.set(xlabel="generated-report macro F1 (95% CI)", title=title, xlim=(0, min(1.0, np.nanmax(high) * 1.15)))
     return _save(fig, path)

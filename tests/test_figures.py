@@ -104,6 +104,15 @@ def test_ablation_bars_per_phase_flat_and_from_reports(tmp_path):
                     "phase '4' needs {condition: f1}")
 
 
+def test_component_bars_draw_each_ablation_with_its_ci(tmp_path):
+    rows = [("Full model", 0.82, 0.80, 0.84), ("no zone constraint", 0.75, 0.72, 0.78), ("no EWC", 0.81, None, None)]
+    _, height = _check_png(figures.component_bars(rows, str(tmp_path / "xi.png")))
+    _, taller = _check_png(figures.component_bars(rows * 3, str(tmp_path / "xi9.png")))
+    assert taller > height                                  # one bar a row
+    _one_line_error(lambda: figures.component_bars([], str(tmp_path / "x.png")), "expected rows of")
+    _one_line_error(lambda: figures.component_bars([("a", 0.5)], str(tmp_path / "x.png")), "expected rows of")
+
+
 def test_zone_evidence_finds_the_planted_zone():
     planted = {0: 2, 5: 6, 9: 2}
     tokens, labels = _planted(planted=tuple(planted.items()))
