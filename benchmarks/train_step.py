@@ -66,7 +66,7 @@ def main(argv):
     run.prepare_targets(config, {"llm": run.llm_params})
     pipe = run.pipeline(config, "train")
     variables = run.place(train.starting_variables(run, train.phase_config(1, None, {}), 1, ""))
-    labels = phases.trainable_labels(variables["params"], config.trainable, 3)
+    labels = phases.trainable_labels(variables["params"], config.optimizer_groups, 3)
     pipe.attach_visual_tokens(run.compressor_tokens(config, variables["params"], labels))
     batch = evaluate.as_jnp(next(iter(pipe.epoch(0))))
     trainable, frozen = phases.split_params(variables["params"], labels)

@@ -140,7 +140,7 @@ def build(config, phase: int, mesh, scan_layers: bool = True, remat_policy: str 
     """Abstract arguments and the trainer's step and forward for `phase`, unlowered."""
     vcfg = vlm_config(config, scan_layers, remat_policy)
     params = abstract_params(vcfg, mesh)
-    labels = phases.trainable_labels(params, config.trainable, phase)
+    labels = phases.trainable_labels(params, config.optimizer_groups, phase)
     trainable, frozen = phases.split_params(params, labels)
     tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch=1000)
     with sharding.use_mesh(mesh):

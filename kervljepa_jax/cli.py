@@ -32,7 +32,7 @@ def bad_config_field(prog: str, argv: list[str], error: Exception) -> NoReturn:
     fail(prog, f"{bad}: no field {missing!r} in the config; see the phase's configs/phaseN.py", 2)
 
 
-# `--config.a.b=v` overrides of list-valued fields (config.trainable, config.train.lr_multipliers):
+# `--config.a.b=v` overrides of list-valued fields (config.optimizer_groups):
 # ml_collections' config_flags cannot parse a list and fails while the --config flag is being defined,
 # so they are taken out of sys.argv before that and applied with every other override by
 # `training.config.apply_overrides` (which parses lists).

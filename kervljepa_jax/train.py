@@ -41,7 +41,6 @@ from kervljepa_jax.hf import HFLoadError
 from kervljepa_jax.model import bridge as bridge_lib
 from kervljepa_jax.model import compressor as compressor_lib
 from kervljepa_jax.model import llama as llama_lib
-from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.training import checkpoint as ckpt_lib
 from kervljepa_jax.training import config as config_lib
@@ -138,7 +137,7 @@ def host_state(epoch: int, iterator: Any, plateau, stopper, best: dict, lora_fro
 def freeze_lora(config, labels, trainable, frozen, opt_state, steps_per_epoch: int):
     """Phase 3's LoRA freeze (paper: after epoch 6): LoRA joins the frozen half and the optimizer is
     rebuilt over the rest, its state kept wherever it still applies. -> labels, trainable, frozen, tx, opt_state."""
-    labels = phases.freeze(labels, [lora_lib.LORA_PATTERN])
+    labels = phases.freeze_scheduled(labels, config.optimizer_groups)
     trainable, frozen = phases.split_params(phases.merge_params(trainable, frozen), labels)
     tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
     return labels, trainable, frozen, tx, optim.transfer_state(opt_state, tx, trainable)
@@ -163,9 +162,9 @@ def stop_if_diverged(config, phase: int, step: int, streak: int, ckpt: ckpt_lib.
 
 def trainable_labels(params, config, phase: int):
     try:
-        return phases.trainable_labels(params, config.trainable, phase)
+        return phases.trainable_labels(params, config.optimizer_groups, phase)
     except ValueError as e:    # a pattern that is no regex, or matches nothing: the user's list
-        raise TrainError(f"--config.trainable: {e}") from e
+        raise TrainError(f"--config.optimizer_groups: {e}") from e
 
 
 def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_from: str = "") -> dict:
@@ -187,11 +186,11 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     variables = run.place(variables)
     labels = trainable_labels(variables["params"], config, phase)
     logging.info("phase %d trainable set:\n%s", phase, phases.trainable_table(variables["params"], labels,
-                                                                              config.trainable))
+                                                                              config.optimizer_groups))
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase)
     lora_frozen = bool(ckpt.latest_host().get("lora_frozen", False))   # the optimizer a resume restores onto
     if lora_frozen:
-        labels = phases.freeze(labels, [lora_lib.LORA_PATTERN])
+        labels = phases.freeze_scheduled(labels, config.optimizer_groups)
     trainable, frozen = phases.split_params(variables["params"], labels)
     tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
     opt_state = jax.jit(tx.init)(trainable)
@@ -222,7 +221,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     bar = tqdm.tqdm(total=total, initial=step, desc=f"phase {phase}", disable=jax.process_index() != 0)
     last_metrics: dict = {}
     while step < total and epoch < epochs and not stopper.should_stop():
-        if config.lora_freeze_epoch and epoch >= config.lora_freeze_epoch and not lora_frozen:
+        if 0 < phases.freeze_epoch(config.optimizer_groups) <= epoch and not lora_frozen:
             labels, trainable, frozen, tx, opt_state = freeze_lora(config, labels, trainable, frozen, opt_state,
                                                                    steps_per_epoch)
             lora_frozen, train_step = True, compile_train_step(run, phase, tx, weights)

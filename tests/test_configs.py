@@ -8,6 +8,7 @@ from ml_collections import config_flags
 
 from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm
+from kervljepa_jax.model.xattn import PROJECTOR_PATTERN
 from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import phases, run as run_lib
 
@@ -29,15 +30,21 @@ def test_paper_profile(phase):
     assert c.train.schedule == ("cosine" if phase == 1 else "constant")
     assert c.loss_weights.to_dict() == LOSS_WEIGHTS[phase]
     assert (c.model.lora.rank, c.model.lora.alpha) == (16, 32.0)
-    assert c.lora_freeze_epoch == (6 if phase == 3 else 0)
-    assert c.plateau.enabled == (phase == 3) and c.projector_lr_scale.enabled == (phase == 3)
+    rows = {row["pattern"]: row for row in c.optimizer_groups}
+    # The paper's extras: one lr per phase (no lr_mult), LoRA frozen after epoch 6 and the
+    # projectors' trust ratio in phase 3, EWC 100 on LoRA in phase 4.
+    assert {row["lr_mult"] for row in rows.values()} == {1.0} and not any(row["frozen"] for row in rows.values())
+    assert {p: row["freeze_after_epoch"] for p, row in rows.items() if row["freeze_after_epoch"]} == \
+        ({lora_lib.LORA_PATTERN: 6} if phase == 3 else {})
+    assert {p: row["trust_ratio"] for p, row in rows.items() if row["trust_ratio"]} == \
+        ({PROJECTOR_PATTERN: [1.0, 30.0]} if phase == 3 else {})
+    ewc = {p: row["ewc"] for p, row in rows.items() if row["ewc"]}
+    assert ewc == ({lora_lib.LORA_PATTERN: 100.0} if phase == 4 else {})
+    assert c.plateau.enabled == (phase == 3)
     assert (c.plateau.patience, c.plateau.factor, c.plateau.metric) == (3, 0.5, "val_gen_f1")
-    assert (c.projector_lr_scale.min, c.projector_lr_scale.max) == (1.0, 30.0)
     assert c.early_stop.patience == (8 if phase == 2 else 0)
-    assert c.ewc.lam == (100.0 if phase == 4 else 0.0)
     assert c.data.text_mode == ("raw" if phase == 4 else "positive_findings")
     assert c.data.repeat_factor_threshold == 0.0           # the paper shuffles; no class-balanced sampling
-    assert list(c.train.lr_multipliers) == []              # one lr per phase
     assert c.eval.max_new_tokens == 384 and c.eval.temperature == 0.6 and c.eval.top_p == 0.9
 
 
@@ -57,12 +64,15 @@ def test_default_profile_is_the_embedded_table(phase):
     assert config_lib.resolve_batch(c, 8).train.batch_size == batch      # a global batch, whatever the devices
     for key, column in config_lib.EMBEDDED.items():
         want = value(paper, key) if column[phase - 1] == config_lib.AS_PAPER else column[phase - 1]
+        if key == "optimizer_groups" and want is not value(paper, key):    # edits of the paper's rows
+            want = phases.update_groups(paper.optimizer_groups, want)
         assert value(c, key) == want, key
-    # The rest is the paper's phase, e.g. its loss weights (but those the table names) and trainable table.
+    # The rest is the paper's phase, e.g. its loss weights (but those the table names) and its
+    # optimizer-group patterns.
     table = {k.split(".", 1)[1]: col[phase - 1] for k, col in config_lib.EMBEDDED.items()
              if k.startswith("loss_weights.") and col[phase - 1] != config_lib.AS_PAPER}
     assert c.loss_weights.to_dict() == {**LOSS_WEIGHTS[phase], **table}
-    assert list(c.trainable) == list(config_lib.load_phase_config(phase, "paper").trainable)
+    assert [row["pattern"] for row in c.optimizer_groups] == [row["pattern"] for row in paper.optimizer_groups]
 
 
 def test_lora_variant_and_bad_args():
@@ -80,7 +90,7 @@ def test_lora_variant_and_bad_args():
     with pytest.raises(FileNotFoundError, match="phase=5"):
         config_lib.load_phase_config(5)
     with pytest.raises(KeyError, match="no field 'epoch'"):
-        config_lib._set_dotted(config_lib.base_config(), "train.epoch", 3)
+        config_lib.set_field(config_lib.base_config(), "train.epoch", 3)
 
 
 def test_command_line_overrides_through_config_flags():
@@ -106,7 +116,7 @@ def test_trainable_tables_match_the_vlm(preset):
     trained = {}
     for phase in config_lib.PHASES:
         c = config_lib.load_phase_config(phase)
-        labels = phases.trainable_labels(params, c.trainable, phase)
+        labels = phases.trainable_labels(params, c.optimizer_groups, phase)
         trained[phase] = {p for p, label in zip(phases.leaf_paths(params), jax.tree.leaves(labels))
                           if label == phases.TRAINABLE}
     is_lora = lambda p: p.endswith(("/lora_A", "/lora_B"))  # noqa: E731
@@ -148,7 +158,7 @@ def test_paper_recalibrates_alpha_once_an_epoch_where_v_hat_trains():
     for phase in config_lib.PHASES:
         c = config_lib.resolve_batch(config_lib.load_phase_config(phase, "paper"), 8)
         c.calibration.every_steps = c.calibration.every_steps or 1      # does the phase move V^?
-        labels = phases.trainable_labels(params, c.trainable, phase)
+        labels = phases.trainable_labels(params, c.optimizer_groups, phase)
         intervals[phase] = run_lib.recalibration_interval(c, params, labels)
         if phase < 4:
             assert intervals[phase] == round(CT_RATE_TRAIN_VOLUMES / c.train.batch_size), phase

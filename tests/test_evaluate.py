@@ -147,7 +147,8 @@ def test_phase_config_comes_from_the_checkpoint_then_the_command_line(tmp_path):
     config = evaluate.phase_eval_config(str(tmp_path), 3, {"eval.max_new_tokens": "11"})
     assert config.data.num_train == 64 and config.eval.max_new_tokens == 11
     assert config.data.embed_dim == 48 and config.model.d_visual == 48      # the field reference survives
-    assert isinstance(config.trainable, type(trained.trainable)) and list(config.trainable) == list(trained.trainable)
+    assert isinstance(config.optimizer_groups, type(trained.optimizer_groups))
+    assert list(config.optimizer_groups) == list(trained.optimizer_groups)
     with pytest.raises(evaluate.EvalError, match="--config.eval.nope"):
         evaluate.phase_eval_config(str(tmp_path), 3, {"eval.nope": "1"})
     with pytest.raises(evaluate.EvalError, match="phase 4: no checkpoint"):

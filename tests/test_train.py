@@ -30,9 +30,9 @@ def test_unknown_config_field_on_the_command_line_is_one_line(tmp_path):
 
 def test_list_override_reaches_the_config_parser(tmp_path):
     """config_flags cannot parse list fields; they are held out of it and parsed by training.config."""
-    out = _run(["--phase=3", "--config.train.lr_multipliers=5"], tmp_path / "w", timeout=300)
+    out = _run(["--phase=3", "--config.optimizer_groups=5"], tmp_path / "w", timeout=300)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1] == ("train: --config.train.lr_multipliers='5' does not parse as "
+    assert out.stderr.strip().splitlines()[-1] == ("train: --config.optimizer_groups='5' does not parse as "
                                                    "the field's list")
 
 

@@ -14,7 +14,8 @@ def get_config(arg=None):
     # The MMD targets are the per-condition text embeddings (data builds them in every mode).
     c.data.text_mode = "positive_findings"
     # Per-token JEPA-head embeddings of V~ enter the MMD: the head trains, the predictor does not.
-    c.trainable = [r"compressor/.*", r"visual_classifier/.*", r"jepa_head/.*"]
+    c.optimizer_groups = [dict(pattern=r"compressor/.*"), dict(pattern=r"visual_classifier/.*"),
+                          dict(pattern=r"jepa_head/.*")]
     c.loss_weights.update(dict(bce=1.5, mil=1.0, orth=1.0, mmd=0.5))
     c.train.epochs = 20
     c.train.batch_per_device = 32     # per GPU (DDP on 8 H200s: 256 global)

@@ -13,7 +13,8 @@ PHASE = 2
 def get_config(arg=None):
     c = config_lib.base_config()
     c.data.text_mode = "positive_findings"
-    c.trainable = [r"compressor/.*", r"predictor/.*", r"jepa_head/.*", r"log_temperature"]
+    c.optimizer_groups = [dict(pattern=r"compressor/.*"), dict(pattern=r"predictor/.*"), dict(pattern=r"jepa_head/.*"),
+                          dict(pattern=r"log_temperature")]
     # The paper gives no MMD weight for phase 2; phase 1's 0.5.
     c.loss_weights.update(dict(infonce=1.0, mmd=0.5))
     c.train.epochs = 30

@@ -17,8 +17,18 @@ def get_config(arg=None):
     c = config_lib.base_config()
     # Findings in shuffled order, a normal study -> the fixed normal sentence.
     c.data.text_mode = "positive_findings"
-    c.trainable = [r"predictor/.*", LORA_PATTERN, XATTN_PATTERN, PROJECTOR_PATTERN,
-                   r"llm_classifier/.*", r"jepa_head/.*"]
+    # First match wins: the gates before the rest of their adapters (a row of their own, so that a
+    # profile can set their lr), LoRA freezes after epoch 6, the projectors' lr is scaled by the
+    # clipped ||w|| / ||g|| ratio.
+    c.optimizer_groups = [
+        dict(pattern=config_lib.XATTN_GATE_PATTERN),
+        dict(pattern=LORA_PATTERN, freeze_after_epoch=6),
+        dict(pattern=PROJECTOR_PATTERN, trust_ratio=[1.0, 30.0]),
+        dict(pattern=r"predictor/.*"),
+        dict(pattern=XATTN_PATTERN),
+        dict(pattern=r"llm_classifier/.*"),
+        dict(pattern=r"jepa_head/.*"),
+    ]
     # The paper names only lambda_vcls = 3.0; focal and JEPA weights are 1.0.
     c.loss_weights.update(dict(lm=1.0, focal=1.0, jepa=1.0, llm_cls=3.0))
     c.train.epochs = 50
@@ -29,9 +39,7 @@ def get_config(arg=None):
     # CT-RATE training volumes / 64 a step on 8 GPUs = 725 steps. Phase 4 trains neither the
     # compressor nor the predictor, so its alpha stays phase 3's.
     c.calibration.every_steps = 725
-    c.lora_freeze_epoch = 6
     c.plateau.update(dict(enabled=True, metric="val_gen_f1", mode="max", patience=3, factor=0.5))
-    c.projector_lr_scale.update(dict(enabled=True, min=1.0, max=30.0))
     c.checkpoint.best_metric = "val_gen_f1"
     c.checkpoint.best_mode = "max"
     return config_lib.apply_profile(c, PHASE, arg)

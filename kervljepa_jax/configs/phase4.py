@@ -14,10 +14,9 @@ PHASE = 4
 def get_config(arg=None):
     c = config_lib.base_config()
     c.data.text_mode = "raw"
-    c.trainable = [LORA_PATTERN]
-    # EWC is not a loss term here: the optimizer adds its gradient (training/optim.py).
+    # EWC (lambda 100) is not a loss term here: the optimizer adds its gradient (training/optim.py).
+    c.optimizer_groups = [dict(pattern=LORA_PATTERN, ewc=100.0)]
     c.loss_weights.update(dict(lm=1.0, focal=1.0))
-    c.ewc.lam = 100.0
     c.train.epochs = 30
     c.train.batch_per_device = 8      # per GPU
     c.train.lr = 5e-7

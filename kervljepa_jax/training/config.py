@@ -1,7 +1,7 @@
 """The config shared by the four curriculum phases, and the two profiles' numbers.
 
 `configs/phaseN.py:get_config(arg)` = `base_config()` + the phase as the paper describes it
-(trainable patterns, loss weights, extras, epochs / batch / lr) + a profile:
+(optimizer-group table, loss weights, extras, epochs / batch / lr) + a profile:
 
     arg None | "default"  the embedded run: synthetic CT-RATE + the tiny LLM; the whole curriculum
                           and its evaluation fit in 10 minutes on 2 CPU cores (the EMBEDDED table)
@@ -11,8 +11,8 @@ LoRA: the paper's r=16 under "paper", the released model card's r=64, alpha=128 
 add ",lora=card" or ",lora=paper" to either for the other (e.g. `--config=configs/phase3.py:paper,lora=card`).
 Anything stays overridable on the command line: `--config.train.lr=1e-4`.
 
-Every block exists in every phase (disabled where it does not apply: ewc.lam = 0, plateau.enabled
-False, ...), so the training loop reads one schema and `--config.x.y` works for any phase.
+Every block exists in every phase (disabled where it does not apply: plateau.enabled False, ...),
+so the training loop reads one schema and `--config.x.y` works for any phase.
 """
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ import pathlib
 from typing import Any
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from kervljepa_jax import data as data_lib, sharding
+from kervljepa_jax.model.lora import LORA_PATTERN
+from kervljepa_jax.training import phases
 
 PHASES = (1, 2, 3, 4)
 PROFILES = ("default", "paper")
@@ -61,6 +64,9 @@ PAPER_SETUP = {
     # ("truncated_responses", data/records.py) at every epoch.
     "data.max_tokens":               544,
 }
+
+# The adapters' tanh gates (model/xattn.py), a row of phase 3's optimizer-group table of its own.
+XATTN_GATE_PATTERN = r"xattn_\d+/gate"
 
 AS_PAPER = "<as in configs/phaseN.py>"   # an EMBEDDED cell that keeps the phase file's (paper's) value
 
@@ -116,15 +122,18 @@ EMBEDDED = {
     # each is scored against the full model on those same volumes.
     "eval.ablation_examples":        (128,) * 4,
     "train.eval_every_epochs":       (2, 1, 16, 1),               # phase 3: generation F1 at its end only
-    "lora_freeze_epoch":             (0, 0, 10, 0),               # paper 6 (phase 3)
-    # Phases 3-4: the adapters' tanh gates start at 0 (a fresh model is the base LLM) and Adam moves
-    # them at most ~lr a step: 1,024 phase-3 steps here against the paper's ~300k (50 epochs of ~47k
-    # volumes at batch 8). Faster gates in this ~300x shorter run.
+    # Edits of the phase's optimizer-group table (kervljepa_jax/configs/phaseN.py), by row pattern.
+    # Phase 3: LoRA freezes after epoch 10 (paper 6). The adapters' tanh gates start at 0 (a fresh
+    # model is the base LLM) and Adam moves them at most ~lr a step: 1,024 phase-3 steps here against
+    # the paper's ~300k (50 epochs of ~47k volumes at batch 8); so their lr is x30 in this ~300x
+    # shorter run.
     # Phase 2, compressor lr x0.1: at the full phase-2 lr the InfoNCE steps pulled the phase-1
     # compressor off its classes (visual AUC 0.989 -> 0.968, the phase-3 ceiling with it); at x0.1
     # AUC stays 0.989 and the InfoNCE validation loss is lower (1.650 vs 1.674). Phase 3 on 512
     # validation volumes: 0.655 vs 0.628 (0.666 with the compressor held still, x0).
-    "train.lr_multipliers":          ([], [[r"compressor/.*", 0.1]]) + ([[r"xattn_\d+/gate", 30.0]],) * 2,
+    "optimizer_groups":              (AS_PAPER, {r"compressor/.*": dict(lr_mult=0.1)},
+                                      {XATTN_GATE_PATTERN: dict(lr_mult=30.0),
+                                       LORA_PATTERN: dict(freeze_after_epoch=10)}, AS_PAPER),
     # Phase 3 trains on the LM loss alone (paper: + focal + JEPA + 3.0 LLM-visual classification). The
     # 64-wide tiny decoder has no room to spare for the auxiliary heads: from the same phases 1-2,
     # generation F1 on 512 validation volumes 0.696 with them, 0.773 without the classifier's two
@@ -137,7 +146,7 @@ EMBEDDED = {
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every field every phase reads; phase configs set `phase`, `trainable`, `loss_weights`, extras."""
+    """Every field every phase reads; phase configs set `phase`, `optimizer_groups`, `loss_weights`, extras."""
     c = ml_collections.ConfigDict()
     c.phase = 0
     c.profile = "default"
@@ -210,9 +219,6 @@ def base_config() -> ml_collections.ConfigDict:
     # Leaves that get weight decay: matrices, not biases / norms / gates / the temperature.
     c.train.weight_decay_pattern = r"(^|.*/)(kernel|lora_A|lora_B|queries)$"
     c.train.grad_clip = 1.0            # global-norm clip; 0 = off
-    # [(regex over param paths, lr multiplier)], first match wins, for trainable leaves (big_vision's
-    # lr_mults); the paper has none. A pattern that matches no trainable leaf is ignored.
-    c.train.lr_multipliers = []
     c.train.max_steps = 0              # cap on optimizer steps in this phase; 0 = no cap
     # A non-finite gradient skips the step (counted); after this many in a row the step is applied
     # anyway (optax.apply_if_finite), so the train loop should stop before that.
@@ -264,16 +270,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.radbert_classifier = ""     # the CT-RATE classifier checkpoint (.safetensors, or .pt/.pth)
 
     c.loss_weights = ml_collections.ConfigDict()
-    c.trainable = []                   # regex (re.fullmatch) over '/'-joined param paths
+    # What trains and how: rows dict(pattern, lr_mult, frozen, ewc, trust_ratio, freeze_after_epoch),
+    # the first row whose regex fully matches a param path holds it, a path no row matches is frozen
+    # (the fields: training/phases.py). `--config.optimizer_groups='[...]'` replaces the table,
+    # `--config.optimizer_groups[1].lr_mult=2` changes one field of one row.
+    c.optimizer_groups = []
 
     # Phase extras, off unless the phase turns them on.
-    c.lora_freeze_epoch = 0            # freeze LoRA after this epoch (phase 3: 6); 0 = never
     c.plateau = ml_collections.ConfigDict(dict(
         enabled=False, metric="val_gen_f1", mode="max", patience=3, factor=0.5, threshold=1e-4,
         min_scale=0.0))
-    c.projector_lr_scale = ml_collections.ConfigDict(dict(enabled=False, min=1.0, max=30.0))
     c.early_stop = ml_collections.ConfigDict(dict(patience=0, metric="val_loss", mode="min"))
-    c.ewc = ml_collections.ConfigDict(dict(lam=0.0))
     return c
 
 
@@ -303,22 +310,23 @@ def apply_profile(config: ml_collections.ConfigDict, phase: int, arg: str | None
         overrides = PAPER_SETUP
     else:
         overrides = {key: column[phase - 1] for key, column in EMBEDDED.items() if column[phase - 1] != AS_PAPER}
+    config.optimizer_groups = phases.group_rows(config.optimizer_groups)   # every field overridable
     for key, value in overrides.items():
-        _set_dotted(config, key, value)
+        if key == "optimizer_groups":
+            config.optimizer_groups = phases.update_groups(config.optimizer_groups, value)
+        else:
+            set_field(config, key, value)
     config.model.lora.update(LORA_VARIANTS[lora])
     return config
 
 
-def _set_dotted(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
-    """config[a][b][c] = value for key 'a.b.c'; the field must exist (a typo must not add a new one)."""
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents + [leaf]:
-        if name not in node:
-            raise KeyError(f"profile override {key!r}: the config has no field {name!r}; fix the table in {__file__}")
-        if name != leaf:
-            node = node[name]
-    node[leaf] = value
+def set_field(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """The field at the ml_collections path `key` ('a.b', 'a[0].b') := value; it must exist (a typo
+    in a profile table must not add a new field)."""
+    missing = missing_name(config, key)
+    if missing is not None:
+        raise KeyError(f"profile override {key!r}: the config has no field {missing!r}; fix the table in {__file__}")
+    config_path.set_value(key, config, value)
 
 
 def load_phase_config(phase: int, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -381,28 +389,31 @@ def command_line_overrides(argv: list[str]) -> dict[str, str]:
 MISSING = object()
 
 
-def field_value(config: ml_collections.ConfigDict, key: str) -> Any:
-    """config[a][b] for the dotted key "a.b", or `MISSING` when a name on the way does not exist."""
+def missing_name(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The first name on the path `key` ('a.b', 'a[0].b', ml_collections' config_path syntax) that
+    does not exist in `config`, or None when the field exists."""
     node = config
-    for name in key.split("."):
-        if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-            return MISSING
-        node = node[name]
-    return node
+    for name in config_path.split(key):
+        try:
+            node = node[name]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return name
+    return None
+
+
+def field_value(config: ml_collections.ConfigDict, key: str) -> Any:
+    """The value at the path `key` ('a.b', 'a[0].b'), or `MISSING` when a name on the way does not exist."""
+    return MISSING if missing_name(config, key) is not None else config_path.get_value(key, config)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
-    """config[a][b] = the typed value of each `a.b` override, in place; an unknown field is an error."""
+    """The field at each path (`a.b`, `a[0].b`) := its override parsed as the field's type, in place;
+    an unknown field is an error."""
     for key, raw in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for name in parents:
-            if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-                raise OverrideError(f"--config.{key}: no field {name!r} in the phase {config.phase} config")
-            node = node[name]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise OverrideError(f"--config.{key}: no such field in the phase {config.phase} config")
-        node[leaf] = parse_override(raw, node[leaf], key)
+        missing = missing_name(config, key)
+        if missing is not None:
+            raise OverrideError(f"--config.{key}: no field {missing!r} in the phase {config.phase} config")
+        config_path.set_value(key, config, parse_override(raw, config_path.get_value(key, config), key))
     return config
 
 
@@ -427,7 +438,6 @@ RANGES: tuple[tuple[str, float, str], ...] = (
     ("eval.max_new_tokens", 1, "tokens a report may have"),
     ("data.num_train", 1, "synthetic training volumes"),
     ("data.num_valid", 1, "synthetic validation volumes"),
-    ("lora_freeze_epoch", 0, "the epoch LoRA freezes after (0 = never)"),
 )
 
 
@@ -448,6 +458,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             sharding.parse_mesh(str(config.mesh))
         except ValueError as e:
             raise OverrideError(str(e)) from None
+    try:
+        phases.freeze_epoch(config.get("optimizer_groups", []))    # also checks every row
+    except ValueError as e:
+        raise OverrideError(f"--config.{e}") from None
     for key, lowest, meaning in RANGES:
         value = field_value(config, key)
         if value is MISSING or value is None:

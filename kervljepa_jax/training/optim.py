@@ -1,4 +1,5 @@
-"""The phase optimizer: freezing, EWC, the projector lr scale and the lr schedule in one optax chain.
+"""The phase optimizer: one optax group per row of the phase's optimizer-group table
+(`config.optimizer_groups`, training/phases.py), the EWC pull and the lr schedule in one chain.
 
     tx = make_optimizer(config, params, labels, steps_per_epoch)     # labels: phases.trainable_labels
     opt_state = tx.init(trainable)                                   # or tx.init(params): same state
@@ -7,13 +8,13 @@
 Structure (outside in):
 
     apply_if_finite                       a non-finite gradient skips the step and is counted
-      chain(clip_by_global_norm,          over every trainable gradient; when config.ewc.lam > 0
-                                          chain(masked(ewc_gradient(anchor, lam), lora), clip)
+      chain(clip_by_global_norm,          over every trainable gradient; rows with ewc > 0 first get
+                                          chain(masked(ewc_gradient(anchor, ewc), their leaves), clip)
             inject_hyperparams(           learning_rate = schedule(count), lr_scale (host-set)
               multi_transform({           over the optimizer label tree (`optimizer_labels`):
-                frozen:    set_to_zero()                                 no state
-                trainable, lora: adamw(lr * lr_scale)
-                projector: adamw, update x clip(||w|| / ||g||, 1, 30)    when projector_lr_scale.enabled
+                frozen: set_to_zero()                                    no state
+                "i":    adamw(lr * lr_scale)  [x clip(||w|| / ||g||, min, max) with a trust_ratio]
+                                              [x lr_mult when it is not 1]    for table row i
               })))
 
 EWC's gradient joins the loss's before the clip: the paper's phase-4 loss is LM + focal +
@@ -36,37 +37,21 @@ import ml_collections
 import optax
 
 from kervljepa_jax import losses
-from kervljepa_jax.model.lora import LORA_PATTERN
-from kervljepa_jax.model.xattn import PROJECTOR_PATTERN
 from kervljepa_jax.training import phases
 from kervljepa_jax.training.config import OverrideError
 
-FROZEN, TRAINABLE, LORA, PROJECTOR, SCALED = "frozen", "trainable", "lora", "projector", "scaled:"
+FROZEN = "frozen"
 
 
 # ------------------------------------------------------------------------------------------------
 # Labels and schedule
 # ------------------------------------------------------------------------------------------------
 
-def optimizer_labels(params: Any, labels: Any, lr_multipliers: Any = ()) -> Any:
-    """Refine the phase labels into optimizer groups: frozen | lora | projector | trainable, or
-    `scaled:i` for a trainable leaf matched by the i-th (pattern, multiplier) of `lr_multipliers`."""
-    lora, projector = re.compile(LORA_PATTERN), re.compile(PROJECTOR_PATTERN)
-    scaled = [re.compile(pattern) for pattern, _ in lr_multipliers]
-
-    def group(path: str, label: str) -> str:
-        if label == phases.FROZEN:
-            return FROZEN
-        hit = next((i for i, rx in enumerate(scaled) if rx.fullmatch(path)), None)
-        if hit is not None:
-            return f"{SCALED}{hit}"
-        if lora.fullmatch(path):
-            return LORA
-        if projector.fullmatch(path):
-            return PROJECTOR
-        return TRAINABLE
-
-    return phases.map_with_path(lambda p, label, _: group(p, label), labels, params)
+def optimizer_labels(params: Any, labels: Any, table: Any) -> Any:
+    """Refine the phase labels into optimizer groups: "frozen", or the index (a string) of the
+    table row that holds a trainable leaf."""
+    return jax.tree.map(lambda label, i: FROZEN if label == phases.FROZEN or i < 0 else str(i),
+                        labels, phases.row_indices(labels, table))
 
 
 def total_steps(train: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -127,44 +112,57 @@ def _decay_mask(pattern: str):
     return lambda params: phases.map_with_path(lambda p, _: bool(rx.fullmatch(p)), params)
 
 
+def _group_tx(row: dict, adamw) -> optax.GradientTransformation:
+    tx = adamw()
+    if row["trust_ratio"]:
+        tx = trust_ratio_scaled(tx, *row["trust_ratio"])
+    if row["lr_mult"] != 1.0:
+        tx = optax.chain(tx, optax.scale(row["lr_mult"]))
+    return tx
+
+
+def _with_ewc(clip: optax.GradientTransformation, rows: list[dict], groups: Any,
+              anchor: Any) -> optax.GradientTransformation:
+    """EWC's pull on the leaves of each row with ewc > 0, added to the gradient before the clip
+    (the penalty's gradient is part of the loss's, so it is clipped with it)."""
+    for lam in sorted({row["ewc"] for row in rows if row["ewc"] > 0}):
+        paths = {p for p, g in zip(phases.leaf_paths(groups), jax.tree.leaves(groups))
+                 if g != FROZEN and rows[int(g)]["ewc"] == lam}
+        on = lambda tree, paths=paths: phases.map_with_path(lambda p, _: p in paths, tree)  # noqa: E731
+        clip = optax.chain(optax.masked(losses.ewc_gradient(anchor, lam), on), clip)
+    return clip
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: Any, labels: Any, steps_per_epoch: int,
                    anchor: Any = None) -> optax.GradientTransformation:
     """The phase's optimizer over `params` (full tree or the `split_params` trainable half).
 
-    labels: phases.trainable_labels(params, config.trainable). anchor: theta_P3 for EWC (a tree
-    shaped like params; only its LoRA leaves are read); None = the LoRA values `init` is given.
+    labels: phases.trainable_labels(params, config.optimizer_groups) (freeze_scheduled after a
+    freeze). anchor: theta_P3 for EWC (a tree shaped like params; only its EWC rows' leaves are
+    read); None = the values `init` is given.
     """
     train = config.train
-    multipliers = [(str(p), float(m)) for p, m in train.lr_multipliers]
-    groups = optimizer_labels(params, labels, multipliers)
+    rows = phases.group_rows(config.optimizer_groups)
+    groups = optimizer_labels(params, labels, rows)
     present = set(jax.tree.leaves(groups))
     if present <= {FROZEN}:
-        raise OverrideError(f"--config.trainable: selects no parameter of phase {config.phase} to train; "
-                            "name at least one (see configs/phaseN.py)")
+        raise OverrideError(f"--config.optimizer_groups: selects no parameter of phase {config.phase} to train; "
+                            "name at least one (see kervljepa_jax/configs/phaseN.py)")
     decay_mask = _decay_mask(train.weight_decay_pattern)
-    lam = float(config.ewc.lam)
-    scale_cfg = config.projector_lr_scale
 
     def factory(learning_rate, lr_scale):
         def adamw():
             return optax.adamw(learning_rate * lr_scale, b1=train.b1, b2=train.b2, eps=train.eps,
                                weight_decay=train.weight_decay, mask=decay_mask)
 
-        txs = {FROZEN: optax.set_to_zero(), TRAINABLE: adamw(), LORA: adamw()}
-        txs[PROJECTOR] = (trust_ratio_scaled(adamw(), scale_cfg.min, scale_cfg.max) if scale_cfg.enabled
-                          else adamw())
-        for i, (_, multiplier) in enumerate(multipliers):
-            txs[f"{SCALED}{i}"] = optax.chain(adamw(), optax.scale(multiplier))
+        txs = {FROZEN: optax.set_to_zero(), **{str(i): _group_tx(row, adamw) for i, row in enumerate(rows)}}
         return optax.multi_transform({g: tx for g, tx in txs.items() if g in present}, groups)
 
     # float32 hyperparameters (not weak-typed): a host-set lr_scale then matches the compiled step's type.
     scheduled = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
         learning_rate=make_schedule(train, steps_per_epoch), lr_scale=1.0)
     clip = optax.clip_by_global_norm(train.grad_clip) if train.grad_clip else optax.identity()
-    if lam > 0:      # the penalty's gradient is part of the loss's, so it is clipped with it
-        lora_paths = {p for p, g in zip(phases.leaf_paths(groups), jax.tree.leaves(groups)) if g == LORA}
-        on_lora = lambda tree: phases.map_with_path(lambda p, _: p in lora_paths, tree)  # noqa: E731
-        clip = optax.chain(optax.masked(losses.ewc_gradient(anchor, lam), on_lora), clip)
+    clip = _with_ewc(clip, rows, groups, anchor)
     return optax.apply_if_finite(optax.chain(clip, scheduled), int(train.max_consecutive_nonfinite))
 
 
@@ -216,7 +214,7 @@ def consecutive_nonfinite(opt_state: Any) -> int:
 def transfer_state(old_state: Any, new_tx: optax.GradientTransformation, params: Any) -> Any:
     """`new_tx.init(params)`, keeping the old state wherever it still applies.
 
-    For a relabel inside a phase (phase 3 freezing LoRA after epoch 6): the step count, lr scale,
+    For a relabel inside a phase (a row's freeze_after_epoch: phase 3's LoRA after epoch 6): the step count, lr scale,
     skip counters, clip state and every optimizer group that exists in both keep their values;
     a group that became frozen loses its moments. The schedule keeps its place: optax's
     inject_hyperparams counts for a schedule in `hyperparams_states`, apart from `count`, and a

@@ -1,15 +1,26 @@
-"""Trainability as data: a phase's regex table -> a label tree -> the (trainable, frozen) split.
+"""Trainability as data: a phase's optimizer-group table -> a label tree -> the (trainable, frozen) split.
 
-    labels = trainable_labels(params, config.trainable, phase=config.phase)
-    logging.info(trainable_table(params, labels, config.trainable))
+    labels = trainable_labels(params, config.optimizer_groups, phase=config.phase)
+    logging.info(trainable_table(params, labels, config.optimizer_groups))
     trainable, frozen = split_params(params, labels)
     grads = jax.grad(lambda t: loss(merge_params(t, frozen), batch))(trainable)
 
+The table (`config.optimizer_groups`) is a list of rows, one per group of parameters:
+
+    dict(pattern=r".*/lora_[AB]$",   # re.fullmatch over '/'-joined param paths; the FIRST matching row
+                                     # holds a parameter, and a parameter no row matches is frozen
+         lr_mult=1.0,                # its updates x this (big_vision's lr_mults)
+         frozen=False,               # True: frozen, though a later row would train it
+         ewc=0.0,                    # > 0: EWC's pull 2 ewc (theta - theta_anchor) joins its gradient
+         trust_ratio=[],             # [min, max]: updates x clip(||w|| / ||g||, min, max) (LARS-like)
+         freeze_after_epoch=0)       # > 0: frozen from this epoch on (0 = never)
+
+`group_rows` fills the fields a row leaves out; training/optim.py builds one optax group per row.
 `split_params` puts `optax.MaskedNode()` where the other half has a leaf: MaskedNode is an empty
 pytree node, so `jax.grad` w.r.t. `trainable` computes no gradient for a frozen weight, optax
 transforms (and `optim.make_optimizer`) skip it, and the frozen half enters the step as an
-argument, not as a baked-in constant. Patterns use `re.fullmatch` on '/'-joined paths such as
-`llm/model/layers_0_7/self_attn/q_proj/lora_A` (docs: notes/VLM_PATHS.md).
+argument, not as a baked-in constant. Paths look like `llm/model/layers_0_7/self_attn/q_proj/lora_A`
+(docs: notes/VLM_PATHS.md).
 """
 
 from __future__ import annotations
@@ -25,16 +36,10 @@ TRAINABLE = "trainable"
 FROZEN = "frozen"
 
 
-def _key_name(key: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def path_str(key_path: Sequence[Any]) -> str:
-    """A jax key path -> 'a/b/c'."""
-    return "/".join(_key_name(k) for k in key_path)
+    """A jax key path -> 'a/b/c' (jax's keystr: key names, attribute names and indices; unlike
+    flax.traverse_util.flatten_dict it walks any pytree, optax states and MaskedNode included)."""
+    return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/")
 
 
 def leaf_paths(tree: Any) -> list[str]:
@@ -47,38 +52,84 @@ def map_with_path(fn, tree: Any, *rest: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest)
 
 
-def _compile(patterns: Sequence[str], phase: Any) -> list[re.Pattern]:
-    compiled = []
-    for pattern in patterns:
-        try:
-            compiled.append(re.compile(pattern))
-        except re.error as err:
-            raise ValueError(f"phase {phase}: trainable pattern {pattern!r} is not a regex ({err}); "
-                             "fix config.trainable") from None
-    return compiled
+GROUP_DEFAULTS = dict(lr_mult=1.0, frozen=False, ewc=0.0, trust_ratio=[], freeze_after_epoch=0)
 
 
-def trainable_labels(params: Any, patterns: Sequence[str], phase: Any = None) -> Any:
-    """The label tree of `params`: "trainable" where a path fully matches a pattern, else "frozen".
+def _row(i: int, row: Any) -> dict:
+    """One table row with every field, checked; a bare string is a pattern with the defaults."""
+    row = {"pattern": row} if isinstance(row, str) else dict(row)
+    where = f"optimizer_groups[{i}]"
+    unknown = set(row) - set(GROUP_DEFAULTS) - {"pattern"}
+    if "pattern" not in row or unknown:
+        raise ValueError(f"{where}: {'unknown field(s) ' + str(sorted(unknown)) if unknown else 'no pattern'}; "
+                         f"a row has pattern and any of {sorted(GROUP_DEFAULTS)}")
+    row = {**GROUP_DEFAULTS, **row}
+    try:
+        re.compile(row["pattern"])
+    except re.error as err:
+        raise ValueError(f"{where}: pattern {row['pattern']!r} is not a regex ({err})") from None
+    ratio = list(row["trust_ratio"] or [])
+    if ratio and not (len(ratio) == 2 and 0 <= ratio[0] <= ratio[1]):
+        raise ValueError(f"{where}: trust_ratio={ratio!r}: use [] or [min, max] with 0 <= min <= max")
+    for name in ("lr_mult", "ewc", "freeze_after_epoch"):
+        if row[name] < 0:
+            raise ValueError(f"{where}: {name}={row[name]!r} must be >= 0")
+    return {**row, "pattern": str(row["pattern"]), "lr_mult": float(row["lr_mult"]), "frozen": bool(row["frozen"]),
+            "ewc": float(row["ewc"]), "trust_ratio": [float(r) for r in ratio],
+            "freeze_after_epoch": int(row["freeze_after_epoch"])}
 
-    A pattern that matches no leaf is an error (a typo would otherwise freeze what it meant to train).
-    """
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    compiled = _compile(patterns, phase)
-    paths = leaf_paths(params)
-    for pattern, rx in zip(patterns, compiled):
-        if not any(rx.fullmatch(p) for p in paths):
+
+def group_rows(table: Any) -> list[dict]:
+    """The optimizer-group table with every field of every row filled in (GROUP_DEFAULTS), checked:
+    ValueError naming the row for an unknown field, a bad regex or an out-of-range value."""
+    return [_row(i, row) for i, row in enumerate([table] if isinstance(table, str) else table)]
+
+
+def update_groups(table: Any, edits: dict) -> list[dict]:
+    """The table with each row whose pattern `edits` names updated by that entry's fields (a profile
+    changing, say, one row's lr_mult); a pattern that names no row is an error."""
+    rows = group_rows(table)
+    missing = set(edits) - {row["pattern"] for row in rows}
+    if missing:
+        raise ValueError(f"optimizer_groups: no row has pattern(s) {sorted(missing)}")
+    return group_rows([{**row, **edits.get(row["pattern"], {})} for row in rows])
+
+
+def row_indices(params: Any, table: Any) -> Any:
+    """The tree of `params` with, at each leaf, the index of the first row whose pattern fully
+    matches its path, or -1."""
+    compiled = [re.compile(row["pattern"]) for row in group_rows(table)]
+    return map_with_path(lambda p, _: next((i for i, rx in enumerate(compiled) if rx.fullmatch(p)), -1), params)
+
+
+def trainable_labels(params: Any, table: Any, phase: Any = None) -> Any:
+    """The label tree of `params`: "trainable" where the first row matching the path is not frozen
+    (before any freeze_after_epoch), else "frozen". A row that matches no leaf is an error (a typo
+    would otherwise freeze what it meant to train)."""
+    rows, paths = group_rows(table), leaf_paths(params)
+    for row in rows:
+        if not any(re.fullmatch(row["pattern"], p) for p in paths):
             example = paths[0] if paths else "(no parameters)"
-            raise ValueError(f"phase {phase}: trainable pattern {pattern!r} matches none of the {len(paths)} "
-                             f"parameters (paths look like {example!r}); fix config.trainable")
-    return map_with_path(lambda p, _: TRAINABLE if any(rx.fullmatch(p) for rx in compiled) else FROZEN, params)
+            raise ValueError(f"phase {phase}: pattern {row['pattern']!r} matches none of the {len(paths)} "
+                             f"parameters (paths look like {example!r}); fix config.optimizer_groups")
+    return jax.tree.map(lambda i: TRAINABLE if i >= 0 and not rows[i]["frozen"] else FROZEN,
+                        row_indices(params, rows))
 
 
-def freeze(labels: Any, patterns: Sequence[str]) -> Any:
-    """`labels` with every leaf whose path matches a pattern set to "frozen" (e.g. LoRA after epoch 6)."""
-    compiled = _compile([patterns] if isinstance(patterns, str) else patterns, "freeze")
-    return map_with_path(lambda p, label: FROZEN if any(rx.fullmatch(p) for rx in compiled) else label, labels)
+def freeze_epoch(table: Any) -> int:
+    """The epoch from which the table's scheduled freezes apply (0 = none). One epoch per phase:
+    the checkpoint records only whether it has passed."""
+    epochs = sorted({row["freeze_after_epoch"] for row in group_rows(table)} - {0})
+    if len(epochs) > 1:
+        raise ValueError(f"optimizer_groups: rows freeze after different epochs {epochs}; use one")
+    return epochs[0] if epochs else 0
+
+
+def freeze_scheduled(labels: Any, table: Any) -> Any:
+    """`labels` with every leaf whose row has a freeze_after_epoch set to "frozen" (phase 3's LoRA)."""
+    rows = group_rows(table)
+    return jax.tree.map(lambda label, i: FROZEN if i >= 0 and rows[i]["freeze_after_epoch"] else label,
+                        labels, row_indices(labels, rows))
 
 
 def _is_masked(x: Any) -> bool:
@@ -113,13 +164,13 @@ def _human(n: float, unit: str = "") -> str:
     return str(n)
 
 
-def trainable_table(params: Any, labels: Any, patterns: Sequence[str]) -> str:
-    """The start-up table: per pattern its leaves / parameters / bytes, then trainable and frozen totals.
+def trainable_table(params: Any, labels: Any, table: Any) -> str:
+    """The start-up table: per row pattern its leaves / parameters / bytes (every leaf it matches),
+    then trainable and frozen totals.
 
     Works on concrete arrays and on `jax.ShapeDtypeStruct` trees (`jax.eval_shape` of an init).
     """
-    if isinstance(patterns, str):
-        patterns = [patterns]
+    patterns = [row["pattern"] for row in group_rows(table)]
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     label_leaves = jax.tree.leaves(labels)
     rows = [("pattern", "leaves", "params", "bytes")]

@@ -194,7 +194,7 @@ def test_3b_preset_trains_f32_master_weights_over_bf16_frozen_ones(phase):
                               jax.ShapeDtypeStruct((1, 8), jnp.float32), jax.ShapeDtypeStruct((1, 8), bool),
                               jax.ShapeDtypeStruct((1, 34), jnp.int32))
     params = nn.unbox(abstract)["params"]
-    labels = phases.trainable_labels(params, config.trainable, phase)
+    labels = phases.trainable_labels(params, config.optimizer_groups, phase)
     dtypes = {p: (label, leaf.dtype) for p, label, leaf in
               zip(phases.leaf_paths(params), jax.tree.leaves(labels), jax.tree.leaves(params))}
     narrow = [p for p, (label, dtype) in dtypes.items() if label == phases.TRAINABLE and dtype != jnp.float32]

@@ -30,7 +30,7 @@ def config():
 def trained(config):
     """Toy params and the phase-3 optimizer state after one step."""
     params = toy_params()
-    labels = phases.trainable_labels(params, config.trainable, config.phase)
+    labels = phases.trainable_labels(params, config.optimizer_groups, config.phase)
     tx = optim.make_optimizer(config, params, labels, steps_per_epoch=10)
     trainable, frozen = phases.split_params(params, labels)
     grads = jax.tree.map(jnp.ones_like, trainable)

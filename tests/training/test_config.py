@@ -13,12 +13,13 @@ def _phase(phase, overrides=None):
 
 def test_command_line_overrides_are_typed_and_checked():
     pairs = config_lib.command_line_overrides(["--phase=3", "--config.train.lr=0.5", "--config.train.epochs", "7",
-                                               "--config.data.skip_bad_records=true", "--config.trainable=['a/.*']"])
+                                               "--config.data.skip_bad_records=true",
+                                               "--config.optimizer_groups=['predictor/.*']"])
     assert pairs == {"train.lr": "0.5", "train.epochs": "7", "data.skip_bad_records": "true",
-                     "trainable": "['a/.*']"}
+                     "optimizer_groups": "['predictor/.*']"}
     config = _phase(3, pairs)
     assert config.train.lr == 0.5 and config.train.epochs == 7 and config.data.skip_bad_records is True
-    assert list(config.trainable) == ["a/.*"] and config.phase == 3
+    assert list(config.optimizer_groups) == ["predictor/.*"] and config.phase == 3
     with pytest.raises(config_lib.OverrideError, match="train.no_such_field"):
         _phase(2, {"train.no_such_field": "1"})
     with pytest.raises(config_lib.OverrideError, match="no field 'nope'"):
@@ -28,13 +29,13 @@ def test_command_line_overrides_are_typed_and_checked():
     with pytest.raises(config_lib.OverrideError, match="float"):
         _phase(2, {"train.lr": "fast"})
     with pytest.raises(config_lib.OverrideError, match="list"):
-        _phase(3, {"train.lr_multipliers": "30.0"})
+        _phase(3, {"optimizer_groups": "30.0"})
 
 
 def test_override_spans_cover_both_spellings_and_a_dangling_flag():
-    argv = ["--config.train.lr=0.5", "--phase=3", "--config.train.epochs", "7", "--config.trainable"]
+    argv = ["--config.train.lr=0.5", "--phase=3", "--config.train.epochs", "7", "--config.optimizer_groups"]
     assert config_lib.override_spans(argv) == [("train.lr", "0.5", 0, 1), ("train.epochs", "7", 2, 4),
-                                               ("trainable", "", 4, 5)]
+                                               ("optimizer_groups", "", 4, 5)]
 
 
 def test_field_value_walks_dotted_keys():
@@ -42,6 +43,18 @@ def test_field_value_walks_dotted_keys():
     assert config_lib.field_value(config, "train.lr") == config.train.lr
     assert config_lib.field_value(config, "train.nope") is config_lib.MISSING
     assert config_lib.field_value(config, "train.lr.deeper") is config_lib.MISSING
+    assert config_lib.field_value(config, "optimizer_groups[1].freeze_after_epoch") == 10
+    assert config_lib.field_value(config, "optimizer_groups[99].lr_mult") is config_lib.MISSING
+
+
+def test_one_field_of_one_optimizer_group_is_overridable():
+    config = _phase(3, {"optimizer_groups[1].freeze_after_epoch": "26", "optimizer_groups[0].lr_mult": "2"})
+    assert config.optimizer_groups[1]["freeze_after_epoch"] == 26 and config.optimizer_groups[0]["lr_mult"] == 2.0
+    with pytest.raises(config_lib.OverrideError, match=r"^--config.optimizer_groups\[1\].lr: no field 'lr'"):
+        _phase(3, {"optimizer_groups[1].lr": "2"})
+    bad = _phase(3, {"optimizer_groups[1].lr_mult": "-1"})
+    with pytest.raises(config_lib.OverrideError, match=r"^--config.optimizer_groups\[1\]: lr_mult=-1.0 must be >= 0"):
+        config_lib.validate(bad)
 
 
 @pytest.mark.parametrize("phase", [1, 2, 3, 4])
@@ -53,6 +66,6 @@ def test_every_phase_config_survives_its_json_round_trip(phase):
 
 
 def test_list_overrides_are_stored_as_json_lists():
-    config = _phase(3, {"train.lr_multipliers": "[('xattn_7/gate', 10.0), ('predictor/.*', 2)]"})
-    assert config.train.lr_multipliers == [["xattn_7/gate", 10.0], ["predictor/.*", 2]]
+    config = _phase(3, {"optimizer_groups": "[{'pattern': 'predictor/.*', 'trust_ratio': (1.0, 30.0)}]"})
+    assert config.optimizer_groups == [{"pattern": "predictor/.*", "trust_ratio": [1.0, 30.0]}]
     assert json.loads(json.dumps(config.to_dict())) == config.to_dict()

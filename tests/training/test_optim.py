@@ -43,17 +43,19 @@ def params():
 @pytest.fixture(scope="module")
 def phase3(params):
     c = _config(3)
-    labels = phases.trainable_labels(params, c.trainable, c.phase)
+    labels = phases.trainable_labels(params, c.optimizer_groups, c.phase)
     tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
     return c, labels, tx, jax.jit(tx.update)     # one jitted update for the module: compile once per tree shape
 
 
 def test_optimizer_groups(params, phase3):
-    _, labels, _, _ = phase3
-    groups = _by_path(optim.optimizer_labels(params, labels))
-    assert groups["llm/model/layers_0_1/self_attn/q_proj/lora_A"] == optim.LORA
-    assert groups["projector_1/kernel"] == optim.PROJECTOR
-    assert groups["xattn_1/gate"] == optim.TRAINABLE
+    c, labels, _, _ = phase3
+    groups = _by_path(optim.optimizer_labels(params, labels, c.optimizer_groups))
+    rows = {row["pattern"]: str(i) for i, row in enumerate(c.optimizer_groups)}    # first match wins:
+    assert groups["xattn_1/gate"] == rows[config_lib.XATTN_GATE_PATTERN]          # the gate row, not xattn's
+    assert groups["xattn_1/q_proj/kernel"] == rows[r"(^|.*/)xattn_\d+/.*"]
+    assert groups["llm/model/layers_0_1/self_attn/q_proj/lora_A"] == rows[LORA_PATTERN]
+    assert groups["projector_1/kernel"] == rows[r"(^|.*/)projector_\d+/.*"]
     assert groups["llm/model/layers_0_1/self_attn/q_proj/kernel"] == optim.FROZEN
     assert groups["compressor/queries"] == optim.FROZEN
 
@@ -95,7 +97,7 @@ def test_ewc_transform_is_the_gradient_of_the_penalty(params):
 def test_phase4_optimizer_equals_adamw_on_loss_plus_ewc(params):
     """EWC in the optimizer == adamw on grad(loss + lam * sum (theta - theta_P3)^2) (anchor at init)."""
     c = _config(4, lr=1e-2, weight_decay=0.0)
-    labels = phases.trainable_labels(params, c.trainable, c.phase)
+    labels = phases.trainable_labels(params, c.optimizer_groups, c.phase)
     tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
     trainable, _ = phases.split_params(params, labels)
     lora = {p: x for p, x in _by_path(params).items() if p.endswith(("lora_A", "lora_B"))}
@@ -211,15 +213,17 @@ def test_lora_freeze_keeps_the_other_groups_state(params, phase3):
         updates, state = update(phases.split_params(_grads(params, seed=step), labels)[0], state, trainable)
         trainable = optax.apply_updates(trainable, updates)
     state = optim.set_lr_scale(state, 0.25)
-    frozen_labels = phases.freeze(labels, [LORA_PATTERN])
+    frozen_labels = phases.freeze_scheduled(labels, c.optimizer_groups)
     new_tx = optim.make_optimizer(c, params, frozen_labels, STEPS_PER_EPOCH)
     new_trainable, _ = phases.split_params(phases.merge_params(trainable, phases.split_params(params, labels)[1]),
                                            frozen_labels)
     new_state = optim.transfer_state(state, new_tx, new_trainable)
     old_groups = state.inner_state[1].inner_state.inner_states
     new_groups = new_state.inner_state[1].inner_state.inner_states
-    assert optim.LORA not in new_groups
-    for group in (optim.TRAINABLE, optim.PROJECTOR):
+    lora_row = str([row["pattern"] for row in c.optimizer_groups].index(LORA_PATTERN))
+    assert lora_row in old_groups and lora_row not in new_groups
+    assert len(new_groups) == len(old_groups) - 1 >= 3
+    for group in new_groups:
         jax.tree.map(np.testing.assert_array_equal, new_groups[group], old_groups[group])
     assert optim.lr_scale(new_state) == 0.25 and int(new_state.inner_state[1].count) == 2
     lora_elems = sum(int(np.size(x)) for p, x in _by_path(params).items() if p.endswith(("lora_A", "lora_B")))
@@ -233,14 +237,14 @@ def test_lora_freeze_continues_the_lr_schedule(params):
     reached, not start again (optax keeps a schedule's count apart from the state's `count`)."""
     c = _config(3, schedule="cosine", warmup_steps=2, epochs=4)
     schedule = optim.make_schedule(c.train, STEPS_PER_EPOCH)
-    labels = phases.trainable_labels(params, c.trainable, c.phase)
+    labels = phases.trainable_labels(params, c.optimizer_groups, c.phase)
     tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
     trainable, frozen = phases.split_params(params, labels)
     state = tx.init(trainable)
     done = 5
     for step in range(done):
         _, state = tx.update(phases.split_params(_grads(params, seed=step), labels)[0], state, trainable)
-    frozen_labels = phases.freeze(labels, [LORA_PATTERN])
+    frozen_labels = phases.freeze_scheduled(labels, c.optimizer_groups)
     new_trainable, _ = phases.split_params(phases.merge_params(trainable, frozen), frozen_labels)
     new_tx = optim.make_optimizer(c, params, frozen_labels, STEPS_PER_EPOCH)
     new_state = optim.transfer_state(state, new_tx, new_trainable)
@@ -249,13 +253,16 @@ def test_lora_freeze_continues_the_lr_schedule(params):
     assert float(schedule(done)) != pytest.approx(float(schedule(0)))     # the check can tell a restart
 
 
-def test_lr_multipliers_scale_exactly_the_matched_trainable_leaves(params):
-    plain = _config(3, lr_multipliers=[])
-    scaled = _config(3, lr_multipliers=[(r"xattn_\d+/gate", 30.0), (r"predictor/.*", 0.5)])
-    labels = phases.trainable_labels(params, plain.trainable, 3)
-    groups = _by_path(optim.optimizer_labels(params, labels, scaled.train.lr_multipliers))
-    assert groups["xattn_1/gate"] == "scaled:0" and groups["xattn_1/q_proj/kernel"] == optim.TRAINABLE
-    assert groups["compressor/queries"] == optim.FROZEN          # a multiplier never unfreezes
+def _with_lr_mults(c, mults):
+    c.optimizer_groups = phases.update_groups(c.optimizer_groups, {p: dict(lr_mult=m) for p, m in mults.items()})
+    return c
+
+
+def test_lr_mult_scales_exactly_the_rows_leaves(params):
+    plain = _with_lr_mults(_config(3), {config_lib.XATTN_GATE_PATTERN: 1.0})
+    scaled = _with_lr_mults(_config(3), {config_lib.XATTN_GATE_PATTERN: 30.0, r"predictor/.*": 0.5})
+    labels = phases.trainable_labels(params, plain.optimizer_groups, 3)
+    assert _by_path(labels)["compressor/queries"] == phases.FROZEN          # no row: frozen
     grads = _grads(params)
     updates = {}
     for name, c in (("plain", plain), ("scaled", scaled)):
@@ -265,6 +272,14 @@ def test_lr_multipliers_scale_exactly_the_matched_trainable_leaves(params):
         factor = 30.0 if path == "xattn_1/gate" else 0.5 if path.startswith("predictor/") else 1.0
         np.testing.assert_allclose(updates["scaled"][path], factor * np.asarray(u), rtol=1e-5, err_msg=path)
     assert np.any(np.asarray(updates["plain"]["xattn_1/gate"]))
+
+
+def test_a_frozen_row_freezes_what_a_later_row_would_train(params):
+    table = phases.group_rows([dict(pattern="compressor/queries", frozen=True), "compressor/.*"])
+    labels = _by_path(phases.trainable_labels(params, table, 1))
+    assert labels["compressor/queries"] == phases.FROZEN
+    assert {label for p, label in labels.items() if p.startswith("compressor/") and p != "compressor/queries"} == \
+        {phases.TRAINABLE}
 
 
 def test_phase4_step_at_the_paper_lr_moves_lora_on_a_bf16_model():
@@ -282,7 +297,7 @@ def test_phase4_step_at_the_paper_lr_moves_lora_on_a_bf16_model():
         lambda kp, x: x + 0.05 if kp[-1].key == "lora_B" else x, variables["params"])
     config = config_lib.load_phase_config(4, "paper")
     assert config.train.lr == 5e-7
-    labels = phases.trainable_labels(variables["params"], config.trainable, 4)
+    labels = phases.trainable_labels(variables["params"], config.optimizer_groups, 4)
     trainable, frozen = phases.split_params(variables["params"], labels)
     tx = optim.make_optimizer(config, trainable, labels, STEPS_PER_EPOCH)
     rng = np.random.default_rng(0)
@@ -313,7 +328,7 @@ def test_config_mistakes_are_one_line_override_errors(params):
     config = _config(1)
     labels = phases.trainable_labels(params, [r"compressor/.*"], 1)
     frozen = jax.tree.map(lambda _: phases.FROZEN, labels)
-    with pytest.raises(config_lib.OverrideError, match=r"^--config.trainable: selects no parameter of phase 1"):
+    with pytest.raises(config_lib.OverrideError, match=r"^--config.optimizer_groups: selects no parameter of phase 1"):
         optim.make_optimizer(config, params, frozen, 10)
     for controller in (optim.ReduceLROnPlateau, optim.EarlyStopping):
         with pytest.raises(config_lib.OverrideError, match="mode='maximum'"):
@@ -332,7 +347,7 @@ def test_phase4_optimizer_clips_the_gradient_of_loss_plus_ewc(params):
     """With the global-norm clip on, the update == adamw on clip(grad(loss + lam * sum (theta -
     theta_P3)^2)): the EWC pull is part of the clipped gradient (eq. 13), not added after the clip."""
     c = _config(4, lr=1e-2, weight_decay=0.0, grad_clip=0.5)
-    labels = phases.trainable_labels(params, c.trainable, c.phase)
+    labels = phases.trainable_labels(params, c.optimizer_groups, c.phase)
     tx = optim.make_optimizer(c, params, labels, STEPS_PER_EPOCH)
     trainable, _ = phases.split_params(params, labels)
     lora = {p: x for p, x in _by_path(params).items() if p.endswith(("lora_A", "lora_B"))}

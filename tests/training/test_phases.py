@@ -1,4 +1,4 @@
-"""Phase tables -> label trees, the trainable/frozen split, the start-up table."""
+"""Optimizer-group tables -> label trees, the trainable/frozen split, scheduled freezes, the start-up table."""
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +49,37 @@ def test_unmatched_pattern_is_a_one_line_error(params):
         phases.trainable_labels(params, [r"compressor/.*", r"visual_clasifier/.*"], phase=1)
     msg = str(err.value)
     assert "\n" not in msg and "'visual_clasifier/.*'" in msg and "phase 1" in msg
-    with pytest.raises(ValueError, match=r"phase 2: trainable pattern '\(' is not a regex"):
+    with pytest.raises(ValueError, match=r"^optimizer_groups\[0\]: pattern '\(' is not a regex"):
         phases.trainable_labels(params, ["("], phase=2)
+
+
+@pytest.mark.parametrize("row, message", [
+    (dict(pattern="a", lr=2.0), r"^optimizer_groups\[0\]: unknown field\(s\) \['lr'\]"),
+    (dict(lr_mult=2.0), r"^optimizer_groups\[0\]: no pattern"),
+    (dict(pattern="a", trust_ratio=[30.0, 1.0]), r"^optimizer_groups\[0\]: trust_ratio=\[30.0, 1.0\]"),
+    (dict(pattern="a", ewc=-1.0), r"^optimizer_groups\[0\]: ewc=-1.0 must be >= 0"),
+])
+def test_a_bad_row_is_a_one_line_error(row, message):
+    with pytest.raises(ValueError, match=message) as err:
+        phases.group_rows([row])
+    assert "\n" not in str(err.value)
+
+
+def test_rows_get_every_field_and_profiles_edit_them_by_pattern():
+    rows = phases.group_rows(["a/.*", dict(pattern="b", ewc=1)])
+    assert rows[0] == {"pattern": "a/.*", **phases.GROUP_DEFAULTS}
+    assert rows[1]["ewc"] == 1.0 and isinstance(rows[1]["ewc"], float)
+    edited = phases.update_groups(rows, {"b": dict(lr_mult=0.1)})
+    assert edited[1]["lr_mult"] == 0.1 and edited[0] == rows[0]
+    with pytest.raises(ValueError, match=r"no row has pattern\(s\) \['c'\]"):
+        phases.update_groups(rows, {"c": dict(lr_mult=0.1)})
+
+
+def test_freeze_epoch_is_one_per_phase():
+    assert phases.freeze_epoch(["a", dict(pattern="b", freeze_after_epoch=6)]) == 6
+    assert phases.freeze_epoch(["a"]) == 0
+    with pytest.raises(ValueError, match=r"different epochs \[2, 6\]"):
+        phases.freeze_epoch([dict(pattern="a", freeze_after_epoch=2), dict(pattern="b", freeze_after_epoch=6)])
 
 
 def test_split_and_merge_round_trip(params):
@@ -80,9 +109,10 @@ def test_gradient_only_for_trainable_leaves(params):
     assert isinstance(grads["llm"]["model"]["norm"]["weight"], optax.MaskedNode)
 
 
-def test_freeze_relabels_matches(params):
-    labels = phases.trainable_labels(params, PHASE3, phase=3)
-    after = phases.freeze(labels, [LORA_PATTERN])
+def test_scheduled_freeze_relabels_its_rows_leaves(params):
+    table = [dict(pattern=LORA_PATTERN, freeze_after_epoch=6)] + PHASE3
+    labels = phases.trainable_labels(params, table, phase=3)
+    after = phases.freeze_scheduled(labels, table)
     got = _trainable_paths(after)
     assert not any(p.endswith(("lora_A", "lora_B")) for p in got)
     assert got == {p for p in _trainable_paths(labels) if not p.endswith(("lora_A", "lora_B"))}

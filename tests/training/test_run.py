@@ -175,7 +175,7 @@ def test_frozen_compressor_tokens_are_what_the_step_computes(run):
     keys = iter(jax.random.split(jax.random.key(3), 1000))
     params = jax.tree.map(lambda s: 0.05 * jax.random.normal(next(keys), s.shape, s.dtype), run.abstract_params)
     variables = run.place(run_lib.restored_variables(params, 1.7))
-    labels = phases_lib.trainable_labels(variables["params"], config.trainable, 3)
+    labels = phases_lib.trainable_labels(variables["params"], config.optimizer_groups, 3)
     table = run.compressor_tokens(config, variables["params"], labels)
     cfg = run.vcfg.compressor
     assert table.shape == (config.data.num_train, cfg.num_zones, cfg.d_visual) and np.abs(table).min(axis=(1, 2)).all()
@@ -195,7 +195,7 @@ def test_frozen_compressor_tokens_are_what_the_step_computes(run):
     # A phase that trains the compressor, or the flag off: no table.
     phase1 = _config(phase=1)
     assert run.compressor_tokens(phase1, variables["params"],
-                                 phases_lib.trainable_labels(variables["params"], phase1.trainable, 1)) is None
+                                 phases_lib.trainable_labels(variables["params"], phase1.optimizer_groups, 1)) is None
     off = _config(**{"train.cache_visual_tokens": "false"})
     assert run.compressor_tokens(off, variables["params"], labels) is None
 

@@ -56,7 +56,7 @@ def _one_step(phase, variables, batch, consts, mesh=None):
     # noise out of the comparison and every real update (|g| >> 1e-4) at ~lr.
     config.train.update(dict(lr=1e-3, eps=1e-4))
     params = variables["params"]
-    labels = phases.trainable_labels(params, config.trainable, phase)
+    labels = phases.trainable_labels(params, config.optimizer_groups, phase)
     trainable, frozen = phases.split_params(params, labels)
     tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch=10)
     encoder = step_lib.TextEncoder(CFG.llm, 2)

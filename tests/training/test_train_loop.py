@@ -63,7 +63,7 @@ def _records(run, phase):
 def test_phase3_resumes_after_its_lora_freeze(run):
     """Saved every epoch end twice over (every_steps = the 3 steps of an epoch: 25.1), LoRA frozen
     after epoch 1; a longer rerun restores onto the frozen optimizer (25.2)."""
-    args = {"lora_freeze_epoch": 1, "checkpoint.every_steps": 3, "train.eval_every_epochs": 2}
+    args = {"optimizer_groups[1].freeze_after_epoch": 1, "checkpoint.every_steps": 3, "train.eval_every_epochs": 2}
     assert _train(run, 3, **args, **{"train.epochs": 2})["steps"] == 6
     host = ckpt_lib.PhaseCheckpointer(run.workdir, 3, read_only=True).latest_host()
     assert host["lora_frozen"] and host["epoch"] == 2
