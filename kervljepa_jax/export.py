@@ -107,7 +107,7 @@ def resolve_step(ckpt: ckpt_lib.PhaseCheckpointer, which: str) -> int:
 
 def llm_config(config, tokenizer, workdir: str) -> llama_lib.LlamaConfig:
     """The decoder's config as the run built it (training/run.load_base_llm), from the base LLM's
-    config.json alone: no weight is read (the checkpoint holds them all)."""
+    config.json alone: no weight is read here (`restore` reads the frozen ones the checkpoint leaves out)."""
     folder = config.model.llm_path or os.path.join(workdir, "base_llm")
     file = os.path.join(folder, "config.json")
     if not os.path.isfile(file):
@@ -141,7 +141,9 @@ def restore(options: ExportOptions) -> Trained:
         folder = config.model.llm_path or os.path.join(options.workdir, "base_llm")
         tokenizer = pipeline_lib.make_tokenizer(run_lib.tokenizer_config(config, folder))
         vcfg = run_lib.make_vlm_config(config, tokenizer, llm_config(config, tokenizer, options.workdir))
-        restored = ckpt.restore(step, host_target(vcfg))
+        # The base LLM's frozen leaves, which the checkpoint leaves out, are read only if it does.
+        restored = ckpt.restore(step, host_target(vcfg),
+                                base=lambda: run_lib.load_base_llm(config, tokenizer, options.workdir, None)[1])
         metrics = ckpt.metrics(step) or {}
     finally:
         ckpt.close()

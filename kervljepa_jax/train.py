@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -76,12 +77,12 @@ def no_previous_phase(phase: int, workdir: str) -> str:
 def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
     """--init_from, else the best checkpoint of phase N-1, else (phase 1) a fresh bridge."""
     if init_from:
-        params, meta = ckpt_lib.restore_params(init_from, run.abstract_params)
+        params, meta = ckpt_lib.restore_params(init_from, run.abstract_params, base=run.llm_params)
         return restored_variables(params, meta.get("alpha"))
     if phase > 1:
         prev_config = run.configs.get(phase - 1) or config_lib.load_phase_config(phase - 1, config.profile)
         prev = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, prev_config, phase - 1, read_only=True)
-        restored = prev.restore_best(run.abstract_params)
+        restored = prev.restore_best(run.abstract_params, base=run.llm_params)
         prev.close()
         if restored is None:
             raise TrainError(no_previous_phase(phase, run.workdir))
@@ -143,6 +144,40 @@ def freeze_lora(config, labels, trainable, frozen, opt_state, steps_per_epoch: i
     return labels, trainable, frozen, tx, optim.transfer_state(opt_state, tx, trainable)
 
 
+# Test hook (tests/training/test_resume.py): with KERVLJEPA_TEST_BATCH_LOG set, every step appends its
+# batch's record indices (this process's rows) to WORKDIR/batches.jsonl: the order of the batches
+# seen, which a resumed run must repeat. A replayed step appends again; its last line counts.
+BATCH_LOG = "KERVLJEPA_TEST_BATCH_LOG"
+
+
+def log_batch(workdir: str, phase: int, step: int, batch: dict) -> None:
+    if os.environ.get(BATCH_LOG) and jax.process_index() == 0:
+        with open(os.path.join(workdir, "batches.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"phase": phase, "step": step,
+                                "records": np.asarray(batch["record_index"]).tolist()}) + "\n")
+
+
+def optimizer(config, params, labels, host: dict, steps_per_epoch: int, opt_state=None):
+    """The phase's optimizer as the host state `host` of a checkpoint left it (LoRA frozen or not;
+    {} at the start), over `params`: -> labels, trainable, frozen, tx, opt_state (`opt_state`, else
+    a fresh one). The trainable leaves are copies: the step donates them, and a restored leaf may
+    be the run's own base LLM array (a checkpoint leaves those to it)."""
+    if host.get("lora_frozen", False):
+        labels = phases.freeze_scheduled(labels, config.optimizer_groups)
+    trainable, frozen = phases.split_params(params, labels)
+    trainable = jax.tree.map(jnp.copy, trainable)
+    tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
+    return labels, trainable, frozen, tx, jax.jit(tx.init)(trainable) if opt_state is None else opt_state
+
+
+def base_llm_record(run: Run, config, params, labels) -> dict:
+    """The `frozen` record of the phase's checkpoints: the leaves frozen all phase long (the LoRA
+    freeze aside: frozen LoRA was trained) that equal the run's base LLM, left out of every step."""
+    frozen = jax.tree.map(lambda label: label == phases.FROZEN, labels)
+    folder = config.model.llm_path or os.path.join(os.path.abspath(run.workdir), "base_llm")
+    return ckpt_lib.frozen_record(params, ckpt_lib.base_leaves(params, frozen, run.llm_params), folder)
+
+
 def compile_train_step(run: Run, phase: int, tx, weights: dict):
     return jax.jit(step_lib.make_train_step(phase, vlm_lib.VLM(run.vcfg, deterministic=False), run.encoder, tx,
                                             weights), donate_argnums=(0, 2))
@@ -188,19 +223,23 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     logging.info("phase %d trainable set:\n%s", phase, phases.trainable_table(variables["params"], labels,
                                                                               config.optimizer_groups))
     ckpt = ckpt_lib.PhaseCheckpointer.from_config(run.workdir, config, phase)
-    lora_frozen = bool(ckpt.latest_host().get("lora_frozen", False))   # the optimizer a resume restores onto
-    if lora_frozen:
-        labels = phases.freeze_scheduled(labels, config.optimizer_groups)
-    trainable, frozen = phases.split_params(variables["params"], labels)
-    tx = optim.make_optimizer(config, trainable, labels, steps_per_epoch)
-    opt_state = jax.jit(tx.init)(trainable)
+    frozen_source = base_llm_record(run, config, variables["params"], labels)
     rng = jax.random.key(int(config.train.seed) + 100 * phase)
     step, epoch, iterator_state, plateau = 0, 0, None, optim.ReduceLROnPlateau.from_config(config.plateau)
-    best = {}
-    restored = ckpt.restore_latest(run.abstract_params, opt_state)
+    best, lora_frozen, params = {}, False, variables["params"]
+    # The optimizer the saved state belongs to is the restored step's own (phase 3: before or after
+    # the LoRA freeze), read from that step's host state: a damaged newer step is skipped with its.
+    restored = ckpt.restore_latest(
+        run.abstract_params, lambda host: optimizer(config, params, labels, host, steps_per_epoch)[-1],
+        base=run.llm_params)
+    host = restored.host if restored is not None else {}
     if restored is not None:
-        trainable, frozen = phases.split_params(run.place({**variables, "params": restored.params})["params"], labels)
-        opt_state, step, rng = restored.opt_state, restored.step, (restored.rng if restored.rng is not None else rng)
+        params, lora_frozen = run.place({**variables, "params": restored.params})["params"], bool(
+            host.get("lora_frozen", False))
+    labels, trainable, frozen, tx, opt_state = optimizer(config, params, labels, host, steps_per_epoch,
+                                                         restored.opt_state if restored is not None else None)
+    if restored is not None:
+        step, rng = restored.step, (restored.rng if restored.rng is not None else rng)
         # The checkpoint's alpha, recalibrations included, on the devices as `run.place` put it.
         variables = run.place(bridge_lib.with_alpha(variables, restored.alpha or alpha_of(variables),
                                                     vlm_lib.CALIBRATOR_PATH))
@@ -232,8 +271,10 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         for batch in iterator:
             rng, key = jax.random.split(rng)
             host_batch = evaluate.as_jnp(batch)
+            log_batch(run.workdir, phase, step + 1, batch)
             trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, variables["calibration"],
                                                        host_batch, key, run.consts())
+            ckpt_lib.kill_point(phase, "step", step + 1)
             step += 1
             n_steps += 1
             if recalibrate_every and step % recalibrate_every == 0:   # before a save at this step
@@ -253,7 +294,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
             stop_if_diverged(config, phase, step, streak, ckpt)
             if ckpt.should_save(step):
                 ckpt.save(step, params=phases.merge_params(trainable, frozen), opt_state=opt_state, rng=rng,
-                          alpha=alpha_of(variables), config=config,
+                          alpha=alpha_of(variables), config=config, frozen=frozen_source,
                           host=host_state(epoch, iterator.get_state(), plateau, stopper, best, lora_frozen))
             if step >= total:
                 break
@@ -274,7 +315,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
             if metric_name in scalars:
                 best.setdefault("history", []).append(scalars[metric_name])
             ckpt.save(step, params=variables["params"], opt_state=opt_state, rng=rng, alpha=alpha_of(variables),
-                      config=config, metrics=scalars if metric_name in scalars else None,
+                      config=config, metrics=scalars if metric_name in scalars else None, frozen=frozen_source,
                       host=host_state(epoch, None, plateau, stopper, best, lora_frozen))
     bar.close()
     ckpt.wait()
@@ -338,6 +379,7 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
                                  warm_bridge_from if p == 3 else "")
             evaluation = final_evaluation(run, config, p, evaluate.ABLATIONS if p in GENERATING_PHASES else ())
         report[f"phase{p}"] = {**evaluation, "wall_seconds": result["wall_seconds"], "steps": result["steps"]}
+        ckpt_lib.kill_point(p, "end", result["steps"])
         logging.info("phase %d done: %s", p, json.dumps({k: v for k, v in report[f'phase{p}'].items()
                                                           if not isinstance(v, dict)}))
     report["wall_seconds"] = time.time() - t0

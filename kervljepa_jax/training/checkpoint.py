@@ -2,11 +2,19 @@
 
 Layout: `WORKDIR/phase{N}/checkpoints/{step}/` with the items
 
-    params     StandardSave   the full param tree (every phase saves the whole VLM)
+    params     StandardSave   the param tree, less the leaves the `frozen` record names
     opt_state  StandardSave   the phase optimizer's state (optional)
     meta       JSON           step, phase, rng key data, calibrator alpha, the best-metric rule
     host       JSON           host-side state: data iterator, plateau / early stopping, epoch, ...
     config     JSON           the phase config
+    frozen     JSON           (optional) the base LLM's leaves left out of params: its folder and a
+                              digest of each; restore takes them from the base LLM it is given
+
+A phase trains a few modules and leaves the base LLM (6.4 GB at 3B) as it was loaded: the trainer
+saves `frozen=frozen_record(...)` with each step, which leaves out every frozen leaf equal to the
+base LLM's, and restores with `base=` the base LLM's `llm` params (`Run.llm_params`); the restored
+params are the whole tree, as saved. Frozen bridge modules (phase 3's compressor, ~MBs) are saved:
+a step never depends on another phase's checkpoint.
 
 Kept: the latest `keep` steps and the best `keep_best` by `best_metric` (saved with `metrics=`).
 A damaged step (truncated, or missing a file) is skipped with a warning naming it: resume and
@@ -15,8 +23,8 @@ hand-over restore the step before it (`restore_latest`, `restore_best`).
     ckpt = PhaseCheckpointer.from_config(workdir, config)
     restored = ckpt.restore_latest(params_target, opt_state_target)      # resume, or None
     ckpt.save(step, params=..., opt_state=..., rng=..., alpha=..., host=..., config=config,
-              metrics={"val_gen_f1": f1} or None)
-    prev = PhaseCheckpointer(workdir, phase - 1).restore_best(params_target)   # hand-over
+              metrics={"val_gen_f1": f1} or None, frozen=frozen_record(params, paths, folder))
+    prev = PhaseCheckpointer(workdir, phase - 1).restore_best(params_target, base=llm)   # hand-over
     params, n = restore_bridge(path, params)                                   # warm bridge
 
 Targets may be concrete arrays or `jax.ShapeDtypeStruct`s with shardings (`abstract_target`):
@@ -31,23 +39,39 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 from typing import Any, Iterator, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
+from kervljepa_jax.model import lora as lora_lib
 from kervljepa_jax.model import vlm
 from kervljepa_jax.training import phases
 
-PARAMS, OPT_STATE, META, HOST, CONFIG = "params", "opt_state", "meta", "host", "config"
+PARAMS, OPT_STATE, META, HOST, CONFIG, FROZEN = "params", "opt_state", "meta", "host", "config", "frozen"
 
 
 class CheckpointError(ValueError):
     """A checkpoint the user pointed at, or a folder we cannot write: one line, non-zero exit."""
+
+
+# Test hook (tests/training/test_resume.py): `KERVLJEPA_TEST_KILL_AT=PHASE:EVENT:STEP` kills the process
+# with SIGKILL, as a preemption would, at that point; inert when unset. Events: `step` (step STEP
+# dispatched, its results not yet back), `save` (step STEP's save handed to the background writer,
+# not yet on disk), `end` (phase PHASE finished and evaluated, the next not begun).
+KILL_AT = "KERVLJEPA_TEST_KILL_AT"
+
+
+def kill_point(phase: int, event: str, step: int) -> None:
+    """SIGKILL this process if KERVLJEPA_TEST_KILL_AT names this point (a test's preemption)."""
+    if os.environ.get(KILL_AT) == f"{int(phase)}:{event}:{int(step)}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _disk_fault(error: Exception) -> str | None:
@@ -81,7 +105,7 @@ def _writing(directory: pathlib.Path):
 
 # Items every saved step holds (opt_state is optional); JsonSave writes each to ITEM/metadata.
 _REQUIRED_ITEMS = (PARAMS, META, HOST, CONFIG)
-_JSON_FILES = (f"{META}/metadata", f"{HOST}/metadata", f"{CONFIG}/metadata", "metrics/metrics",
+_JSON_FILES = (f"{META}/metadata", f"{HOST}/metadata", f"{CONFIG}/metadata", "metrics/metrics", f"{FROZEN}/metadata",
                f"{PARAMS}/_METADATA", f"{PARAMS}/array_metadatas/process_0")
 
 
@@ -93,7 +117,8 @@ def step_problem(step_dir: pathlib.Path) -> str | None:
             return f"no {item}/ item"
     for name in _JSON_FILES:
         file = step_dir / name
-        required = name.split("/")[0] in (META, HOST, CONFIG)
+        item = name.split("/")[0]
+        required = item in (META, HOST, CONFIG) or (item == FROZEN and (step_dir / FROZEN).is_dir())
         if not file.is_file():
             if required:
                 return f"{name} is missing"
@@ -194,6 +219,104 @@ def _config_json(config: Any) -> dict:
     return json.loads(json.dumps(config))
 
 
+# ------------------------------------------------------------------------------------------------
+# Frozen weights: the base LLM's leaves a phase leaves as loaded are named in the step's `frozen`
+# record, with a digest each, instead of being saved again (6.4 GB a step at 3B).
+# ------------------------------------------------------------------------------------------------
+
+LLM = "llm/"     # the base LLM's subtree in the VLM's params: `base` trees are this subtree
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """Two position-weighted wrapping sums of the bits of `x` [2] uint32: a changed, moved or
+    reordered value changes them (a guard against another file, not against forgery)."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+    index = jnp.arange(bits.size, dtype=jnp.uint32)
+    return jnp.stack([jnp.sum(bits * (index * np.uint32(2654435761) + np.uint32(1))),
+                      jnp.sum(bits ^ (index * np.uint32(40503)))])
+
+
+_digests_jit = jax.jit(lambda leaves: {path: _digest(x) for path, x in leaves.items()})
+
+
+def digests(leaves: dict[str, Any]) -> dict[str, str]:
+    """path -> a 16-hex-digit digest of each array's bits (computed where the arrays live)."""
+    return {path: "".join(f"{int(v):08x}" for v in _host_value(d)) for path, d in _digests_jit(leaves).items()}
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    return dict(zip(phases.leaf_paths(tree), jax.tree.leaves(tree)))
+
+
+def _same_bits(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.array_equal(jax.lax.bitcast_convert_type(a, jnp.uint8), jax.lax.bitcast_convert_type(b, jnp.uint8))
+
+
+def base_leaves(params: Any, frozen: Any, base: Any) -> list[str]:
+    """The leaves of `params` that a step may leave out: frozen (per `frozen`, a matching tree of
+    bools) and bitwise equal to the same leaf of `base`, the base LLM's `llm` params. Not LoRA:
+    the base LLM's file has none, a run draws it from its seed (and it is small: saved)."""
+    flat, ours, theirs = _flat(frozen), _flat(params), _flat(base)
+    lora = re.compile(lora_lib.LORA_PATTERN)
+    pairs = {p: (ours[p], theirs[p[len(LLM):]]) for p, is_frozen in flat.items()
+             if is_frozen and p.startswith(LLM) and not lora.fullmatch(p) and p[len(LLM):] in theirs
+             and ours[p].shape == theirs[p[len(LLM):]].shape and ours[p].dtype == theirs[p[len(LLM):]].dtype}
+    equal = jax.jit(lambda pairs: {p: _same_bits(a, b) for p, (a, b) in pairs.items()})(pairs)
+    return sorted(p for p, same in equal.items() if bool(_host_value(same)))
+
+
+def frozen_record(params: Any, paths: list[str], folder: str) -> dict:
+    """The `frozen` item of the steps that leave `paths` (see `base_leaves`) out of their params:
+    the base LLM folder they come from, and the digest each must have when restored."""
+    flat = _flat(params)
+    return {"source": "base_llm", "folder": str(folder), "digests": digests({p: flat[p] for p in paths})}
+
+
+def _without(tree: Any, paths) -> Any:
+    """`tree` (nested dicts) less the leaves at `paths`."""
+    paths = set(paths)
+    if not paths:
+        return tree
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items() if k not in paths})
+
+
+def _placed(value: Any, target: Any) -> Any:
+    """`value` on `target`'s sharding (an array or ShapeDtypeStruct with one), else as it is."""
+    sharding = getattr(target, "sharding", None)
+    return value if sharding is None else jax.device_put(value, sharding)
+
+
+def _assemble(stored: Any, target: Any, record: dict, base: Any, where: pathlib.Path) -> Any:
+    """The whole param tree: `stored` (the step's params item) with the leaves `record` names taken
+    from `base` (the base LLM's `llm` params, or a function returning them), digests checked."""
+    if not record:
+        return stored
+    paths = sorted(record["digests"])
+    if base is None:
+        raise ValueError(f"{where} leaves the base LLM out ({len(paths)} tensors): restore it with base= the "
+                         "base LLM's llm params (Run.llm_params)")
+    theirs = _flat(base() if callable(base) else base)
+    folder = record.get("folder", "?")
+    advice = (f"restore with the base LLM the phase was trained from ({folder}; --config.model.llm_path or "
+              "WORKDIR/base_llm), or train the phase again")
+    missing = [p for p in paths if p[len(LLM):] not in theirs]
+    if missing:
+        raise CheckpointError(f"{where}: its frozen weights come from the base LLM {folder}, but the base LLM "
+                              f"loaded lacks {len(missing)} of those tensors (first {missing[0]!r}); {advice}")
+    leaves = {p: theirs[p[len(LLM):]] for p in paths}
+    found = digests(leaves)
+    changed = [p for p in paths if found[p] != record["digests"][p]]
+    if changed:
+        raise CheckpointError(f"{where}: its frozen weights come from the base LLM {folder}, but {len(changed)} of "
+                              f"those {len(paths)} tensors differ in the base LLM loaded (first {changed[0]!r}): "
+                              f"it was moved, changed or is another model; {advice}")
+    wanted = _flat(target)
+    flat = {**traverse_util.flatten_dict(stored, sep="/"), **{p: _placed(leaves[p], wanted[p]) for p in paths}}
+    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+
+
 class PhaseCheckpointer:
     """An Orbax CheckpointManager for `WORKDIR/phase{N}/checkpoints`, keeping the latest and the best."""
 
@@ -245,13 +368,13 @@ class PhaseCheckpointer:
         if reload:
             self.manager.reload()
 
-    def _restore_first(self, pick, params_target: Any, opt_state_target: Any) -> Restored | None:
+    def _restore_first(self, pick, params_target: Any, opt_state_target: Any, base: Any) -> Restored | None:
         """restore(pick()), skipping each step whose files fail to read, until one restores; None when
         the folder holds no step; CheckpointError when it holds only damaged ones."""
         self.manager.wait_until_finished()
         while (step := pick()) is not None:
             try:
-                return self.restore(step, params_target, opt_state_target)
+                return self.restore(step, params_target, opt_state_target, base)
             except (OSError, ValueError) as e:
                 if isinstance(e, CheckpointError) or not _unreadable(e):
                     raise
@@ -273,8 +396,10 @@ class PhaseCheckpointer:
         return self.every_steps > 0 and step > 0 and step % self.every_steps == 0
 
     def save(self, step: int, *, params: Any, opt_state: Any = None, rng: Any = None, alpha: float | None = None,
-             host: dict | None = None, config: Any = None, metrics: dict | None = None, force: bool = True) -> bool:
-        """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate.
+             host: dict | None = None, config: Any = None, metrics: dict | None = None, frozen: dict | None = None,
+             force: bool = True) -> bool:
+        """Save one step (asynchronously unless async_save=False). `metrics` makes it a best candidate;
+        `frozen` (a `frozen_record`) leaves the base LLM leaves it names out of the saved params.
 
         A disk fault, here or from an earlier asynchronous save, raises CheckpointError. A step
         already saved is replaced: the phase's end-of-epoch save may land on a step the
@@ -286,8 +411,12 @@ class PhaseCheckpointer:
         meta = {"step": int(step), "phase": self.phase, "rng": _rng_to_json(rng),
                 "alpha": None if alpha is None else float(_host_value(alpha)),
                 "best_metric": self.best_metric, "best_mode": self.best_mode}
+        if frozen:
+            params = _without(params, frozen["digests"])
         items = {PARAMS: ocp.args.StandardSave(params), META: ocp.args.JsonSave(meta),
                  HOST: ocp.args.JsonSave(host or {}), CONFIG: ocp.args.JsonSave(_config_json(config))}
+        if frozen:
+            items[FROZEN] = ocp.args.JsonSave(frozen)
         if opt_state is not None:
             items[OPT_STATE] = ocp.args.StandardSave(opt_state)
         with _writing(self.directory):
@@ -298,7 +427,9 @@ class PhaseCheckpointer:
                 if jax.process_index() == 0:            # the process that finalizes the new one, after this
                     shutil.rmtree(self.directory / str(int(step)), ignore_errors=True)
                 self._names.skipped.discard(int(step))
-            return self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
+            saved = self.manager.save(int(step), args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        kill_point(self.phase, "save", step)
+        return saved
 
     # -------------------------------------------------------------------------------- query
 
@@ -317,31 +448,42 @@ class PhaseCheckpointer:
 
     # -------------------------------------------------------------------------------- restore
 
-    def restore(self, step: int, params_target: Any, opt_state_target: Any = None) -> Restored:
-        """Restore `step` onto the targets' shapes, dtypes and shardings; opt_state only if a target is given."""
+    def restore(self, step: int, params_target: Any, opt_state_target: Any = None, base: Any = None) -> Restored:
+        """Restore `step` onto the targets' shapes, dtypes and shardings; opt_state only if a target is given.
+
+        `opt_state_target` may be a function of the step's host state (the optimizer it belongs to:
+        phase 3 before or after the LoRA freeze). `base`: the base LLM's `llm` params (or a function
+        returning them), for a step that leaves them out; the params come back whole."""
         self.manager.wait_until_finished()
-        problem = architecture_problem(self.directory / str(int(step)), params_target)
+        step_dir = self.directory / str(int(step))
+        record = read_json(step_dir / FROZEN)
+        problem = architecture_problem(step_dir, params_target)
         if problem:
             raise CheckpointError(f"phase {self.phase}: {problem}; or move {self.directory} aside to start over")
-        items = {PARAMS: ocp.args.StandardRestore(abstract_target(params_target)), META: ocp.args.JsonRestore(),
-                 HOST: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
+        items = {META: ocp.args.JsonRestore(), HOST: ocp.args.JsonRestore(), CONFIG: ocp.args.JsonRestore()}
+        out = dict(self.manager.restore(int(step), args=ocp.args.Composite(**items)))
+        host = dict(out[HOST] or {})
+        if callable(opt_state_target):
+            opt_state_target = opt_state_target(host)
+        arrays = {PARAMS: ocp.args.StandardRestore(abstract_target(_without(params_target, record.get("digests", ()))))}
         if opt_state_target is not None:
-            items[OPT_STATE] = ocp.args.StandardRestore(abstract_target(opt_state_target))
-        out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+            arrays[OPT_STATE] = ocp.args.StandardRestore(abstract_target(opt_state_target))
+        out.update(self.manager.restore(int(step), args=ocp.args.Composite(**arrays)))
         meta = dict(out[META])
+        params = _assemble(out[PARAMS], params_target, record, base, step_dir)
         opt_state = out[OPT_STATE] if opt_state_target is not None else None
-        return Restored(step=int(step), params=out[PARAMS], opt_state=opt_state, rng=_rng_from_json(meta.get("rng")),
-                        alpha=meta.get("alpha"), host=dict(out[HOST] or {}), config=dict(out[CONFIG] or {}), meta=meta)
+        return Restored(step=int(step), params=params, opt_state=opt_state, rng=_rng_from_json(meta.get("rng")),
+                        alpha=meta.get("alpha"), host=host, config=dict(out[CONFIG] or {}), meta=meta)
 
-    def restore_latest(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
+    def restore_latest(self, params_target: Any, opt_state_target: Any = None, base: Any = None) -> Restored | None:
         """Resume: the latest step that reads back (a damaged one is skipped with a warning naming
-        it), or None in a fresh workdir."""
-        return self._restore_first(self.latest_step, params_target, opt_state_target)
+        it), or None in a fresh workdir. A function `opt_state_target` gets that step's host state."""
+        return self._restore_first(self.latest_step, params_target, opt_state_target, base)
 
     def latest_host(self) -> dict:
-        """The latest step's host state alone ({} in a fresh folder): read before the optimizer is
-        built, it says which optimizer the saved state belongs to (phase 3: before or after the
-        LoRA freeze). Steps whose files show damage without reading the arrays are skipped already."""
+        """The latest step's host state alone ({} in a fresh folder), for a look at a run; a resume
+        reads it from the step it restores (`restore_latest` with a function `opt_state_target`): a
+        step whose arrays turn out damaged is skipped there, with its host state."""
         step = self.latest_step()
         if step is None:
             return {}
@@ -349,10 +491,10 @@ class PhaseCheckpointer:
         out = self.manager.restore(int(step), args=ocp.args.Composite(**{HOST: ocp.args.JsonRestore()}))
         return dict(out[HOST] or {})
 
-    def restore_best(self, params_target: Any, opt_state_target: Any = None) -> Restored | None:
+    def restore_best(self, params_target: Any, opt_state_target: Any = None, base: Any = None) -> Restored | None:
         """The best step (the latest if no step has metrics) that reads back, or None if there is none."""
         return self._restore_first(lambda: self.best_step() if self.best_step() is not None else self.latest_step(),
-                                   params_target, opt_state_target)
+                                   params_target, opt_state_target, base)
 
     def wait(self) -> None:
         """Block until the asynchronous saves are on disk; a disk fault raises CheckpointError."""
@@ -413,14 +555,17 @@ def read_json(item_dir: pathlib.Path) -> dict:
     return json.loads(files[0].read_text()) if files else {}
 
 
-def restore_params(path: str | pathlib.Path, params_target: Any) -> tuple[Any, dict]:
-    """(params, meta) of the checkpoint at `path` (see `resolve_step_dir`), onto the target (--init_from)."""
+def restore_params(path: str | pathlib.Path, params_target: Any, base: Any = None) -> tuple[Any, dict]:
+    """(params, meta) of the checkpoint at `path` (see `resolve_step_dir`), onto the target (--init_from);
+    `base` as for `PhaseCheckpointer.restore`."""
     step_dir = resolve_step_dir(path)
     problem = architecture_problem(step_dir, params_target)
     if problem:
         raise CheckpointError(f"--init_from={path}: {problem}")
-    params = ocp.StandardCheckpointer().restore(step_dir / PARAMS, abstract_target(params_target))
-    return params, read_json(step_dir / META)
+    record = read_json(step_dir / FROZEN)
+    stored = ocp.StandardCheckpointer().restore(
+        step_dir / PARAMS, abstract_target(_without(params_target, record.get("digests", ()))))
+    return _assemble(stored, params_target, record, base, step_dir), read_json(step_dir / META)
 
 
 def _stored_shapes(params_dir: pathlib.Path) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -472,8 +617,11 @@ def architecture_problem(step_dir: pathlib.Path, params_target: Any) -> str | No
         stored = _stored_shapes(step_dir / PARAMS)
     except (OSError, ValueError):       # unreadable metadata is damage: the restore reports it (and skips)
         return None
-    wanted = {p: tuple(leaf.shape) for p, leaf in zip(phases.leaf_paths(params_target), jax.tree.leaves(params_target))}
+    # The leaves the step leaves out to its base LLM are wanted from there (restore checks them).
+    left_out = set(read_json(step_dir / FROZEN).get("digests", ()))
+    wanted = {p: tuple(leaf.shape) for p, leaf in _flat(params_target).items() if p not in left_out}
     bad = [f"{p!r} saved {stored[p][0]}, this run's {wanted[p]}" for p in wanted if p in stored and stored[p][0] != wanted[p]]
+    bad += [f"{p!r} (from the base LLM) not in this run's model" for p in left_out if p not in _flat(params_target)]
     bad += [f"{p!r} absent from it" for p in wanted if p not in stored]
     bad += [f"{p!r} not in this run's model" for p in stored if p not in wanted]
     if not bad:

@@ -330,3 +330,66 @@ def test_check_same_model_compares_the_saved_model_settings_before_any_set_up(tm
     assert str(err.value) == (f"--init_from: checkpoint {step_dir} was saved with model.preset='tiny' (this run: "
                               f"'llama3_2_3b'), model.lora.rank={config.model.lora.rank} (this run: 16); pass the "
                               "--config.model settings it was trained with, or a checkpoint of this model")
+
+
+def _left_out(params, config):
+    """Phase 3's frozen base LLM leaves of `params` (its LoRA trains) and their `frozen` record."""
+    labels = phases.trainable_labels(params, config.optimizer_groups, config.phase)
+    frozen = jax.tree.map(lambda label: label == phases.FROZEN, labels)
+    paths = checkpoint.base_leaves(params, frozen, params["llm"])
+    return paths, checkpoint.frozen_record(params, paths, "/models/base")
+
+
+def test_a_step_holds_what_the_phase_trains_and_restores_whole_from_its_base_llm(tmp_path, config, trained):
+    """Issue 25.7: the base LLM's frozen leaves are named, not saved; restore puts the whole tree
+    back together, bitwise, and a base LLM that is not the one trained from is one line."""
+    params, opt_state = trained
+    paths, record = _left_out(params, config)
+    assert paths and not any("lora" in p for p in paths) and all(p.startswith("llm/") for p in paths)
+    assert "llm/model/embed_tokens/weight" in paths
+    with _checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, params=params, opt_state=opt_state, frozen=record, metrics={"val_gen_f1": 0.5})
+    step_dir = checkpoint.phase_directory(tmp_path, 3) / "3"
+    stored = checkpoint._stored_shapes(step_dir / checkpoint.PARAMS)
+    assert not set(paths) & set(stored) and set(stored) | set(paths) == set(phases.leaf_paths(params))
+    assert checkpoint.read_json(step_dir / checkpoint.FROZEN)["folder"] == "/models/base"
+    with _checkpointer(tmp_path) as ckpt:
+        out = ckpt.restore_latest(checkpoint.abstract_target(params), checkpoint.abstract_target(opt_state),
+                                  base=params["llm"])
+        _assert_trees_equal(out.params, params)
+        _assert_trees_equal(out.opt_state, opt_state)
+        with pytest.raises(ValueError, match="leaves the base LLM out"):
+            ckpt.restore(3, params)
+        other = toy_params(seed=9)["llm"]                     # another base LLM of the same shapes
+        with pytest.raises(checkpoint.CheckpointError, match=r"frozen weights come from the base LLM /models/base, "
+                           r"but \d+ of those \d+ tensors differ in the base LLM loaded \(first 'llm/") as err:
+            ckpt.restore(3, params, base=other)
+        assert "\n" not in str(err.value)
+        lacking = {"model": {k: v for k, v in params["llm"]["model"].items() if k != "embed_tokens"}}
+        with pytest.raises(checkpoint.CheckpointError, match="lacks 1 of those tensors"):
+            ckpt.restore(3, params, base=lambda: lacking)
+    restored, meta = checkpoint.restore_params(tmp_path / "phase3", toy_params(seed=5), base=params["llm"])
+    _assert_trees_equal(restored, params)
+    assert meta["step"] == 3
+
+
+def test_a_resume_reads_the_optimizer_it_restores_onto_from_the_step_it_restores(tmp_path, trained):
+    """The gap around phase 3's LoRA freeze: a damaged newest step (after the freeze) whose damage shows
+    only when its arrays are read is skipped, and the optimizer target is built from the host state
+    of the step restored (before the freeze), not of the skipped one."""
+    params, opt_state = trained
+    after = {"frozen_after": jnp.zeros(3)}                         # another optimizer state structure
+    with _checkpointer(tmp_path, keep=2) as ckpt:
+        ckpt.save(2, params=params, opt_state=opt_state, host={"lora_frozen": False})
+        ckpt.save(4, params=params, opt_state=after, host={"lora_frozen": True})
+    DAMAGE["array file truncated"](checkpoint.phase_directory(tmp_path, 3) / "4")
+    asked = []
+
+    def target(host):
+        asked.append(host["lora_frozen"])
+        return checkpoint.abstract_target(after if host["lora_frozen"] else opt_state)
+
+    with _checkpointer(tmp_path, keep=2) as ckpt:
+        out = ckpt.restore_latest(params, target)
+    assert out.step == 2 and out.host == {"lora_frozen": False} and asked == [True, False]
+    _assert_trees_equal(out.opt_state, opt_state)

@@ -157,8 +157,8 @@ def test_alpha_is_recalibrated_every_n_steps_and_resumed_exactly(run):
             "train.batch_size": 8, "train.log_every": 1, "train.eval_every_epochs": 2}
     _train(run, 2, **args)
     folder = ckpt_lib.phase_directory(run.workdir, 2)
-    start = ckpt_lib.restore_params(f"{run.workdir}/phase1", run.abstract_params)[1]["alpha"]
-    saved = {s: ckpt_lib.restore_params(folder / str(s), run.abstract_params) for s in (2, 4)}
+    start = ckpt_lib.restore_params(f"{run.workdir}/phase1", run.abstract_params, run.llm_params)[1]["alpha"]
+    saved = {s: ckpt_lib.restore_params(folder / str(s), run.abstract_params, run.llm_params) for s in (2, 4)}
     alphas = {s: meta["alpha"] for s, (_, meta) in saved.items()}
     assert len({start, alphas[2], alphas[4]}) == 3, (start, alphas)
     logged = {r["step"]: r["alpha"] for r in _records(run, 2) if "alpha" in r}
@@ -175,7 +175,7 @@ def test_alpha_is_recalibrated_every_n_steps_and_resumed_exactly(run):
     _train(run, 2, **args)
     logged = {r["step"]: r["alpha"] for r in _records(run, 2) if "alpha" in r}
     assert logged[3] == alphas[2]                         # the resumed alpha, exactly
-    resumed = ckpt_lib.restore_params(folder / "4", run.abstract_params)[1]["alpha"]
+    resumed = ckpt_lib.restore_params(folder / "4", run.abstract_params, run.llm_params)[1]["alpha"]
     assert resumed == pytest.approx(alphas[4], rel=1e-6)
 
 
@@ -202,3 +202,30 @@ def test_paper_whitening_is_fitted_on_the_training_reports(run):
     with pytest.raises(run_lib.TrainError, match="^--config.model.whiten_texts=reports: 24 training reports cannot "
                                                  "fit a 64-dimensional whitening"):
         run.fit_whitening(_config(1, run.workdir, **{"model.whiten_texts": "reports"}))
+
+
+def test_a_trained_step_leaves_the_base_llm_out_and_restores_it_whole(base):
+    """25.7 on a real phase 1: every base LLM leaf the phase leaves frozen is named in the step's
+    `frozen` record, not saved; restore puts the run's base LLM back in, bitwise; a base LLM that
+    changed since is one line naming the folder it came from."""
+    import jax
+    import numpy as np
+
+    from kervljepa_jax.training import phases
+
+    step_dir = ckpt_lib.resolve_step_dir(f"{base.workdir}/phase1")
+    record = ckpt_lib.read_json(step_dir / ckpt_lib.FROZEN)
+    left_out = set(record["digests"])
+    llm = {f"llm/{p}" for p in phases.leaf_paths(base.llm_params)}
+    assert left_out == {p for p in llm if "lora_" not in p}      # LoRA comes from the seed: saved
+    assert record["folder"] == f"{base.workdir}/base_llm"
+    assert not left_out & set(ckpt_lib._stored_shapes(step_dir / ckpt_lib.PARAMS))
+    params, _ = ckpt_lib.restore_params(step_dir, base.abstract_params, base.llm_params)
+    flat = dict(zip(phases.leaf_paths(params), jax.tree.leaves(params)))
+    for path, leaf in zip(phases.leaf_paths(base.llm_params), jax.tree.leaves(base.llm_params)):
+        assert np.asarray(flat[f"llm/{path}"]).tobytes() == np.asarray(leaf).tobytes(), path
+    changed = jax.tree.map(lambda x: x, base.llm_params)
+    changed["model"]["norm"]["weight"] = changed["model"]["norm"]["weight"] + 1
+    with pytest.raises(ckpt_lib.CheckpointError, match=f"{step_dir}: its frozen weights come from the base LLM "
+                       f"{base.workdir}/base_llm, but 1 of those"):
+        ckpt_lib.restore_params(step_dir, base.abstract_params, changed)
