@@ -3,9 +3,10 @@
     cfg, params = kervljepa_jax.hf.load_llama("/path/to/Llama-3.2-3B-Instruct")
     logits = kervljepa_jax.model.Llama(cfg).apply({"params": params}, input_ids).logits
 
-Safetensors files are memory-mapped and read one stacked leaf at a time (never two copies of the
-model in host memory); with `mesh=` each leaf goes straight onto its NamedSharding. Only
-config keys whose math this decoder implements are accepted; anything else is a one-line error.
+Safetensors files are opened with `safetensors.safe_open` (memory-mapped) and read one stacked leaf
+at a time (never two copies of the model in host memory); with `mesh=` each device reads only its
+slice of a leaf (`get_slice`) and the leaf goes straight onto its NamedSharding. Only config keys
+whose math this decoder implements are accepted; anything else is a one-line error.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 from absl import logging
 from flax import traverse_util
 
@@ -29,9 +32,9 @@ from kervljepa_jax import sharding
 from kervljepa_jax.model.llama import Llama, LlamaConfig, RopeConfig
 from kervljepa_jax.model.lora import LoraConfig, is_lora_path
 
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# The header's dtype names of what write_safetensors writes.
+_ST_NAMES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(ml_dtypes.bfloat16): "BF16",
+             np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
 
 
 class HFLoadError(ValueError):
@@ -107,35 +110,31 @@ def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
 
 
 class SafetensorsReader:
-    """Memory-mapped, zero-copy access to the tensors of one file or an index of shards."""
+    """The tensors of one file or an index of shards, through `safetensors.safe_open` (numpy,
+    memory-mapped): `get` reads a whole tensor, `slice` only the bytes of one region of it."""
 
-    def __init__(self, path: str):
-        self.path = path
-        self._where: dict[str, tuple[str, dict[str, Any], int]] = {}
+    def __init__(self, files: Sequence[str]):
+        self._open: dict[str, Any] = {}
+        self._where: dict[str, str] = {}
+        for file in files:
+            if not os.path.exists(file):
+                raise HFLoadError(f"{file}: listed in the index but missing")
+            self._open[file] = safetensors.safe_open(file, framework="numpy")
+            self._where.update({key: file for key in self._open[file].keys()})
+
+    @classmethod
+    def from_folder(cls, path: str) -> "SafetensorsReader":
+        """model.safetensors, or the shards model.safetensors.index.json lists."""
         index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
         if os.path.exists(index):
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise HFLoadError(f"{index}: no 'weight_map' object")
-            files = sorted(set(weight_map.values()))
-        elif os.path.exists(single):
-            files = ["model.safetensors"]
-        else:
-            raise HFLoadError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
-        for name in files:
-            self._index_file(os.path.join(path, name))
-
-    def _index_file(self, file: str) -> None:
-        if not os.path.exists(file):
-            raise HFLoadError(f"{file}: listed in the index but missing")
-        with open(file, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for key, info in header.items():
-            if key != "__metadata__":
-                self._where[key] = (file, info, 8 + n)
+            return cls([os.path.join(path, name) for name in sorted(set(weight_map.values()))])
+        if os.path.exists(os.path.join(path, "model.safetensors")):
+            return cls([os.path.join(path, "model.safetensors")])
+        raise HFLoadError(f"{path}: neither model.safetensors nor model.safetensors.index.json found")
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -143,14 +142,15 @@ class SafetensorsReader:
     def __contains__(self, key: str) -> bool:
         return key in self._where
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open[self._where[key]].get_slice(key).get_shape())
+
     def get(self, key: str) -> np.ndarray:
-        file, info, base = self._where[key]
-        if info["dtype"] not in _ST_DTYPES:
-            raise HFLoadError(f"{file}: tensor {key} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        count = (end - start) // dtype.itemsize
-        return np.memmap(file, dtype=dtype, mode="r", offset=base + start, shape=(count,)).reshape(info["shape"])
+        return self._open[self._where[key]].get_tensor(key)
+
+    def slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """tensor[index], reading only those bytes from disk."""
+        return self._open[self._where[key]].get_slice(key)[index]
 
 
 class LazyTensor(NamedTuple):
@@ -166,13 +166,13 @@ class LazyTensor(NamedTuple):
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
-def _eager(name: str, arr: np.ndarray) -> LazyTensor:
-    return LazyTensor(name, tuple(arr.shape), arr.dtype, lambda: arr)
-
-
 def write_safetensors(tensors: Sequence[LazyTensor], file: str, metadata: dict[str, str] | None = None) -> None:
     """One safetensors file; each tensor is made, written and dropped before the next (the header
-    needs only shapes), so a file never costs more host memory than its largest tensor."""
+    needs only shapes), so a file never costs more host memory than its largest tensor.
+
+    Not `safetensors.numpy.save_file` / `serialize_file`: both take every tensor of the file at once
+    (arrays, or raw pointers that must all stay alive), so a 5 GB shard of the 3B model would cost
+    5 GB of host memory instead of one tensor."""
     header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -193,8 +193,10 @@ def write_safetensors(tensors: Sequence[LazyTensor], file: str, metadata: dict[s
 
 
 def save_safetensors(tensors: dict[str, np.ndarray], file: str, metadata: dict[str, str] | None = None) -> None:
-    """Write numpy (incl. bfloat16) tensors, streaming one at a time."""
-    write_safetensors([_eager(k, v) for k, v in tensors.items()], file, metadata)
+    """Write numpy (incl. bfloat16) tensors that are already in memory (`safetensors.numpy.save_file`;
+    "format": "pt" unless `metadata` says otherwise, as transformers expects)."""
+    safetensors.numpy.save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, file,
+                                metadata or {"format": "pt"})
 
 
 # transformers' default max_shard_size ("5GB", decimal).
@@ -267,7 +269,7 @@ def load_llama(path: str, *, lora: LoraConfig | None = None, mesh: jax.sharding.
         raise HFLoadError(f"{path}: no config.json; pass a local Hugging Face model folder")
     with open(config_file, encoding="utf-8") as f:
         cfg = config_from_hf(json.load(f), config_file, lora=lora, **overrides)
-    reader = SafetensorsReader(path)
+    reader = SafetensorsReader.from_folder(path)
     boxed = abstract_params(cfg)
     shardings = sharding.named_shardings(boxed, mesh) if mesh is not None else None
     abstract = traverse_util.flatten_dict(nn.unbox(boxed))
@@ -292,48 +294,51 @@ def load_llama(path: str, *, lora: LoraConfig | None = None, mesh: jax.sharding.
     return cfg, traverse_util.unflatten_dict(loaded)
 
 
-def _source_tensors(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
-                    folder: str, stacked: bool) -> list[np.ndarray]:
-    """The leaf's HF tensors as memory-mapped views in our layout (transposed where HF's is), one per
-    stacked layer, their shapes checked; nothing is read from disk yet."""
-    views = []
+def _check_sources(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
+                   folder: str, stacked: bool) -> None:
+    """Every HF tensor of the leaf is in the checkpoint with the shape the config expects (one per
+    stacked layer); only headers are read."""
+    want = tuple(spec.shape[1:] if stacked else spec.shape)
     for name, transpose in sources:
         if name not in reader:
             raise HFLoadError(f"{folder}: tensor {name} is missing from the checkpoint")
-        t = reader.get(name)
-        t = t.T if transpose else t
-        want = spec.shape[1:] if stacked else spec.shape
-        if tuple(t.shape) != tuple(want):
-            hf_shape = tuple(t.T.shape) if transpose else tuple(t.shape)
-            raise HFLoadError(f"{folder}: tensor {name} has shape {hf_shape}, the config expects "
-                              f"{tuple(want)[::-1] if transpose else tuple(want)}")
-        views.append(t)
-    return views
+        expected = want[::-1] if transpose else want           # HF's layout
+        if reader.shape(name) != expected:
+            raise HFLoadError(f"{folder}: tensor {name} has shape {reader.shape(name)}, the config expects {expected}")
+
+
+def _region(reader: SafetensorsReader, name: str, transpose: bool, index: tuple[slice, ...],
+            dtype: Any) -> np.ndarray:
+    """tensor[index] in our layout (HF's transposed where `transpose`), read from disk alone."""
+    if transpose:
+        return np.asarray(reader.slice(name, tuple(index[::-1])).T, dtype=dtype)
+    return np.asarray(reader.slice(name, tuple(index)), dtype=dtype)
+
+
+def _read_leaf(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
+               stacked: bool, index: tuple[slice, ...]) -> np.ndarray:
+    """leaf[index]; a stacked leaf takes one HF tensor per layer of index[0]."""
+    if not stacked:
+        name, transpose = sources[0]
+        return _region(reader, name, transpose, index, spec.dtype)
+    layers = range(*index[0].indices(spec.shape[0]))
+    return np.stack([_region(reader, *sources[i], index[1:], spec.dtype) for i in layers])
 
 
 def _gather(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
             folder: str, stacked: bool) -> np.ndarray:
-    """One leaf into a fresh host buffer; a stacked leaf takes one HF tensor per layer."""
-    views = _source_tensors(reader, sources, spec, folder, stacked)
-    out = np.empty(spec.shape, dtype=spec.dtype)
-    for i, t in enumerate(views):
-        out[i if stacked else ...] = t.astype(spec.dtype)
-    return out
+    """One leaf into a host buffer."""
+    _check_sources(reader, sources, spec, folder, stacked)
+    return _read_leaf(reader, sources, spec, stacked, tuple(slice(None) for _ in spec.shape))
 
 
 def _read_onto(reader: SafetensorsReader, sources: list[tuple[str, bool]], spec: jax.ShapeDtypeStruct,
                folder: str, stacked: bool, placement: jax.sharding.Sharding) -> jax.Array:
     """One leaf straight onto its sharding: for each of this process's devices only the slice that
-    device holds is read from the memory-mapped files (an FSDP shard of a 3B layer, not the layer)."""
-    views = _source_tensors(reader, sources, spec, folder, stacked)
-
-    def piece(index: tuple[slice, ...]) -> np.ndarray:
-        if not stacked:
-            return np.asarray(views[0][index], dtype=spec.dtype)
-        layers = range(*index[0].indices(spec.shape[0]))
-        return np.stack([np.asarray(views[i][index[1:]], dtype=spec.dtype) for i in layers])
-
-    return jax.make_array_from_callback(spec.shape, placement, piece)
+    device holds is read from the files (an FSDP shard of a 3B layer, not the layer)."""
+    _check_sources(reader, sources, spec, folder, stacked)
+    return jax.make_array_from_callback(spec.shape, placement,
+                                        lambda index: _read_leaf(reader, sources, spec, stacked, index))
 
 
 def _init_missing(cfg: LlamaConfig, paths: list[tuple[str, ...]], rng, mesh, flat_shardings) -> dict:
@@ -345,11 +350,10 @@ def _init_missing(cfg: LlamaConfig, paths: list[tuple[str, ...]], rng, mesh, fla
     def init_subset(key):
         flat = traverse_util.flatten_dict(nn.unbox(
             Llama(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"]))
-        return {"/".join(p): flat[p] for p in paths}
+        return {p: flat[p] for p in paths}       # tuple keys: a pytree like any dict
 
-    out_shardings = {"/".join(p): flat_shardings[p] for p in paths} if mesh is not None else None
-    values = jax.jit(init_subset, out_shardings=out_shardings)(rng)
-    return {p: values["/".join(p)] for p in paths}
+    out_shardings = {p: flat_shardings[p] for p in paths} if mesh is not None else None
+    return jax.jit(init_subset, out_shardings=out_shardings)(rng)
 
 
 def _unused_tensors(reader: SafetensorsReader, abstract: dict) -> list[str]:
@@ -472,9 +476,7 @@ def load_peft_lora(cfg: LlamaConfig, params: Any, path: str) -> Any:
     if cfg.lora is None or acfg.get("r") != cfg.lora.rank or float(acfg.get("lora_alpha")) != cfg.lora.alpha:
         raise HFLoadError(f"{path}/adapter_config.json: r={acfg.get('r')}, lora_alpha={acfg.get('lora_alpha')} "
                           f"do not match model.lora={cfg.lora}; set the same rank and alpha")
-    reader = SafetensorsReader.__new__(SafetensorsReader)
-    reader.path, reader._where = path, {}
-    reader._index_file(file)
+    reader = SafetensorsReader([file])
     flat = traverse_util.flatten_dict(params)
     for p, leaf in flat.items():
         names = peft_sources(p)
