@@ -253,6 +253,9 @@ def _improved(value: float, best: float | None, mode: str, threshold: float) -> 
     return value > best * (1.0 + threshold) if mode == "max" else value < best * (1.0 - threshold)
 
 
+# Not optax.contrib.reduce_on_plateau: that transform reads a loss inside every update (min mode
+# only: negating F1 turns torch's max rule v > best (1 + t) into v > best (1 - t)), where this one
+# is stepped by the host once per evaluation with validation generation F1.
 @dataclasses.dataclass
 class ReduceLROnPlateau:
     """torch.optim.lr_scheduler.ReduceLROnPlateau (rel threshold, no cooldown) on the lr scale.

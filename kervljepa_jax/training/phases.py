@@ -13,7 +13,7 @@ The table (`config.optimizer_groups`) is a list of rows, one per group of parame
          frozen=False,               # True: frozen, though a later row would train it
          ewc=0.0,                    # > 0: EWC's pull 2 ewc (theta - theta_anchor) joins its gradient
          trust_ratio=[],             # [min, max]: updates x clip(||w|| / ||g||, min, max) (LARS-like)
-         freeze_after_epoch=0)       # > 0: frozen from this epoch on (0 = never)
+         freeze_after_epoch=0)       # > 0: frozen once this many epochs are done (0 = never)
 
 `group_rows` fills the fields a row leaves out; training/optim.py builds one optax group per row.
 `split_params` puts `optax.MaskedNode()` where the other half has a leaf: MaskedNode is an empty
