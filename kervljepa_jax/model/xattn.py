@@ -40,6 +40,8 @@ from kervljepa_jax.sharding import constrain
 # Path patterns (over '/'-joined param paths) of the bridge modules, when named as documented above.
 XATTN_PATTERN = r"(^|.*/)xattn_\d+/.*"
 PROJECTOR_PATTERN = r"(^|.*/)projector_\d+/.*"
+# The adapters' scalar tanh gates alone (an optimizer group of their own in training/config.py).
+XATTN_GATE_PATTERN = r"(^|.*/)xattn_\d+/gate$"
 
 _MASKED = -1e9
 GATES = ("tanh", "none")     # CrossAttentionConfig.gate: Flamingo's tanh(gate) * out, or eq. 7's ungated out

@@ -22,6 +22,7 @@ frozen weights enter as an argument, cost no weight gradient and hold no optimiz
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -36,9 +37,100 @@ from kervljepa_jax.training.config import OverrideError
 
 Array = jax.Array
 
-# Positions per LM-head chunk (losses.lm_loss_from_hidden): 64 measured fastest on 2 CPU cores for
-# the tiny decoder (16-128 all beat full logits); bounds the 3B head's live logits to [B, 64, V].
-LM_CHUNK = 64
+# Positions per LM-head chunk (losses.lm_loss_from_hidden, lm_loss_frozen_head); bounds the 3B
+# head's live logits to [B, 32, V]. With the frozen head's closed-form gradient, 16 and 32 took the
+# same time on 2 CPU cores for the 8 x 512, vocabulary-32000 phase-3 head and 64 15% longer: a row's
+# last chunk runs whole, so the larger the chunk the more positions past the last target it computes.
+LM_CHUNK = 32
+
+
+def _head_leaf(llm: llama_lib.LlamaConfig, params: Any) -> Any:
+    """The LM head's leaf in a VLM param tree: the tied embedding [V, D] or lm_head/kernel [D, V]."""
+    if llm.tie_word_embeddings:
+        return params["llm"]["model"]["embed_tokens"]["weight"]
+    return params["llm"]["lm_head"]["kernel"]
+
+
+def head_weight(llm: llama_lib.LlamaConfig, params: Any) -> Array:
+    """The LM head as [V, D] (a row per logit)."""
+    leaf = _head_leaf(llm, params)
+    return leaf if llm.tie_word_embeddings else leaf.T
+
+
+def head_is_frozen(llm: llama_lib.LlamaConfig, trainable: Any) -> bool:
+    """Whether the trainable half of split params (training/phases.split_params) leaves the LM head out."""
+    try:
+        return isinstance(_head_leaf(llm, trainable), optax.MaskedNode)
+    except (KeyError, TypeError):         # a tree without the VLM's layout: take the general path
+        return False
+
+
+def _chunk_nll_and_grad(h: Array, w: Array, y: Array, m: Array, dtype) -> tuple[Array, Array]:
+    """sum(m * nll(h w^T, y)) of one chunk h [B, c, D] and its gradient w.r.t. h, in closed form:
+    d nll / d logits = softmax - one_hot, so one head matmul forward and one back."""
+    logits = (h.astype(dtype) @ w.astype(dtype).T).astype(jnp.float32)       # as Llama.logits
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    one_hot = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.float32)
+    nll = lse[..., 0] - jnp.sum(logits * one_hot, axis=-1)
+    d_logits = (jnp.exp(logits - lse) - one_hot) * m[..., None]
+    return jnp.sum(nll * m), (d_logits.astype(dtype) @ w.astype(dtype)).astype(h.dtype)
+
+
+def _lm_loss_and_grad(hidden: Array, w: Array, tokens: Array, loss_mask: Array, dtype, chunk: int):
+    """(loss, d loss / d hidden) of `lm_loss_frozen_head`, chunk by chunk over the target-first order."""
+    targets, mask = losses._next_token_targets(tokens, loss_mask)
+    b, t, d = hidden.shape
+    # Each row's targets first (stable: in order), then padded to whole chunks with index t, out of
+    # range: gathered as zeros (no target), and dropped when the gradient is scattered back.
+    index = jnp.pad(jnp.argsort(mask == 0, axis=1, stable=True), [(0, 0), (0, (-t) % chunk)], constant_values=t)
+
+    def chunked(x: Array) -> Array:  # [B, T, ...] -> [n, B, chunk, ...] in the target-first order
+        x = jnp.take_along_axis(x, index.reshape(*index.shape, *([1] * (x.ndim - 2))), axis=1, mode="fill",
+                                fill_value=0)
+        return jnp.swapaxes(x.reshape(b, -1, chunk, *x.shape[2:]), 0, 1)
+
+    def body(total: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+        h, y, m = xs
+        skip = lambda h, y, m: (jnp.zeros((), jnp.float32), jnp.zeros_like(h))  # noqa: E731
+        run = lambda h, y, m: _chunk_nll_and_grad(h, w, y, m, dtype)  # noqa: E731
+        nll, grad = jax.lax.cond(jnp.any(m > 0), run, skip, h, y, m)
+        return total + nll, grad
+
+    total, grads = jax.lax.scan(body, jnp.zeros((), jnp.float32), (chunked(hidden), chunked(targets), chunked(mask)))
+    grads = jnp.zeros_like(hidden).at[jnp.arange(b)[:, None], index].set(
+        jnp.swapaxes(grads, 0, 1).reshape(b, -1, d), mode="drop")                          # back to token order
+    count = jnp.maximum(mask.sum(), 1.0)
+    return total / count, grads / count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def lm_loss_frozen_head(hidden: Array, w: Array, tokens: Array, loss_mask: Array, dtype, chunk: int) -> Array:
+    """losses.lm_loss_from_hidden(hidden, tokens, loss_mask, h -> h w^T, chunk) for a head weight
+    w [V, D] that is not trained: same value, same gradient w.r.t. hidden, and none w.r.t. w.
+
+    Why: lm_loss_from_hidden recomputes each chunk's logits in the backward pass (to keep one
+    chunk's [B, c, V] live), so its head costs three [c, D] x [D, V] matmuls a chunk. Here the
+    forward pass also forms the chunk's hidden-state gradient (softmax - one_hot) w, which is all a
+    frozen head needs: two matmuls, and the stored residual is [B, T, D], not logits. In the
+    phase-3 step of benchmarks/train_step_vs_torch.py (8 x 512 decoder, vocabulary 32000) the head
+    went from 201 to 117 of the step's ~436 GFLOP (docs/performance.md).
+    """
+    return _lm_loss_and_grad(hidden, w, tokens, loss_mask, dtype, chunk)[0]
+
+
+def _lm_loss_fwd(hidden, w, tokens, loss_mask, dtype, chunk):
+    loss, grad = _lm_loss_and_grad(hidden, w, tokens, loss_mask, dtype, chunk)
+    return loss, (grad, w, tokens, loss_mask)
+
+
+def _lm_loss_bwd(dtype, chunk, res, g):
+    grad, w, tokens, loss_mask = res
+    # w, tokens, loss_mask get zero cotangents: the callers differentiate none of them (a trained
+    # head goes through losses.lm_loss_from_hidden instead, phase_losses).
+    return (g * grad, jnp.zeros_like(w), None, None)
+
+
+lm_loss_frozen_head.defvjp(_lm_loss_fwd, _lm_loss_bwd)
 
 
 def base_llm_params(params: Any) -> Any:
@@ -96,10 +188,11 @@ def condition_mask(batch: dict[str, Array]) -> Array:
 
 def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: Any, calibration: Any,
                  batch: dict[str, Array], rng: Array, consts: dict[str, Any],
-                 weights: dict[str, float] | None = None) -> dict[str, Array]:
+                 weights: dict[str, float] | None = None, head_frozen: bool = False) -> dict[str, Array]:
     """The named loss terms of `phase` (unweighted) that have a non-zero weight in `weights` (all
     when None): a term weighted 0 is not computed, so it costs nothing and a NaN in it cannot make
-    the step non-finite (0 * NaN = NaN)."""
+    the step non-finite (0 * NaN = NaN). head_frozen: the LM head is not differentiated, so the LM
+    term may take `lm_loss_frozen_head` (the same loss, a third fewer head FLOPs in the gradient)."""
     def on(name: str) -> bool:
         return weights is None or float(weights.get(name, 0.0)) != 0.0
 
@@ -133,9 +226,7 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
         terms["infonce"] = losses.info_nce_loss(visual.z_visual, target, params["log_temperature"])
     if phase in (3, 4):
         if on("lm"):
-            head = lambda hidden: model.apply(variables, hidden, method=vlm_lib.VLM.token_logits)  # noqa: E731
-            terms["lm"] = losses.lm_loss_from_hidden(out.hidden, batch["input_ids"], batch["loss_mask"], head,
-                                                     LM_CHUNK)
+            terms["lm"] = lm_term(model, variables, out.hidden, batch, head_frozen)
         if on("focal"):
             terms["focal"] = losses.focal_loss(out.llm_cls_logits, labels)
     if phase == 3:
@@ -144,6 +235,15 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
         if on("llm_cls"):
             terms["llm_cls"] = losses.llm_visual_cls_loss(out.llm_cls_logits, labels, pos_weight)
     return terms
+
+
+def lm_term(model: vlm_lib.VLM, variables: dict, hidden: Array, batch: dict[str, Array], head_frozen: bool) -> Array:
+    """The LM loss of the last hidden states on the batch's response tokens (`loss_mask`)."""
+    if head_frozen:
+        return lm_loss_frozen_head(hidden, head_weight(model.cfg.llm, variables["params"]), batch["input_ids"],
+                                   batch["loss_mask"], model.cfg.llm.jnp_dtype, LM_CHUNK)
+    head = lambda h: model.apply(variables, h, method=vlm_lib.VLM.token_logits)  # noqa: E731
+    return losses.lm_loss_from_hidden(hidden, batch["input_ids"], batch["loss_mask"], head, LM_CHUNK)
 
 
 # The terms `phase_losses` returns per phase: what config.loss_weights must weigh (0 turns one off).
@@ -178,9 +278,11 @@ def make_train_step(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, tx: op
     check_loss_weights(phase, weights)
 
     def step(trainable, frozen, opt_state, calibration, batch, rng, consts):
+        head_frozen = head_is_frozen(model.cfg.llm, trainable)
+
         def loss_fn(t):
             terms = phase_losses(phase, model, encoder, phases.merge_params(t, frozen), calibration, batch, rng,
-                                 consts, weights)
+                                 consts, weights, head_frozen)
             return weighted_total(terms, weights, phase), terms
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, opt_state, trainable)

@@ -112,3 +112,40 @@ def test_a_phase_whose_every_loss_weight_is_zero_is_a_one_line_config_error():
     from kervljepa_jax.training.config import OverrideError
     with pytest.raises(OverrideError, match="phase 4: every loss weight is 0"):
         step_lib.check_loss_weights(4, {"lm": 0.0, "focal": 0.0})
+
+
+@pytest.mark.parametrize("chunk", [3, 16])
+def test_lm_loss_frozen_head_equals_lm_loss_from_hidden_in_value_and_hidden_gradient(chunk):
+    """The closed-form head gradient (no logits recomputed) is the recomputing loss's, padding,
+    skipped chunks (rows whose targets all sit in the first chunks) and the target-first order included."""
+    rng = np.random.default_rng(0)
+    b, t, d, v = 3, 13, 8, 40
+    hidden = jnp.asarray(rng.normal(size=(b, t, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(v, d)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    mask = jnp.asarray(rng.random((b, t)) < 0.4)
+    general = jax.value_and_grad(lambda h: step_lib.losses.lm_loss_from_hidden(h, tokens, mask, lambda x: x @ w.T,
+                                                                                chunk))
+    fused = jax.value_and_grad(lambda h: step_lib.lm_loss_frozen_head(h, w, tokens, mask, jnp.float32, chunk))
+    (loss, grad), (fused_loss, fused_grad) = general(hidden), jax.jit(fused)(hidden)
+    np.testing.assert_allclose(fused_loss, loss, rtol=1e-6)
+    np.testing.assert_allclose(fused_grad, grad, rtol=1e-5, atol=1e-7)
+
+
+def test_phase_3_takes_the_frozen_head_path_with_the_general_paths_loss_and_gradients(boxed):
+    variables, batch, consts = nn.unbox(boxed), {k: jnp.asarray(v) for k, v in _batch().items()}, _consts()
+    params = variables["params"]
+    labels = phases.trainable_labels(params, config_lib.load_phase_config(3).optimizer_groups, 3)
+    trainable, frozen = phases.split_params(params, labels)
+    assert step_lib.head_is_frozen(CFG.llm, trainable) and not step_lib.head_is_frozen(CFG.llm, params)
+    encoder, weights = step_lib.TextEncoder(CFG.llm, 2), {"lm": 1.0}
+
+    def loss(t, head_frozen):
+        return step_lib.phase_losses(3, vlm_lib.VLM(CFG), encoder, phases.merge_params(t, frozen),
+                                     variables["calibration"], batch, jax.random.key(0), consts, weights,
+                                     head_frozen)["lm"]
+
+    general, fused = (jax.jit(jax.value_and_grad(lambda t, f=f: loss(t, f)))(trainable) for f in (False, True))
+    np.testing.assert_allclose(fused[0], general[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(general[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
