@@ -7,7 +7,7 @@ lr is scaled by a LARS-like ||w|| / ||g|| ratio clipped to [1, 30].
 """
 
 from kervljepa_jax.model.lora import LORA_PATTERN
-from kervljepa_jax.model.xattn import PROJECTOR_PATTERN, XATTN_PATTERN
+from kervljepa_jax.model.xattn import PROJECTOR_PATTERN, XATTN_GATE_PATTERN, XATTN_PATTERN
 from kervljepa_jax.training import config as config_lib
 
 PHASE = 3
@@ -21,7 +21,7 @@ def get_config(arg=None):
     # profile can set their lr), LoRA freezes after epoch 6, the projectors' lr is scaled by the
     # clipped ||w|| / ||g|| ratio.
     c.optimizer_groups = [
-        dict(pattern=config_lib.XATTN_GATE_PATTERN),
+        dict(pattern=XATTN_GATE_PATTERN),
         dict(pattern=LORA_PATTERN, freeze_after_epoch=6),
         dict(pattern=PROJECTOR_PATTERN, trust_ratio=[1.0, 30.0]),
         dict(pattern=r"predictor/.*"),

@@ -28,6 +28,7 @@ from ml_collections.config_flags import config_path
 
 from kervljepa_jax import data as data_lib, sharding
 from kervljepa_jax.model.lora import LORA_PATTERN
+from kervljepa_jax.model.xattn import XATTN_GATE_PATTERN
 from kervljepa_jax.training import phases
 
 PHASES = (1, 2, 3, 4)
@@ -64,9 +65,6 @@ PAPER_SETUP = {
     # ("truncated_responses", data/records.py) at every epoch.
     "data.max_tokens":               544,
 }
-
-# The adapters' tanh gates (model/xattn.py), a row of phase 3's optimizer-group table of its own.
-XATTN_GATE_PATTERN = r"xattn_\d+/gate"
 
 AS_PAPER = "<as in configs/phaseN.py>"   # an EMBEDDED cell that keeps the phase file's (paper's) value
 

@@ -9,6 +9,7 @@ import pytest
 
 from kervljepa_jax import losses
 from kervljepa_jax.model.lora import LORA_PATTERN
+from kervljepa_jax.model.xattn import XATTN_GATE_PATTERN
 from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import optim, phases
 from tests.training import toy_params
@@ -52,7 +53,7 @@ def test_optimizer_groups(params, phase3):
     c, labels, _, _ = phase3
     groups = _by_path(optim.optimizer_labels(params, labels, c.optimizer_groups))
     rows = {row["pattern"]: str(i) for i, row in enumerate(c.optimizer_groups)}    # first match wins:
-    assert groups["xattn_1/gate"] == rows[config_lib.XATTN_GATE_PATTERN]          # the gate row, not xattn's
+    assert groups["xattn_1/gate"] == rows[XATTN_GATE_PATTERN]          # the gate row, not xattn's
     assert groups["xattn_1/q_proj/kernel"] == rows[r"(^|.*/)xattn_\d+/.*"]
     assert groups["llm/model/layers_0_1/self_attn/q_proj/lora_A"] == rows[LORA_PATTERN]
     assert groups["projector_1/kernel"] == rows[r"(^|.*/)projector_\d+/.*"]
@@ -259,8 +260,8 @@ def _with_lr_mults(c, mults):
 
 
 def test_lr_mult_scales_exactly_the_rows_leaves(params):
-    plain = _with_lr_mults(_config(3), {config_lib.XATTN_GATE_PATTERN: 1.0})
-    scaled = _with_lr_mults(_config(3), {config_lib.XATTN_GATE_PATTERN: 30.0, r"predictor/.*": 0.5})
+    plain = _with_lr_mults(_config(3), {XATTN_GATE_PATTERN: 1.0})
+    scaled = _with_lr_mults(_config(3), {XATTN_GATE_PATTERN: 30.0, r"predictor/.*": 0.5})
     labels = phases.trainable_labels(params, plain.optimizer_groups, 3)
     assert _by_path(labels)["compressor/queries"] == phases.FROZEN          # no row: frozen
     grads = _grads(params)
