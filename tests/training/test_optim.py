@@ -1,4 +1,4 @@
-"""The phase optimizer: freezing without state, EWC == its loss term, projector lr scale, schedule,
+"""The phase optimizer: freezing without state, EWC == its loss term, the projectors' trust ratio, lr_mult, schedule,
 ReduceLROnPlateau (against torch), non-finite skipping, the LoRA-freeze state transfer."""
 
 import jax
@@ -124,7 +124,7 @@ def test_phase4_optimizer_equals_adamw_on_loss_plus_ewc(params):
 
 
 @pytest.mark.parametrize("grad_scale, expect", [(1e-6, 30.0), (1e3, 1.0), (None, None)])
-def test_projector_lr_scale_is_clipped_norm_ratio(params, grad_scale, expect):
+def test_projector_trust_ratio_is_clipped_norm_ratio(params, grad_scale, expect):
     c = _config(3, weight_decay=0.0)
     labels = phases.trainable_labels(params, [r"projector_1/.*"], c.phase)
     trainable, _ = phases.split_params(params, labels)
