@@ -44,8 +44,8 @@ LORA_VARIANTS = {
     "card": dict(rank=64, alpha=128.0),
 }
 # Each profile's LoRA when the arg names none. The embedded run takes the card's: on the 64-wide
-# tiny decoder r=64 is a full-rank update, and from the same phases 1-2 phase-3 generation F1 rose
-# 0.810 -> 0.823 (seed 0) and 0.805 -> 0.817 (seed 1) on 512 validation volumes, at the same step time.
+# tiny decoder r=64 is a full-rank update, better at the same step time (docs/embedded_profile.md,
+# "LoRA rank 64").
 DEFAULT_LORA = {"default": "card", "paper": "paper"}
 
 # ------------------------------------------------------------------------------------------------
@@ -81,22 +81,18 @@ EMBEDDED = {
     "data.embed_dim":                (256,) * 4,                  # paper 1024 (LeJEPA ViT-L); 16x cheaper here
     "data.source":                   ("synthetic",) * 4,
     "data.num_train":                (512,) * 4,                  # same split in every phase
-    # 512, not 128 or 64: on 64 volumes the rare classes have 3-7 positives and one run's macro F1
-    # moved by +-0.05 (0.579 on 64 vs 0.632 on 512 volumes for the same checkpoint); on 128 the
-    # bootstrap 95% CI is about +-0.035, and three phase-3 seeds scored 0.797 on average there
-    # against 0.815 on 512 (CI about +-0.015). Generating 384 more reports costs ~10 s a phase.
+    # All 512: on fewer, a rare class has a handful of positives and one run's macro F1 says little
+    # (docs/embedded_profile.md, "How much one run says"); the extra reports cost seconds.
     "data.num_valid":                (512,) * 4,
-    # Phase 3 sees rare findings more often (repeat-factor sampling, not in the paper): +0.005 to
-    # +0.048 generation F1 in five runs of an earlier recipe (thresholds 0.2-1.0, seeds 0-1; 512
-    # validation volumes): with it 20 epochs match 26 without (0.628 vs 0.632). Threshold 1.0 rather
-    # than 0.5 under the current recipe: five phase-3 seeds 0.811-0.822 (mean 0.818) vs 0.801-0.823
-    # (mean 0.810).
+    # Phase 3 sees rare findings more often (repeat-factor sampling, LVIS; not in the paper): 512
+    # volumes hold too few rare positives for 16 epochs to learn them (docs/embedded_profile.md,
+    # "Phase 3: repeat-factor sampling").
     "data.repeat_factor_threshold":  (0.0, 0.0, 1.0, 0.0),
-    # 100x fewer volumes than CT-RATE need a cleaner signal per volume for the same learnability:
-    # at 2.0 a ridge probe of the 32 zones reaches ~0.92 macro F1 from 512 volumes (0.88 at 1.0).
+    # 100x fewer volumes than CT-RATE need a cleaner signal per volume for the same learnability
+    # (docs/embedded_profile.md, "The synthetic signal").
     "data.signal_strength":          (2.0,) * 4,
-    # Phase 3, 16 epochs: with the cosine decay below, as good as 20 (512 validation volumes: 0.814
-    # vs 0.807 seed 0, 0.805 vs 0.813 seed 1) and a fifth less time.
+    # Phase 3, 16 epochs: with the cosine decay below, as good as 20 in a fifth less time
+    # (docs/embedded_profile.md, "Phase 3: cosine decay, 16 epochs").
     "train.epochs":                  (4, 2, 16, 1),               # paper 20, 30, 50, 30
     "train.batch_size":              (8, 16, 8, 8),               # global; paper 32, 64, 8, 8 per GPU x 8
     "train.batch_per_device":        (0,) * 4,                    # the global batch above, whatever the devices
@@ -104,10 +100,6 @@ EMBEDDED = {
     "train.warmup_steps":            (10, 10, 10, 0),             # paper 0
     # Phase 3 decays its lr (cosine, to 0) where the paper holds it and halves it on a validation-F1
     # plateau: the embedded run evaluates generation once, at the end, so the plateau never fires.
-    # From the same phases 1-2, generation F1 on 512 validation volumes: 0.807 vs 0.798 (seed 0),
-    # 0.813 vs 0.794 (seed 1); peak lr 2e-3 or 6e-3 instead of 3e-3: 0.797, 0.783. (Those runs
-    # restarted the cosine at the LoRA freeze, a bug since fixed; 16 epochs decayed through: 0.810
-    # against 0.814 with the restart, seed 0.)
     "train.schedule":                (AS_PAPER, AS_PAPER, "cosine", AS_PAPER),
     "train.log_every":               (10,) * 4,
     "checkpoint.every_steps":        (0,) * 4,                    # at evaluations and phase end only
@@ -125,18 +117,16 @@ EMBEDDED = {
     # model is the base LLM) and Adam moves them at most ~lr a step: 1,024 phase-3 steps here against
     # the paper's ~300k (50 epochs of ~47k volumes at batch 8); so their lr is x30 in this ~300x
     # shorter run.
-    # Phase 2, compressor lr x0.1: at the full phase-2 lr the InfoNCE steps pulled the phase-1
-    # compressor off its classes (visual AUC 0.989 -> 0.968, the phase-3 ceiling with it); at x0.1
-    # AUC stays 0.989 and the InfoNCE validation loss is lower (1.650 vs 1.674). Phase 3 on 512
-    # validation volumes: 0.655 vs 0.628 (0.666 with the compressor held still, x0).
+    # Phase 2, compressor lr x0.1: at the full phase-2 lr the InfoNCE steps pull the phase-1
+    # compressor off its classes, and phase 3's ceiling with it (docs/embedded_profile.md, "Phase 2:
+    # the compressor at a tenth of the rate").
     "optimizer_groups":              (AS_PAPER, {r"compressor/.*": dict(lr_mult=0.1)},
                                       {XATTN_GATE_PATTERN: dict(lr_mult=30.0),
                                        LORA_PATTERN: dict(freeze_after_epoch=10)}, AS_PAPER),
-    # Phase 3 trains on the LM loss alone (paper: + focal + JEPA + 3.0 LLM-visual classification). The
-    # 64-wide tiny decoder has no room to spare for the auxiliary heads: from the same phases 1-2,
-    # generation F1 on 512 validation volumes 0.696 with them, 0.773 without the classifier's two
-    # terms (focal and LLM-cls), 0.798 without the JEPA term too. Phase 4's focal term reads that
-    # classifier, untrained here, so it goes as well.
+    # Phase 3 trains on the LM loss alone (paper: + focal + JEPA + 3.0 LLM-visual classification): the
+    # 64-wide tiny decoder has no room to spare for the auxiliary heads (docs/embedded_profile.md,
+    # "Phase 3: the LM loss alone"). Phase 4's focal term reads that classifier, untrained here, so
+    # it goes as well.
     "loss_weights.llm_cls":          (AS_PAPER, AS_PAPER, 0.0, AS_PAPER),
     "loss_weights.focal":            (AS_PAPER, AS_PAPER, 0.0, 0.0),
     "loss_weights.jepa":             (AS_PAPER, AS_PAPER, 0.0, AS_PAPER),
