@@ -78,7 +78,6 @@ from kervljepa_jax.training import checkpoint as ckpt_lib, config as config_lib,
 
 ABLATIONS = ("zero", "shuffle", "noise")
 MODES = ("normal", *ABLATIONS)
-GENERATING_PHASES = (3, 4)
 WORD_CLASSES = ("pathology", "generic")
 
 
@@ -543,7 +542,7 @@ def _collect_outputs(loaded: Loaded, options: EvalOptions, modes: Sequence[str])
     """One pass over the split: labels, visual features, reports per mode, classifier scores, NLL sums."""
     model = loaded.model
     variables, config, run = loaded.variables, loaded.config, loaded.run
-    generating = loaded.phase in GENERATING_PHASES
+    generating = loaded.config.eval.score == "generation"
     encode = visual_fn(model)
     generator = loaded.generator() if generating else None
     classify = llm_classifier_fn(model) if generating else None
@@ -656,7 +655,7 @@ def zone_map(tokens: np.ndarray, labels: np.ndarray, path: str,
 def evaluate_phase(loaded: Loaded, options: EvalOptions, out_dir: str) -> dict:
     """Everything for one trained phase into `out_dir`: metrics.json, reports.csv, the figures."""
     t0 = time.time()
-    generating = loaded.phase in GENERATING_PHASES
+    generating = loaded.config.eval.score == "generation"
     modes = ("normal", *options.ablations) if generating else ()
     labeler = options.labeler or config_labeler(loaded.config)
     outputs = _collect_outputs(loaded, options, modes)
@@ -793,9 +792,9 @@ def main(argv: list[str]) -> None:
         for phase in phases:
             loaded = load_phase(workdir, phase, overrides, run, arg)
             run = loaded.run
-            if FLAGS["ablations"].present and loaded.phase not in GENERATING_PHASES and FLAGS.ablations:
+            if FLAGS["ablations"].present and loaded.config.eval.score != "generation" and FLAGS.ablations:
                 logging.warning("evaluate: --ablations=%s skipped for phase %d: ablations compare generated "
-                                "reports (phases 3-4)", FLAGS.ablations, loaded.phase)
+                                "reports (eval.score=generation)", FLAGS.ablations, loaded.phase)
             with sharding.use_mesh(run.mesh):
                 payload = evaluate_phase(loaded, options, os.path.join(workdir, "eval", f"phase{loaded.phase}"))
             results[f"phase{loaded.phase}"] = headline_numbers(payload)

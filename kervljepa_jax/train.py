@@ -55,7 +55,6 @@ try:  # config_flags applies --config.a.b=v right here, at definition: a missing
 except (KeyError, AttributeError) as _error:
     cli_lib.bad_config_field(cli_lib.program_name(), sys.argv, _error)
 
-GENERATING_PHASES = (3, 4)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -92,17 +91,18 @@ def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
     return calibrate(vlm_lib.VLM(run.vcfg), template, first, run.text_rows)
 
 
-def validate(run: Run, config, phase: int, variables: dict, eval_step, modes=("normal",)) -> dict:
-    """Validation metrics of the phase: loss always; classifier F1 (1); generation F1 (3, 4)."""
+def validate(run: Run, config, variables: dict, eval_step, modes=("normal",)) -> dict:
+    """Validation metrics of the phase: the loss, and the F1 of what `eval.score` names (the visual
+    classifier's, or the generated reports')."""
     pipe = run.pipeline(config, "valid", shuffle=False)
     batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
     terms = [sharding.as_host_f32(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b), run.consts()))
              for b in batches]
     out = {"val_loss": float(np.mean([t["loss"] for t in terms]))}
-    if phase == 1:
+    if config.eval.score == "classifier":
         scored = evaluate.classifier_eval(run.classifier_logits(), variables, [evaluate.as_jnp(b) for b in batches])
         out["val_macro_f1"] = scored["macro_f1"]
-    if phase in GENERATING_PHASES:
+    else:
         results = evaluate.generation_eval(run.report_generator(config), variables, batches, modes,
                                            labeler=evaluate.config_labeler(config))
         out["val_gen_f1"] = results["normal"]["macro_f1"]
@@ -110,10 +110,9 @@ def validate(run: Run, config, phase: int, variables: dict, eval_step, modes=("n
     return out
 
 
-def validation_metrics(phase: int) -> tuple[str, ...]:
-    """The scalars `validate` returns for the phase: what early stopping may watch."""
-    return ("val_loss",) + (("val_macro_f1",) if phase == 1 else ()) + \
-        (("val_gen_f1",) if phase in GENERATING_PHASES else ())
+def validation_metrics(config) -> tuple[str, ...]:
+    """The scalars `validate` returns for the phase: what early stopping and model selection may watch."""
+    return ("val_loss", config_lib.EVAL_SCORES[config.eval.score])
 
 
 def early_stopping(config, phase: int) -> optim.EarlyStopping:
@@ -121,9 +120,9 @@ def early_stopping(config, phase: int) -> optim.EarlyStopping:
     the phase never computes would never stop it, so it fails now rather than being ignored."""
     stopper = optim.EarlyStopping.from_config(config.early_stop)
     metric = config.early_stop.metric
-    if stopper.patience > 0 and metric not in validation_metrics(phase):
+    if stopper.patience > 0 and metric not in validation_metrics(config):
         raise TrainError(f"--config.early_stop.metric={metric!r}: phase {phase} validates "
-                         f"{list(validation_metrics(phase))}; choose one, or turn it off with "
+                         f"{list(validation_metrics(config))}; choose one, or turn it off with "
                          "--config.early_stop.patience=0")
     return stopper
 
@@ -301,7 +300,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         epoch += 1
         variables = {**variables, "params": phases.merge_params(trainable, frozen)}
         if epoch % int(config.train.eval_every_epochs) == 0 or step >= total or epoch >= epochs:
-            val = validate(run, config, phase, variables, eval_step)
+            val = validate(run, config, variables, eval_step)
             scalars = {k: v for k, v in val.items() if isinstance(v, float)}
             run.log.write(phase, step, scalars)
             logging.info("phase %d epoch %d step %d: %s", phase, epoch, step, json.dumps(scalars))
@@ -331,12 +330,26 @@ def final_evaluation(run: Run, config, phase: int, ablations: tuple[str, ...]) -
     """The phase's best checkpoint on the validation split, evaluated as `python -m kervljepa_jax.evaluate`
     does (metrics.json, reports.csv and figures in WORKDIR/phaseN); returns the headline numbers."""
     loaded = evaluate.restore_phase(run, config, phase)
-    options = evaluate.EvalOptions(ablations=ablations if phase in GENERATING_PHASES else ())
+    options = evaluate.EvalOptions(ablations=ablations if config.eval.score == "generation" else ())
     payload = evaluate.evaluate_phase(loaded, options, os.path.join(run.workdir, f"phase{phase}"))
     return evaluate.headline_numbers(payload)
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def check_scores(config) -> None:
+    """eval.score needs what it reads (generated reports need a phase that trains the decoder), and
+    the metrics that select and stop must be ones validation computes: else a KeyError at the first
+    save, or an early stop that never fires."""
+    phase = int(config.phase)
+    if config.eval.score == "generation" and "lm" not in step_lib.LOSS_TERMS[phase]:
+        raise TrainError(f"--config.eval.score=generation: phase {phase} trains no language path; "
+                         "score its visual classifier (eval.score=classifier)")
+    computed = validation_metrics(config)
+    if config.checkpoint.best_metric not in computed:
+        raise TrainError(f"--config.checkpoint.best_metric={config.checkpoint.best_metric!r}: phase {phase} "
+                         f"validates {list(computed)} (eval.score={config.eval.score!r}); choose one")
 
 
 def check_before_set_up(config, workdir: str, init_from: str) -> None:
@@ -347,6 +360,7 @@ def check_before_set_up(config, workdir: str, init_from: str) -> None:
     llama_lib.preset(config.model.preset)
     compressor_lib.CompressorConfig(d_visual=int(config.model.d_visual), num_zones=int(config.model.num_visual_tokens))
     step_lib.check_loss_weights(int(config.phase), dict(config.loss_weights))
+    check_scores(config)
     if evaluate.labeler_problem(config):
         raise TrainError(evaluate.labeler_problem(config))
     if init_from:
@@ -377,7 +391,7 @@ def run_curriculum(phases_to_run: list[int], workdir: str, arg: str | None, over
         with sharding.use_mesh(run.mesh):  # logical constraints resolve on the mesh while tracing
             result = train_phase(run, config, p, init_from if p == phases_to_run[0] else "",
                                  warm_bridge_from if p == 3 else "")
-            evaluation = final_evaluation(run, config, p, evaluate.ABLATIONS if p in GENERATING_PHASES else ())
+            evaluation = final_evaluation(run, config, p, evaluate.ABLATIONS)
         report[f"phase{p}"] = {**evaluation, "wall_seconds": result["wall_seconds"], "steps": result["steps"]}
         ckpt_lib.kill_point(p, "end", result["steps"])
         logging.info("phase %d done: %s", p, json.dumps({k: v for k, v in report[f'phase{p}'].items()

@@ -190,3 +190,27 @@ def test_xattn_gate_fields_reach_the_adapters():
     c.model.xattn_gate = "sigmoid"
     with pytest.raises(run_lib.TrainError, match=r"^--config.model.xattn_gate='sigmoid': use one of"):
         run_lib.make_vlm_config(c, tokenizer, llm_cfg)
+
+
+def test_what_evaluation_scores_is_a_config_field():
+    """Phases 1-2 score the visual classifier, 3-4 the generated reports; a phase validates (and may
+    select and stop on) exactly the metric of what it scores; anything else is one line."""
+    from kervljepa_jax import train
+    for phase, score in ((1, "classifier"), (2, "classifier"), (3, "generation"), (4, "generation")):
+        config = config_lib.load_phase_config(phase)
+        assert config.eval.score == score
+        train.check_scores(config)
+    config = config_lib.load_phase_config(2)
+    assert train.validation_metrics(config) == ("val_loss", "val_macro_f1")
+    config.eval.score = "generation"
+    with pytest.raises(train.TrainError, match=r"eval.score=generation: phase 2 trains no language path"):
+        train.check_scores(config)
+    config = config_lib.load_phase_config(3)
+    config.eval.score = "classifier"          # its best_metric is still val_gen_f1
+    with pytest.raises(train.TrainError, match=r"best_metric='val_gen_f1'.*\['val_loss', 'val_macro_f1'\]"):
+        train.check_scores(config)
+    config.checkpoint.best_metric = "val_macro_f1"
+    train.check_scores(config)
+    config.eval.score = "reports"
+    with pytest.raises(config_lib.OverrideError, match=r"^--config.eval.score='reports': use one of"):
+        config_lib.validate(config)

@@ -40,6 +40,7 @@ def get_config(arg=None):
     # compressor nor the predictor, so its alpha stays phase 3's.
     c.calibration.every_steps = 725
     c.plateau.update(dict(enabled=True, metric="val_gen_f1", mode="max", patience=3, factor=0.5))
+    c.eval.score = "generation"         # generated reports, with the visual ablations
     c.checkpoint.best_metric = "val_gen_f1"
     c.checkpoint.best_mode = "max"
     return config_lib.apply_profile(c, PHASE, arg)

@@ -21,6 +21,7 @@ def get_config(arg=None):
     c.train.batch_per_device = 8      # per GPU
     c.train.lr = 5e-7
     c.train.schedule = "constant"
+    c.eval.score = "generation"         # generated reports, with the visual ablations
     c.checkpoint.best_metric = "val_gen_f1"
     c.checkpoint.best_mode = "max"
     return config_lib.apply_profile(c, PHASE, arg)

@@ -32,6 +32,8 @@ from kervljepa_jax.model.xattn import XATTN_GATE_PATTERN
 from kervljepa_jax.training import phases
 
 PHASES = (1, 2, 3, 4)
+# eval.score -> the validation metric that scores it.
+EVAL_SCORES = {"classifier": "val_macro_f1", "generation": "val_gen_f1"}
 PROFILES = ("default", "paper")
 # The phase configs ship inside the package (kervljepa_jax/configs): an installed wheel has no
 # top-level configs/ folder.
@@ -254,6 +256,10 @@ def base_config() -> ml_collections.ConfigDict:
     # paper's protocol: CT-RATE's RadBERT classifier from two local paths; its probabilities drive the
     # flagged per-class threshold search, Table IV).
     c.eval.labeler = "rules"
+    # What the phase's evaluation scores: "classifier" (the visual classifier on V') or "generation"
+    # (generated reports, labelled by eval.labeler, with the visual ablations). Validation logs it
+    # every eval_every_epochs (val_macro_f1 / val_gen_f1) and the final evaluation headlines it.
+    c.eval.score = "classifier"
     c.eval.radbert_encoder = ""        # a local RadBERT-RoBERTa transformers folder
     c.eval.radbert_classifier = ""     # the CT-RATE classifier checkpoint (.safetensors, or .pt/.pth)
 
@@ -450,6 +456,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         phases.freeze_epoch(config.get("optimizer_groups", []))    # also checks every row
     except ValueError as e:
         raise OverrideError(f"--config.{e}") from None
+    score = config.get("eval", {}).get("score", "classifier")
+    if score not in EVAL_SCORES:
+        raise OverrideError(f"--config.eval.score={score!r}: use one of {list(EVAL_SCORES)}")
     for key, lowest, meaning in RANGES:
         value = field_value(config, key)
         if value is MISSING or value is None:
