@@ -159,21 +159,25 @@ def uninterrupted(tmp_path_factory):
         process.kill()
 
 
-@pytest.mark.slow       # ~12 min on 2 cores: the four-phase curriculum in miniature, five times
+@pytest.mark.slow       # ~17 min on 2 busy cores: the four-phase curriculum in miniature, five times
 def test_curriculum_killed_during_a_step_an_async_save_and_between_phases_resumes_bitwise(tmp_path, uninterrupted):
-    """One workdir killed three times, each rerun the same command: during phase 1's step 3, during
-    the asynchronous write of its step 4, and between phases 1 and 2; then run to the end."""
+    """One workdir killed three times, each rerun the same command: during phase 1's step 3 (its
+    step-2 save synchronous, so that it has landed: the rerun resumes mid-epoch), during the
+    asynchronous write of step 4 (resumed from step 2 again), and between phases 1 and 2; then run
+    to the end."""
     resumed = tmp_path / "resumed"
-    for kill_at in ("1:step:3", "1:save:4", "1:end:5"):
-        out = _train(resumed, kill_at)
+    legs = {"1:step:3": ["--config.checkpoint.async_save=false"], "1:save:4": [], "1:end:5": []}
+    for kill_at, args in legs.items():
+        out = _train(resumed, kill_at, *args)
         assert out.returncode == -signal.SIGKILL, (kill_at, out.returncode, out.stderr[-3000:])
+        assert kill_at != "1:save:4" or "phase 1: resumed at step 2" in out.stderr, out.stderr[-3000:]
     out = _train(resumed)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "phase 1: resumed at step 5" in out.stderr
     assert_same_run(resumed, uninterrupted())
 
 
-@pytest.mark.slow       # ~5 min on 2 cores (after the uninterrupted run's phases 1-2)
+@pytest.mark.slow       # ~4 min on 2 busy cores (after the uninterrupted run's phases 1-2)
 def test_phase3_killed_after_its_lora_freeze_resumes_bitwise(tmp_path, uninterrupted):
     """Phase 3 from the uninterrupted run's phases 1-2, LoRA frozen after epoch 1, killed during step
     5: the rerun resumes from the step-4 checkpoint, saved after the freeze, onto the frozen optimizer."""
