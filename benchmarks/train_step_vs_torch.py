@@ -6,9 +6,11 @@ batch 8 x 256 tokens; trainable: LoRA (r=16 on q/k/v/o/gate/up/down), the cross-
 and their projectors, the JEPA predictor; AdamW (lr 2e-5, weight decay 0.01) on exactly those.
 The compressor is frozen in phase 3 and the trainer feeds the step its output V' computed once
 per volume (Run.compressor_tokens), so both steps start from the same V' [B, 32, 1024].
-  jax    VLM forward (kervljepa_jax.model), the LM loss from the last hidden states
-         (losses.lm_loss_from_hidden, as the trainer's step), grad w.r.t. the trainable half only,
-         optax.adamw; one jitted function
+  jax    VLM forward (kervljepa_jax.model), the LM loss from the last hidden states as the
+         trainer's step takes it (step.lm_term: the frozen head's closed-form gradient,
+         step.lm_loss_frozen_head), grad w.r.t. the trainable half only, optax.adamw; one jitted
+         function. `jax_recompute_head`: the same through losses.lm_loss_from_hidden (each chunk's
+         logits recomputed in the backward), the step before lm_loss_frozen_head
   torch  the same weights exported as the export writes them (hf.save_llama, hf.save_peft_lora,
          export.bridge_tensors) and loaded by transformers + peft + torch_runner's Bridge and
          decoder hooks; the LM head on the target positions only; torch.optim.AdamW
@@ -20,12 +22,13 @@ makes a round slower. Ends with one JSON line: jax_step_s, torch_step_s, speedup
 
   python benchmarks/train_step_vs_torch.py [--rounds=3] [--steps=2] [--vocab=32000] [--noscan_layers]
 
-Measured on this 2-core machine (shared with other jobs; load average 1.5-8 during the runs):
-jax 6.94 s, torch 5.58 s a step, speedup 0.80 (PyTorch faster); --noscan_layers 8.83 vs 7.36 s,
-0.83; an earlier run under load average ~13 gave 14.4 vs 9.4 s (0.65). Both sides' first-step
-losses agree to 9.5e-7 on 5,707,779 trainable weights each. A lone [2048, 512] x [512, 32000]
-matmul runs at the same ~55-70 GFLOP/s in both, while the JAX gradient through the decoder took
-4-6x its forward in a probe (about 3x is the usual cost): the gap looks to be in XLA's backward.
+Measured (docs/performance.md, with the profile by part: benchmarks/profile_train_step.py): on one
+pinned core, one thread each (OMP_NUM_THREADS=1 XLA_FLAGS=--xla_cpu_multi_thread_eigen=false
+taskset -c 1; other jobs' load average 7-15) jax 22.2 s, torch 18.9 s a step, speedup 0.85; the
+step before lm_loss_frozen_head 28.1 s (0.67). The first version of this benchmark, 2 threads, load
+1.5-8: 6.94 vs 5.58 s (0.80). With 2 threads under load 10-22, PyTorch's threads stall on each
+other (32.5 s) and the speedup reads 2.09: compare single-thread runs. First-step losses agree
+(|diff| <= 1e-6) on 5,707,779 trainable weights each.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 from absl import app, flags
 from flax import traverse_util
 
-from kervljepa_jax import export, hf, losses, torch_runner
+from kervljepa_jax import export, hf, torch_runner
 from kervljepa_jax.model import llama as llama_lib, lora as lora_lib, vlm as vlm_lib, xattn as xattn_lib
 from kervljepa_jax.training import phases, step as step_lib
 
@@ -99,22 +102,31 @@ def jax_params(vcfg: vlm_lib.VLMConfig) -> dict:
     return {"params": traverse_util.unflatten_dict(flat), "calibration": variables["calibration"]}
 
 
-def jax_step(vcfg: vlm_lib.VLMConfig, variables: dict, batch: dict):
-    """(step(trainable, opt_state) -> (trainable, opt_state, loss), trainable, opt_state)."""
+def jax_loss(vcfg: vlm_lib.VLMConfig, variables: dict, batch: dict, recompute_head: bool = False):
+    """(loss(trainable) -> scalar, trainable, frozen): the phase-3 LM loss as a function of the trainable
+    half. recompute_head: the LM term through losses.lm_loss_from_hidden (the step before the frozen
+    head's closed-form gradient, step.lm_loss_frozen_head), for the before/after figure."""
     labels = phases.trainable_labels(variables["params"], TRAINABLE, 3)
     trainable, frozen = phases.split_params(variables["params"], labels)
-    tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
     model = vlm_lib.VLM(vcfg)
     ids, mask = jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(batch["loss_mask"])
     tokens = jnp.asarray(batch["visual_tokens"])
     dummy = jnp.zeros((ids.shape[0], 1, vcfg.compressor.d_visual))      # unread: V' is given
+    head_frozen = step_lib.head_is_frozen(vcfg.llm, trainable) and not recompute_head  # as make_train_step
 
     def loss_fn(t):
         v = {"params": phases.merge_params(t, frozen), "calibration": variables["calibration"]}
         out = model.apply(v, dummy, dummy[..., 0], dummy[..., 0] == 0, ids, jnp.ones_like(mask), mask,
                           return_logits=False, visual_tokens=tokens)
-        head = lambda h: model.apply(v, h, method=vlm_lib.VLM.token_logits)  # noqa: E731
-        return losses.lm_loss_from_hidden(out.hidden, ids, mask, head, step_lib.LM_CHUNK)
+        return step_lib.lm_term(model, v, out.hidden, {"input_ids": ids, "loss_mask": mask}, head_frozen)
+
+    return loss_fn, trainable, frozen
+
+
+def jax_step(vcfg: vlm_lib.VLMConfig, variables: dict, batch: dict, recompute_head: bool = False):
+    """(step(trainable, opt_state) -> (trainable, opt_state, loss), trainable, opt_state)."""
+    loss_fn, trainable, _ = jax_loss(vcfg, variables, batch, recompute_head)
+    tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
 
     @jax.jit
     def step(t, opt_state):
@@ -150,22 +162,46 @@ def torch_side(vcfg: vlm_lib.VLMConfig, variables: dict, folder: str):
     return runner, torch.optim.AdamW(trainable, lr=LR, weight_decay=WEIGHT_DECAY), trainable
 
 
-def torch_step(runner: torch_runner.Runner, optimizer: torch.optim.Optimizer, batch: dict) -> float:
-    """One step: V' -> V~ -> grafted embeddings -> decoder with the adapter hooks -> LM loss on the
-    response targets (head on those positions only) -> AdamW."""
+def torch_loss(runner: torch_runner.Runner, batch: dict) -> torch.Tensor:
+    """V' -> V~ -> grafted embeddings -> decoder with the adapter hooks -> LM loss on the response
+    targets (head on those positions only)."""
     ids = torch.from_numpy(batch["input_ids"])
     targets = torch.from_numpy(batch["loss_mask"][:, 1:])
-    optimizer.zero_grad(set_to_none=True)
     calibrated = runner.bridge.calibrator(runner.bridge.predictor(torch.from_numpy(batch["visual_tokens"])))
     llm = runner.model
     embeds = torch_runner.graft(llm.get_input_embeddings()(ids), ids, calibrated, VISUAL_ID)
     with runner.visual_context(calibrated):
         hidden = llm.model(inputs_embeds=embeds, attention_mask=torch.ones_like(ids)).last_hidden_state
     logits = llm.lm_head(hidden[:, :-1][targets])
-    loss = torch.nn.functional.cross_entropy(logits, ids[:, 1:][targets])
+    return torch.nn.functional.cross_entropy(logits, ids[:, 1:][targets])
+
+
+def torch_step(runner: torch_runner.Runner, optimizer: torch.optim.Optimizer, batch: dict) -> float:
+    """One step: `torch_loss`, backward, AdamW."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch_loss(runner, batch)
     loss.backward()
     optimizer.step()
     return float(loss.detach())
+
+
+def timed_sides(vcfg, variables, batch, runner, optimizer) -> tuple[dict, dict, float]:
+    """{side: one-step callable} after each side's first step, {side: first loss}, JAX compile + step 1 s."""
+    sides, first, compile_s = {}, {}, 0.0
+    for name, recompute in (("jax", False), ("jax_recompute_head", True)):
+        step, *state = jax_step(vcfg, variables, batch, recompute)
+
+        def run(step=step, state=state):
+            state[0], state[1], loss = step(state[0], state[1])
+            return jax.block_until_ready(loss)
+
+        start = time.perf_counter()
+        first[name] = float(run())
+        compile_s = compile_s or time.perf_counter() - start
+        sides[name] = run
+    sides["torch"] = lambda: torch_step(runner, optimizer, batch)
+    first["torch"] = sides["torch"]()
+    return sides, first, compile_s
 
 
 def main(argv):
@@ -174,29 +210,26 @@ def main(argv):
     vcfg = vlm_config()
     batch = batch_arrays(vcfg)
     variables = jax_params(vcfg)
-    step, trainable, opt_state = jax_step(vcfg, variables, batch)
     with tempfile.TemporaryDirectory() as folder:
         runner, optimizer, torch_trainable = torch_side(vcfg, variables, folder)
-    start = time.perf_counter()
-    trainable, opt_state, jax_loss = jax.block_until_ready(step(trainable, opt_state))    # compile + step 1
-    compile_s = time.perf_counter() - start
-    torch_loss = torch_step(runner, optimizer, batch)                                     # warm-up + step 1
-    best = {"jax": float("inf"), "torch": float("inf")}
+    sides, first, compile_s = timed_sides(vcfg, variables, batch, runner, optimizer)
+    best = {name: float("inf") for name in sides}
     for _ in range(FLAGS.rounds):
-        start = time.perf_counter()
-        for _ in range(FLAGS.steps):
-            trainable, opt_state, _ = step(trainable, opt_state)
-        jax.block_until_ready(trainable)
-        best["jax"] = min(best["jax"], (time.perf_counter() - start) / FLAGS.steps)
-        start = time.perf_counter()
-        for _ in range(FLAGS.steps):
-            torch_step(runner, optimizer, batch)
-        best["torch"] = min(best["torch"], (time.perf_counter() - start) / FLAGS.steps)
+        for name, run in sides.items():
+            start = time.perf_counter()
+            for _ in range(FLAGS.steps):
+                run()
+            best[name] = min(best[name], (time.perf_counter() - start) / FLAGS.steps)
+    trainable = jax_loss(vcfg, variables, batch)[1]
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
     print(json.dumps({
         "jax_step_s": round(best["jax"], 3), "torch_step_s": round(best["torch"], 3),
-        "speedup": round(best["torch"] / best["jax"], 2), "jax_compile_and_first_step_s": round(compile_s, 1),
-        "loss_jax": float(jax_loss), "loss_torch": torch_loss, "loss_abs_diff": abs(float(jax_loss) - torch_loss),
+        "speedup": round(best["torch"] / best["jax"], 2),
+        "jax_recompute_head_step_s": round(best["jax_recompute_head"], 3),
+        "speedup_recompute_head": round(best["torch"] / best["jax_recompute_head"], 2),
+        "jax_compile_and_first_step_s": round(compile_s, 1), "loss_jax": first["jax"], "loss_torch": first["torch"],
+        "loss_abs_diff": abs(first["jax"] - first["torch"]),
+        "loss_abs_diff_recompute_head": abs(first["jax_recompute_head"] - first["torch"]),
         "trainable_params_jax": n_trainable, "trainable_params_torch": sum(p.numel() for p in torch_trainable),
         "shape": {"layers": FLAGS.layers, "hidden": FLAGS.hidden, "vocab": FLAGS.vocab, "batch": FLAGS.batch,
                   "seq_len": FLAGS.seq_len}, "jax_scan_layers": FLAGS.scan_layers, "rounds": FLAGS.rounds,
