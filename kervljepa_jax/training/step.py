@@ -186,55 +186,81 @@ def condition_mask(batch: dict[str, Array]) -> Array:
     return jnp.arange(tc) < batch["condition_lengths"][..., None]
 
 
+@dataclasses.dataclass(frozen=True)
+class TermInputs:
+    """What a loss term reads: the forward pass's outputs, the batch, the step's constants."""
+
+    model: vlm_lib.VLM
+    encoder: TextEncoder
+    variables: dict
+    out: vlm_lib.VLMOutput
+    batch: dict[str, Array]
+    consts: dict[str, Any]
+    head_frozen: bool
+
+    @property
+    def labels(self) -> Array:
+        return self.batch["labels"].astype(jnp.float32)
+
+    def conditions(self) -> Array:
+        return condition_targets(self.encoder, self.variables["params"], self.batch, self.consts["whitening"])
+
+    def report(self) -> Array:
+        return report_targets(self.encoder, self.variables["params"], self.batch, self.consts["whitening"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LossTerm:
+    """One named loss term (unweighted); `reads_llm`: it needs the decoder's forward pass (the
+    response tokens' hidden states), not only the visual path."""
+
+    compute: Callable[[TermInputs], Array]
+    reads_llm: bool = False
+
+
+# Every loss term by the name config.loss_weights gives it (paper eq. 9-13).
+LOSS_REGISTRY: dict[str, LossTerm] = {
+    "bce": LossTerm(lambda x: losses.bce_with_logits(x.out.visual.cls_logits, x.labels, x.consts["pos_weight"])),
+    "mil": LossTerm(lambda x: losses.bce_with_logits(x.out.visual.mil_logits, x.labels, x.consts["pos_weight"])),
+    "orth": LossTerm(lambda x: losses.orthogonality_loss(x.out.visual.tokens)),
+    "mmd": LossTerm(lambda x: losses.mmd_imq_loss(x.out.visual.z_tokens, x.conditions(), x.batch["condition_valid"])),
+    "infonce": LossTerm(lambda x: losses.info_nce_loss(x.out.visual.z_visual, x.report(),
+                                                       x.variables["params"]["log_temperature"])),
+    "jepa": LossTerm(lambda x: losses.jepa_loss(x.out.visual.z_visual, x.report())),
+    "lm": LossTerm(lambda x: lm_term(x.model, x.variables, x.out.hidden, x.batch, x.head_frozen), reads_llm=True),
+    "focal": LossTerm(lambda x: losses.focal_loss(x.out.llm_cls_logits, x.labels), reads_llm=True),
+    "llm_cls": LossTerm(lambda x: losses.llm_visual_cls_loss(x.out.llm_cls_logits, x.labels, x.consts["pos_weight"]),
+                        reads_llm=True),
+}
+
+# The terms each phase's config must weigh (0 turns one off): the paper's, and the ones its batches
+# can feed (phases 1-2 carry no chat tokens, so no term that reads the decoder).
+LOSS_TERMS = {1: ("bce", "mil", "orth", "mmd"), 2: ("mmd", "infonce"), 3: ("lm", "focal", "jepa", "llm_cls"),
+              4: ("lm", "focal")}
+
+
 def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: Any, calibration: Any,
                  batch: dict[str, Array], rng: Array, consts: dict[str, Any],
                  weights: dict[str, float] | None = None, head_frozen: bool = False) -> dict[str, Array]:
     """The named loss terms of `phase` (unweighted) that have a non-zero weight in `weights` (all
-    when None): a term weighted 0 is not computed, so it costs nothing and a NaN in it cannot make
-    the step non-finite (0 * NaN = NaN). head_frozen: the LM head is not differentiated, so the LM
-    term may take `lm_loss_frozen_head` (the same loss, a third fewer head FLOPs in the gradient)."""
-    def on(name: str) -> bool:
-        return weights is None or float(weights.get(name, 0.0)) != 0.0
-
+    when None), computed from one forward pass: a term weighted 0 is not computed, so it costs
+    nothing and a NaN in it cannot make the step non-finite (0 * NaN = NaN); the decoder runs only
+    when a computed term reads it. head_frozen: the LM head is not differentiated, so the LM term
+    may take `lm_loss_frozen_head` (the same loss, a third fewer head FLOPs in the gradient)."""
+    names = [n for n in LOSS_TERMS[phase] if weights is None or float(weights.get(n, 0.0)) != 0.0]
     variables = {"params": params, "calibration": calibration}
     rngs = {"dropout": rng}
-    labels = batch["labels"].astype(jnp.float32)
-    whitening, pos_weight = consts["whitening"], consts["pos_weight"]
     # A batch of a frozen-compressor phase may carry V' itself (Run.compressor_tokens).
     cached = batch.get("visual_tokens")
-    if phase in (1, 2):
-        out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], rngs=rngs,
-                          visual_tokens=cached)
-    else:
+    if any(LOSS_REGISTRY[n].reads_llm for n in names):
         out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], batch["input_ids"],
                           batch["attention_mask"], batch["loss_mask"], rngs=rngs, return_logits=False,
                           visual_tokens=cached)
-    visual = out.visual
-    terms = {}
-    if phase == 1:
-        if on("bce"):
-            terms["bce"] = losses.bce_with_logits(visual.cls_logits, labels, pos_weight)
-        if on("mil"):
-            terms["mil"] = losses.bce_with_logits(visual.mil_logits, labels, pos_weight)
-        if on("orth"):
-            terms["orth"] = losses.orthogonality_loss(visual.tokens)
-    if phase in (1, 2) and on("mmd"):
-        cond = condition_targets(encoder, params, batch, whitening)
-        terms["mmd"] = losses.mmd_imq_loss(visual.z_tokens, cond, batch["condition_valid"])
-    if phase == 2 and on("infonce"):
-        target = report_targets(encoder, params, batch, whitening)
-        terms["infonce"] = losses.info_nce_loss(visual.z_visual, target, params["log_temperature"])
-    if phase in (3, 4):
-        if on("lm"):
-            terms["lm"] = lm_term(model, variables, out.hidden, batch, head_frozen)
-        if on("focal"):
-            terms["focal"] = losses.focal_loss(out.llm_cls_logits, labels)
-    if phase == 3:
-        if on("jepa"):
-            terms["jepa"] = losses.jepa_loss(visual.z_visual, report_targets(encoder, params, batch, whitening))
-        if on("llm_cls"):
-            terms["llm_cls"] = losses.llm_visual_cls_loss(out.llm_cls_logits, labels, pos_weight)
-    return terms
+    else:
+        out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], rngs=rngs,
+                          visual_tokens=cached)
+    inputs = TermInputs(model, encoder, variables, out, batch, consts, head_frozen)
+    return {n: LOSS_REGISTRY[n].compute(inputs) for n in names}
 
 
 def lm_term(model: vlm_lib.VLM, variables: dict, hidden: Array, batch: dict[str, Array], head_frozen: bool) -> Array:
@@ -246,11 +272,6 @@ def lm_term(model: vlm_lib.VLM, variables: dict, hidden: Array, batch: dict[str,
     return losses.lm_loss_from_hidden(hidden, batch["input_ids"], batch["loss_mask"], head, LM_CHUNK)
 
 
-# The terms `phase_losses` returns per phase: what config.loss_weights must weigh (0 turns one off).
-LOSS_TERMS = {1: ("bce", "mil", "orth", "mmd"), 2: ("mmd", "infonce"), 3: ("lm", "focal", "jepa", "llm_cls"),
-              4: ("lm", "focal")}
-
-
 def _missing_weights(phase: int | None, names, weights: dict[str, float]) -> None:
     missing = [k for k in names if k not in weights]
     if missing:   # a config file without the weight: no --config.loss_weights.<name> flag can add it
@@ -259,9 +280,14 @@ def _missing_weights(phase: int | None, names, weights: dict[str, float]) -> Non
 
 
 def check_loss_weights(phase: int, weights: dict[str, float]) -> None:
-    """OverrideError naming the terms of `phase` that `weights` lacks: raised when a step is built,
-    before its compilation, rather than while it is traced."""
+    """OverrideError naming the terms of `phase` that `weights` lacks, or a weighted term the phase
+    cannot compute (it would be dropped silently): raised when a step is built, before its
+    compilation, rather than while it is traced."""
     _missing_weights(phase, LOSS_TERMS[phase], weights)
+    foreign = [k for k, w in weights.items() if k not in LOSS_TERMS[phase] and float(w) != 0.0]
+    if foreign:
+        raise OverrideError(f"phase {phase}: loss_weights {foreign} name no term of this phase (its terms: "
+                            f"{', '.join(LOSS_TERMS[phase])}); set them to 0 or remove them from the --config file")
     if all(float(weights[k]) == 0.0 for k in LOSS_TERMS[phase]):
         raise OverrideError(f"phase {phase}: every loss weight is 0 ({', '.join(LOSS_TERMS[phase])}); the phase "
                             "would train nothing: set --config.loss_weights.<name> > 0 for one of them")

@@ -149,3 +149,30 @@ def test_phase_3_takes_the_frozen_head_path_with_the_general_paths_loss_and_grad
     np.testing.assert_allclose(fused[0], general[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(fused[1]), jax.tree.leaves(general[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_loss_terms_come_from_the_registry_by_their_weights():
+    """Every phase term is registered; a weighted term a phase cannot compute is a one-line error,
+    not a silent drop; a phase-3 step whose only term reads the visual path skips the decoder."""
+    from kervljepa_jax.training.config import OverrideError
+    assert {n for terms in step_lib.LOSS_TERMS.values() for n in terms} == set(step_lib.LOSS_REGISTRY)
+    with pytest.raises(OverrideError, match=r"phase 1: loss_weights \['lm'\] name no term of this phase"):
+        step_lib.check_loss_weights(1, {"bce": 1.0, "mil": 1.0, "orth": 1.0, "mmd": 0.5, "lm": 1.0})
+    assert not any(step_lib.LOSS_REGISTRY[n].reads_llm for n in step_lib.LOSS_TERMS[1] + step_lib.LOSS_TERMS[2])
+
+
+def test_a_phase3_step_of_visual_terms_alone_runs_no_decoder(boxed, monkeypatch):
+    variables, batch, consts = nn.unbox(boxed), {k: jnp.asarray(v) for k, v in _batch().items()}, _consts()
+    encoder = step_lib.TextEncoder(CFG.llm, 2)
+    calls = []
+    real_apply = vlm_lib.VLM.apply
+
+    def counting_apply(self, variables, *args, **kwargs):
+        calls.append(len(args))
+        return real_apply(self, variables, *args, **kwargs)
+    monkeypatch.setattr(vlm_lib.VLM, "apply", counting_apply)
+    weights = {"lm": 0.0, "focal": 0.0, "jepa": 1.0, "llm_cls": 0.0}
+    terms = step_lib.phase_losses(3, vlm_lib.VLM(CFG), encoder, variables["params"], variables["calibration"],
+                                  batch, jax.random.key(0), consts, weights)
+    assert set(terms) == {"jepa"} and np.isfinite(float(terms["jepa"]))
+    assert calls[0] == 3          # slices, z_mm, valid: the visual path only, no input_ids
