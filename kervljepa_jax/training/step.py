@@ -100,7 +100,7 @@ def _lm_loss_and_grad(hidden: Array, w: Array, tokens: Array, loss_mask: Array, 
     grads = jnp.zeros_like(hidden).at[jnp.arange(b)[:, None], index].set(
         jnp.swapaxes(grads, 0, 1).reshape(b, -1, d), mode="drop")                          # back to token order
     count = jnp.maximum(mask.sum(), 1.0)
-    return total / count, grads / count
+    return total / count, (grads / count).astype(hidden.dtype)     # a bf16 model's cotangent is bf16
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -127,7 +127,7 @@ def _lm_loss_bwd(dtype, chunk, res, g):
     grad, w, tokens, loss_mask = res
     # w, tokens, loss_mask get zero cotangents: the callers differentiate none of them (a trained
     # head goes through losses.lm_loss_from_hidden instead, phase_losses).
-    return (g * grad, jnp.zeros_like(w), None, None)
+    return ((g * grad).astype(grad.dtype), jnp.zeros_like(w), None, None)
 
 
 lm_loss_frozen_head.defvjp(_lm_loss_fwd, _lm_loss_bwd)
