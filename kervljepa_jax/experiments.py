@@ -227,8 +227,10 @@ COMPONENTS = {
     "ewc": ("w/o EWC (lambda = 0)", 4, {}),          # ewc_off_overrides: where lambda sits in the config
 }
 FULL = "Full model"
-# Phase 3's own validation is not in the table (phase 4 is scored), and the visual-token ablations
-# of every final evaluation are Table IX's: the reruns score one batch of each only.
+# Phase 3's own validation is not in the table (phase 4 is scored): 64 volumes. The embedded default
+# validates phase 3 once, at its end, so its checkpoint is the same; a profile whose plateau scheduler
+# or model selection reads phase 3's validation decides on those 64. The visual-token ablations of
+# every final evaluation are Table IX's: the reruns generate them for one batch only.
 RERUN_ARGS = {3: ["--config.eval.num_examples=64"], 4: []}
 LEAN_ARGS = ["--config.eval.ablation_examples=1"]
 
