@@ -18,9 +18,11 @@ config it was trained with, and writes OUT:
   README.md the model card
 
 Everything is written into a staging folder beside OUT and renamed to OUT at the end: a mistake
-(no such phase or step, OUT not empty) or a failure halfway leaves nothing behind. Only the base
-LLM's config.json is read, not its weights, and the decoder tensors are made one at a time from the
-restored checkpoint (`hf.save_llama`): the host holds one copy of the model, never two.
+(no such phase or step, OUT not empty) or a failure halfway leaves nothing behind. The base LLM's
+weights are read only for the frozen tensors a checkpoint leaves out (one at a time, checked against
+its record), and the decoder tensors are written one at a time from the restored params
+(`hf.save_llama`): writing adds one tensor, not a second copy of the model (peak host memory:
+docs/export.md).
 """
 
 from __future__ import annotations

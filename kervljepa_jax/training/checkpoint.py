@@ -227,14 +227,24 @@ def _config_json(config: Any) -> dict:
 LLM = "llm/"     # the base LLM's subtree in the VLM's params: `base` trees are this subtree
 
 
-def _digest(x: jax.Array) -> jax.Array:
-    """Two position-weighted wrapping sums of the bits of `x` [2] uint32: a changed, moved or
-    reordered value changes them (a guard against another file, not against forgery)."""
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).ravel()
+def _row_digest(row: jax.Array) -> jax.Array:
+    """Two position-weighted wrapping sums of the bits of `row` [2] uint32."""
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[row.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(row, width).astype(jnp.uint32).ravel()
     index = jnp.arange(bits.size, dtype=jnp.uint32)
     return jnp.stack([jnp.sum(bits * (index * np.uint32(2654435761) + np.uint32(1))),
                       jnp.sum(bits ^ (index * np.uint32(40503)))])
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """[2] uint32 of `x`'s bits, a row of its leading axis at a time (a stacked leaf's layer: the
+    temporaries stay one row's size, not the leaf's), the rows weighted by position: a changed,
+    moved or reordered value changes it (a guard against another file, not against forgery)."""
+    if x.ndim < 2:
+        return _row_digest(x)
+    rows = jax.lax.map(_row_digest, x)                                       # [L, 2]
+    weight = jnp.arange(x.shape[0], dtype=jnp.uint32) * np.uint32(2246822519) + np.uint32(1)
+    return jnp.sum(rows * weight[:, None], axis=0)
 
 
 _digests_jit = jax.jit(lambda leaves: {path: _digest(x) for path, x in leaves.items()})
@@ -305,15 +315,19 @@ def _assemble(stored: Any, target: Any, record: dict, base: Any, where: pathlib.
     if missing:
         raise CheckpointError(f"{where}: its frozen weights come from the base LLM {folder}, but the base LLM "
                               f"loaded lacks {len(missing)} of those tensors (first {missing[0]!r}); {advice}")
-    leaves = {p: theirs[p[len(LLM):]] for p in paths}
-    found = digests(leaves)
-    changed = [p for p in paths if found[p] != record["digests"][p]]
+    wanted = _flat(target)
+    placed, changed = {}, []
+    for p in paths:     # one tensor at a time: the base LLM's copy of each is let go once it is placed
+        leaf = theirs.pop(p[len(LLM):])
+        if digests({p: leaf})[p] != record["digests"][p]:
+            changed.append(p)
+        placed[p] = _placed(leaf, wanted[p])
+        del leaf
     if changed:
         raise CheckpointError(f"{where}: its frozen weights come from the base LLM {folder}, but {len(changed)} of "
                               f"those {len(paths)} tensors differ in the base LLM loaded (first {changed[0]!r}): "
                               f"it was moved, changed or is another model; {advice}")
-    wanted = _flat(target)
-    flat = {**traverse_util.flatten_dict(stored, sep="/"), **{p: _placed(leaves[p], wanted[p]) for p in paths}}
+    flat = {**traverse_util.flatten_dict(stored, sep="/"), **placed}
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
 
 
