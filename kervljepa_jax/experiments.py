@@ -246,13 +246,9 @@ def _llm_width(workdir: str) -> int | None:
 
 
 def ewc_off_overrides() -> dict[str, str]:
-    """lambda := 0 wherever phase 4's config holds it: `ewc.lam`, or the `ewc` of optimizer-group rows."""
+    """lambda := 0 in every optimizer-group row of phase 4's config that has an EWC pull."""
     from kervljepa_jax.training import config as config_lib
-    config = config_lib.load_phase_config(4)
-    if config_lib.field_value(config, "ewc.lam") is not config_lib.MISSING:
-        return {"ewc.lam": "0"}
-    rows = config_lib.field_value(config, "optimizer_groups")
-    rows = [] if rows is config_lib.MISSING else list(rows)
+    rows = list(config_lib.load_phase_config(4).optimizer_groups)
     return {f"optimizer_groups[{i}].ewc": "0" for i, row in enumerate(rows) if float(row.get("ewc") or 0) > 0}
 
 
