@@ -248,11 +248,16 @@ def _digest(x: jax.Array) -> jax.Array:
 
 
 _digests_jit = jax.jit(lambda leaves: {path: _digest(x) for path, x in leaves.items()})
+_digest_jit = jax.jit(_digest)      # one leaf: compiled per shape, not per path (a restore's loop)
+
+
+def _hex(digest: Any) -> str:
+    return "".join(f"{int(v):08x}" for v in _host_value(digest))
 
 
 def digests(leaves: dict[str, Any]) -> dict[str, str]:
     """path -> a 16-hex-digit digest of each array's bits (computed where the arrays live)."""
-    return {path: "".join(f"{int(v):08x}" for v in _host_value(d)) for path, d in _digests_jit(leaves).items()}
+    return {path: _hex(d) for path, d in _digests_jit(leaves).items()}
 
 
 def _flat(tree: Any) -> dict[str, Any]:
@@ -319,7 +324,7 @@ def _assemble(stored: Any, target: Any, record: dict, base: Any, where: pathlib.
     placed, changed = {}, []
     for p in paths:     # one tensor at a time: the base LLM's copy of each is let go once it is placed
         leaf = theirs.pop(p[len(LLM):])
-        if digests({p: leaf})[p] != record["digests"][p]:
+        if _hex(_digest_jit(leaf)) != record["digests"][p]:
             changed.append(p)
         placed[p] = _placed(leaf, wanted[p])
         del leaf
