@@ -1,5 +1,5 @@
 """The shared run state: phase-0 corpus and packing, the stand-in base LLM (checked against
-transformers), the metric log, and the per-run caches (pipelines, compiled samplers)."""
+transformers) and the per-run caches (pipelines, compiled samplers)."""
 
 import collections
 import json
@@ -64,14 +64,6 @@ def test_pretraining_corpus_extra_chats_come_from_outside_both_splits():
     with pytest.raises(run_lib.TrainError, match="pretrain_chats=5"):
         run_lib.pretraining_corpus(config_lib.apply_overrides(_config(), {"data.source": "ctrate"}).data,
                                    seed=0, extra_chats=5)
-
-
-def test_metric_log_appends_one_json_object_per_write(tmp_path):
-    log = run_lib.MetricLog(str(tmp_path))
-    log.write(2, 5, {"loss": np.float32(1.5)})
-    log.write(2, 6, {"loss": jnp.asarray(1.25), "lr": 1e-3})
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert rows == [{"phase": 2, "step": 5, "loss": 1.5}, {"phase": 2, "step": 6, "loss": 1.25, "lr": 1e-3}]
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from kervljepa_jax import train
 from kervljepa_jax.training import checkpoint as ckpt_lib
 from kervljepa_jax.training import config as config_lib
 from kervljepa_jax.training import run as run_lib
+from kervljepa_jax.training.metric_log import MetricLog
 
 TINY = {"data.num_train": "24", "data.num_valid": "8", "data.min_synthetic_slices": "40",
         "data.max_synthetic_slices": "60", "data.max_slices": "60", "model.pretrain_steps": "3",
@@ -45,7 +46,7 @@ def run(base, tmp_path):
         src = f"{base.workdir}/{item}"
         (shutil.copytree if item != "whitening.npz" else shutil.copy)(src, tmp_path / item)
     forked = copy.copy(base)
-    forked.workdir, forked.log = str(tmp_path), run_lib.MetricLog(str(tmp_path))
+    forked.workdir, forked.log = str(tmp_path), MetricLog(str(tmp_path))
     return forked
 
 
