@@ -33,7 +33,7 @@ from kervljepa_jax import evaluate, losses, train
 from kervljepa_jax.model import dropout as dropout_lib
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.model.lora import LORA_TARGETS
-from kervljepa_jax.training import optim, phases
+from kervljepa_jax.training import feature_cache, optim, phases
 from kervljepa_jax.training import step as step_lib
 from kervljepa_jax.training.run import Run
 
@@ -63,20 +63,20 @@ def main(argv):
     config = train.phase_config(3, None, {})
     run = Run(config, workdir)
     run.configs = {3: config}
-    run.prepare_targets(config, {"llm": run.llm_params})
     pipe = run.pipeline(config, "train")
+    run.targets.prepare(config, pipe)
     variables = run.place(train.starting_variables(run, train.phase_config(1, None, {}), 1, ""))
     labels = phases.trainable_labels(variables["params"], config.optimizer_groups, 3)
-    pipe.attach_visual_tokens(run.compressor_tokens(config, variables["params"], labels))
-    batch = evaluate.as_jnp(next(iter(pipe.epoch(0))))
+    visual = feature_cache.compressor_tokens(config, run.vcfg.compressor, variables["params"], labels, pipe)
+    batch = evaluate.as_jnp(next(iter(pipe.epoch(0, feature_cache.join(pipe, run.targets.table(pipe), visual)))))
     trainable, frozen = phases.split_params(variables["params"], labels)
     tx = optim.make_optimizer(config, trainable, labels, pipe.steps_per_epoch())
     opt_state = jax.jit(tx.init)(trainable)
     model = vlm_lib.VLM(run.vcfg, deterministic=False)
-    train_step = jax.jit(step_lib.make_train_step(3, model, run.encoder, tx, dict(config.loss_weights)))
+    train_step = jax.jit(step_lib.make_train_step(3, model, run.targets.encoder, tx, dict(config.loss_weights)))
     rng = jax.random.key(0)
-    step_args = (trainable, frozen, opt_state, variables["calibration"], batch, rng, run.consts())
-    # The batch as the trainer's pipeline gives it (text targets embedded once per run, V' once per
+    step_args = (trainable, frozen, opt_state, variables["calibration"], batch, rng, run.targets.consts())
+    # The batch as the trainer joins it (text targets embedded once per run, V' once per
     # phase) vs the same batch without the text targets (the step runs the frozen LLM on the report
     # text) or without V' (the step runs the frozen compressor).
     without = lambda drop: (*step_args[:4], {k: v for k, v in batch.items() if not drop(k)},  # noqa: E731

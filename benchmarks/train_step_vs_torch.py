@@ -5,7 +5,7 @@ A mid-size Llama shape (8 layers x 512 wide, 8 heads / 4 kv heads of 64, MLP 153
 batch 8 x 256 tokens; trainable: LoRA (r=16 on q/k/v/o/gate/up/down), the cross-attention adapters
 and their projectors, the JEPA predictor; AdamW (lr 2e-5, weight decay 0.01) on exactly those.
 The compressor is frozen in phase 3 and the trainer feeds the step its output V' computed once
-per volume (Run.compressor_tokens), so both steps start from the same V' [B, 32, 1024].
+per volume (feature_cache.compressor_tokens), so both steps start from the same V' [B, 32, 1024].
   jax    VLM forward (kervljepa_jax.model), the LM loss from the last hidden states as the
          trainer's step takes it (step.lm_term: the frozen head's closed-form gradient,
          step.lm_loss_frozen_head), grad w.r.t. the trainable half only, optax.adamw; one jitted

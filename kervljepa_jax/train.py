@@ -45,7 +45,7 @@ from kervljepa_jax.model import llama as llama_lib
 from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.training import checkpoint as ckpt_lib
 from kervljepa_jax.training import config as config_lib
-from kervljepa_jax.training import optim, phases, run as run_lib, step as step_lib
+from kervljepa_jax.training import feature_cache, optim, phases, run as run_lib, step as step_lib
 # The shared run state lives in training/run.py; `train.Run` etc. stay the notebook-level names.
 from kervljepa_jax.training.run import Run, TrainError, alpha_of, calibrate, fresh_params, restored_variables
 
@@ -95,8 +95,10 @@ def validate(run: Run, config, variables: dict, eval_step, modes=("normal",)) ->
     """Validation metrics of the phase: the loss, and the F1 of what `eval.score` names (the visual
     classifier's, or the generated reports')."""
     pipe = run.pipeline(config, "valid", shuffle=False)
-    batches = evaluate.collect(pipe.epoch(0), int(config.eval.num_examples))
-    terms = [sharding.as_host_f32(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b), run.consts()))
+    batches = evaluate.collect(pipe.epoch(0, feature_cache.join(pipe, run.targets.table(pipe))),
+                               int(config.eval.num_examples))
+    terms = [sharding.as_host_f32(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b),
+                                            run.targets.consts()))
              for b in batches]
     out = {"val_loss": float(np.mean([t["loss"] for t in terms]))}
     if config.eval.score == "classifier":
@@ -178,8 +180,8 @@ def base_llm_record(run: Run, config, params, labels) -> dict:
 
 
 def compile_train_step(run: Run, phase: int, tx, weights: dict):
-    return jax.jit(step_lib.make_train_step(phase, vlm_lib.VLM(run.vcfg, deterministic=False), run.encoder, tx,
-                                            weights), donate_argnums=(0, 2))
+    return jax.jit(step_lib.make_train_step(phase, vlm_lib.VLM(run.vcfg, deterministic=False), run.targets.encoder,
+                                            tx, weights), donate_argnums=(0, 2))
 
 
 def stop_if_diverged(config, phase: int, step: int, streak: int, ckpt: ckpt_lib.PhaseCheckpointer) -> None:
@@ -205,8 +207,8 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     t0 = time.time()
     config.phase = phase
     stopper = early_stopping(config, phase)
-    run.prepare_targets(config, {"llm": run.llm_params})
     train_pipe = run.pipeline(config, "train")
+    run.targets.prepare(config, train_pipe)
     steps_per_epoch = train_pipe.steps_per_epoch()
     if steps_per_epoch < 1:
         raise TrainError(f"phase {phase}: data.batch_size={config.data.batch_size} exceeds the training set; "
@@ -249,12 +251,16 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
         logging.info("phase %d: resumed at step %d (epoch %d) from %s", phase, step, epoch, ckpt.directory)
     run.log.drop_after(phase, step)     # the steps past the checkpoint run (and are logged) again
 
-    train_pipe.attach_visual_tokens(run.compressor_tokens(config, phases.merge_params(trainable, frozen), labels))
+    # The step's per-record inputs computed once (the text targets per run, V' per phase), joined
+    # to each of this process's batches by record_index.
+    visual = feature_cache.compressor_tokens(config, run.vcfg.compressor, phases.merge_params(trainable, frozen),
+                                             labels, train_pipe)
+    join = feature_cache.join(train_pipe, run.targets.table(train_pipe), visual)
     eval_model = vlm_lib.VLM(run.vcfg)
     recalibrate_every = run_lib.recalibration_interval(config, variables["params"], labels)
     weights = dict(config.loss_weights)
     train_step = compile_train_step(run, phase, tx, weights)
-    eval_step = jax.jit(step_lib.make_eval_step(phase, eval_model, run.encoder, weights))
+    eval_step = jax.jit(step_lib.make_eval_step(phase, eval_model, run.targets.encoder, weights))
     epochs = int(config.train.epochs)
     bar = tqdm.tqdm(total=total, initial=step, desc=f"phase {phase}", disable=jax.process_index() != 0)
     last_metrics: dict = {}
@@ -264,7 +270,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
                                                                    steps_per_epoch)
             lora_frozen, train_step = True, compile_train_step(run, phase, tx, weights)
             logging.info("phase %d: LoRA frozen after epoch %d (one recompilation)", phase, epoch)
-        iterator = train_pipe.restore(iterator_state) if iterator_state else train_pipe.epoch(epoch)
+        iterator = train_pipe.restore(iterator_state, join) if iterator_state else train_pipe.epoch(epoch, join)
         iterator_state = None
         t_epoch, n_steps = time.time(), 0
         for batch in iterator:
@@ -272,7 +278,7 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
             host_batch = evaluate.as_jnp(batch)
             log_batch(run.workdir, phase, step + 1, batch)
             trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, variables["calibration"],
-                                                       host_batch, key, run.consts())
+                                                       host_batch, key, run.targets.consts())
             ckpt_lib.kill_point(phase, "step", step + 1)
             step += 1
             n_steps += 1

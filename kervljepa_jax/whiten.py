@@ -50,10 +50,10 @@ def whiten(config, workdir: str, overwrite: bool = False) -> dict:
     if os.path.isfile(path) and not overwrite:
         raise TrainError(f"{path} exists (training loads it); pass --overwrite to refit it")
     run = Run(config, workdir)
-    w, stats, _ = run.fit_whitening(config)
+    w, stats, _ = run.targets.fit_whitening(config, run.pipeline(config, "train"))
     whitening_lib.save(w, path)
     logging.info("whitening -> %s", path)
-    return {"path": path, "layer": run.whiten_layer, **stats}
+    return {"path": path, "layer": run.targets.layer, **stats}
 
 
 def main(argv: list[str]) -> None:

@@ -29,8 +29,9 @@ def test_whiten_writes_what_training_loads(tmp_path):
     assert 0.0 < stats["retained_variance"] <= 1.0 + 1e-9
     fitted = whitening.load(str(path))
     run = Run(_config(), str(tmp_path))
-    run.prepare_targets(_config(), {"llm": run.llm_params})         # loads it, does not refit
-    np.testing.assert_array_equal(np.asarray(run.whitening["projection"]), fitted.projection.astype(np.float32))
+    run.targets.prepare(_config(), run.pipeline(_config(), "train"))     # loads it, does not refit
+    np.testing.assert_array_equal(np.asarray(run.targets.whitening["projection"]),
+                                  fitted.projection.astype(np.float32))
     with pytest.raises(TrainError, match="--overwrite"):
         whiten.whiten(_config(), str(tmp_path))
     before = os.path.getmtime(path)

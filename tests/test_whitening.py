@@ -202,14 +202,3 @@ def test_identity_whitening_leaves_the_embeddings_as_they_are():
     assert w.dim == w.input_dim == 8
     with pytest.raises(ValueError, match="must be the embeddings' width"):
         whitening.identity(8, 4)
-
-
-def test_without_whitening_the_run_needs_a_jepa_space_as_wide_as_the_llm():
-    from types import SimpleNamespace
-
-    from kervljepa_jax.training import run as run_lib
-    fake = SimpleNamespace(llm_cfg=SimpleNamespace(hidden_size=8), vcfg=SimpleNamespace(bridge=SimpleNamespace(jepa_dim=4)))
-    with pytest.raises(run_lib.TrainError, match="--config.model.jepa_dim=8"):
-        run_lib.Run.identity_whitening(fake)
-    fake.vcfg.bridge.jepa_dim = 8
-    np.testing.assert_array_equal(run_lib.Run.identity_whitening(fake).projection, np.eye(8))

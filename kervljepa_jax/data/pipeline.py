@@ -4,8 +4,11 @@ Use (what the trainer does):
   tok = make_tokenizer(config.data)                        # HF folder, or the cached synthetic BPE
   data = Pipeline(config.data, "train", tok, mesh)         # mesh=None: host numpy batches
   for epoch in range(start, epochs):
-      it = data.epoch(epoch)  (or data.restore(saved_state) to resume mid-epoch)
+      it = data.epoch(epoch, join)  (or data.restore(saved_state, join) to resume mid-epoch)
       for batch in it: ...;  saved_state = it.get_state()  # JSON-able, store with the checkpoint
+`join` (optional): host batch -> host batch, applied on each process to its own rows before they
+are placed on the mesh, e.g. the trainer's per-record tables looked up by record_index
+(training/feature_cache.py); it is no part of the iterator's state.
 
 Per epoch, a grain `DataLoader` reads this process's shard (`jax.process_index()` of
 `jax.process_count()`, or the `process_index`/`process_count` given) of the source in an order
@@ -26,8 +29,6 @@ D = embed_dim, C = 18 classes, T = max_tokens, Tc = max_condition_tokens:
   target_ids        [B, T]     int32         the positive findings in class order, no template (InfoNCE / JEPA target)
   target_mask       [B, T]     bool
   record_index      [B]        int32         the record's index in its split
-  target_embedding, condition_embedding  [B, D_w], [B, C, D_w] float32: only after
-                    `attach_text_embeddings` (the trainer's cache of the frozen LLM's text targets)
   meta              dict of host lists [B]: volume_name, response (the text trained on),
                     condition_texts ([C] strings)
 With a mesh, every array is a global jax.Array with [B] on the logical 'batch' axis (mesh axes
@@ -57,7 +58,7 @@ import json
 import os
 import sys
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import grain
@@ -483,8 +484,9 @@ class BatchIterator:
     chunk read, so the position is (grain state before that chunk, rows of it already used).
     """
 
-    def __init__(self, pipeline: "Pipeline", epoch: int, state: dict | None = None):
-        self.pipeline, self.epoch = pipeline, epoch
+    def __init__(self, pipeline: "Pipeline", epoch: int, state: dict | None = None,
+                 join: Callable[[dict], dict] | None = None):
+        self.pipeline, self.epoch, self.join = pipeline, epoch, join
         self.report = records.EpochReport()
         self.report.skipped.extend(pipeline.index_skips)
         self._loader = pipeline.grain_loader(epoch)
@@ -537,7 +539,7 @@ class BatchIterator:
                 return self._finish()
         batch, self._pending = split_rows(self._pending, size)
         self.report.count("examples", size)
-        return self.pipeline.finalize(batch)
+        return self._emit(batch)
 
     def _finish(self) -> dict:
         self._done = True
@@ -545,7 +547,7 @@ class BatchIterator:
         batch = None
         if rows and not self.pipeline.config.drop_remainder:
             self.report.count("examples", rows)
-            batch = self.pipeline.finalize(split_rows(self._pending, rows)[0])
+            batch = self._emit(split_rows(self._pending, rows)[0])
         elif rows:
             self.report.count("dropped_remainder", rows)
         self._pending = []
@@ -557,6 +559,13 @@ class BatchIterator:
         if batch is None:
             raise StopIteration
         return batch
+
+    def _emit(self, batch: dict) -> dict:
+        """The host batch joined here, in the main process (`join` may hold large tables that
+        worker processes never see), then placed on the mesh when the pipeline has one."""
+        if self.join is not None:
+            batch = self.join(batch)
+        return to_global(batch, self.pipeline.mesh) if self.pipeline.mesh is not None else batch
 
     def get_state(self) -> dict:
         """JSON-serialisable position: save it with the checkpoint."""
@@ -615,10 +624,6 @@ class Pipeline:
         self.buffer_pool = BufferPool(4 * max(1, int(config.read_threads)) + 8)
         # Fail at construction, not in a reader thread, on a template without the placeholders.
         self.prompt_ids = ExampleBuilder(config, self.tokenizer, split, 0).prompt_ids
-        # Per record, the frozen LLM's embeddings of its texts (`attach_text_embeddings`).
-        self.text_embeddings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        # Per record, a frozen compressor's V' (`attach_visual_tokens`).
-        self.visual_tokens: np.ndarray | None = None
 
     def text_rows(self) -> dict[str, np.ndarray]:
         """Every record's texts exactly as its batches carry them, without reading a slice:
@@ -647,28 +652,6 @@ class Pipeline:
             rows["target_lengths"][i] = len(ids)
         return rows
 
-    def attach_text_embeddings(self, target: np.ndarray, condition_rows: np.ndarray,
-                               condition_index: np.ndarray) -> None:
-        """From now on every batch also carries target_embedding [B, D_w] and condition_embedding
-        [B, C, D_w] (zeros for absent classes), looked up by record_index: target [N, D_w] has a row
-        per record of the split; condition_index [N, C] points into condition_rows [M, D_w] (-1 for
-        an absent class). E.g. the frozen LLM's whitened embeddings of `text_rows`."""
-        n = len(self.source)
-        if len(target) != n or condition_index.shape != (n, findings.NUM_CLASSES) or \
-                condition_index.max(initial=-1) >= len(condition_rows):
-            raise ValueError(f"text embeddings: target {target.shape}, condition_index {condition_index.shape} "
-                             f"(max {condition_index.max(initial=-1)}) for {len(condition_rows)} condition rows; "
-                             f"the {self.split} split has {n} records")
-        self.text_embeddings = (target, condition_rows, condition_index)
-
-    def attach_visual_tokens(self, tokens: np.ndarray | None) -> None:
-        """From now on every batch also carries visual_tokens [B, K, d]: row record_index of
-        `tokens` [N, K, d] (e.g. a frozen compressor's V' of every record); None stops it."""
-        if tokens is not None and (tokens.ndim != 3 or len(tokens) != len(self.source)):
-            raise ValueError(f"visual tokens {tokens.shape}: need [N, K, d] with N = {len(self.source)}, "
-                             f"the records of the {self.split} split")
-        self.visual_tokens = tokens
-
     def ordered_batches(self) -> Iterator[dict]:
         """Every record of the split once, in index order, as process-local numpy batches of
         data.batch_size / processes rows (the last one shorter): no shuffle, no repeat factors and
@@ -682,13 +665,6 @@ class Pipeline:
             batch = chunk_batch(chunks[j])
             if batch:
                 yield batch
-
-    def _add_text_embeddings(self, batch: dict) -> None:
-        target, rows, index = self.text_embeddings
-        idx = index[batch["record_index"]]                                   # [B, C]
-        gathered = rows[np.maximum(idx, 0)] if len(rows) else np.zeros((*idx.shape, target.shape[-1]), target.dtype)
-        batch["target_embedding"] = target[batch["record_index"]]
-        batch["condition_embedding"] = np.where(idx[..., None] >= 0, gathered, 0).astype(target.dtype)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """This process's record indices for an epoch: a (seed, epoch) permutation of all records
@@ -731,21 +707,15 @@ class Pipeline:
                                                 shuffle=False, num_epochs=1),
             read_options=grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
 
-    def finalize(self, batch: dict) -> dict:
-        if self.text_embeddings is not None:   # in the main process: worker processes never hold the tables
-            self._add_text_embeddings(batch)
-        if self.visual_tokens is not None:
-            batch["visual_tokens"] = self.visual_tokens[batch["record_index"]]
-        return to_global(batch, self.mesh) if self.mesh is not None else batch
+    def epoch(self, epoch: int, join: Callable[[dict], dict] | None = None) -> BatchIterator:
+        """One epoch's batches, each host batch passed through `join` before placement."""
+        return BatchIterator(self, epoch, join=join)
 
-    def epoch(self, epoch: int) -> BatchIterator:
-        return BatchIterator(self, epoch)
-
-    def restore(self, state: dict) -> BatchIterator:
+    def restore(self, state: dict, join: Callable[[dict], dict] | None = None) -> BatchIterator:
         """Continue the epoch saved in `state` (from `BatchIterator.get_state`) where it stopped."""
         if state.get("split") != self.split:
             raise records.DataError(f"data iterator state is for split {state.get('split')!r}, not {self.split!r}")
-        return BatchIterator(self, int(state["epoch"]), state)
+        return BatchIterator(self, int(state["epoch"]), state, join)
 
     def steps_per_epoch(self) -> int:
         """Batches per epoch before bad-record skips (shard size // local batch)."""

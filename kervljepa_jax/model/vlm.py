@@ -227,7 +227,7 @@ class VLM(nn.Module):
         """`slices [B, N, d_v], z_mm [B, N], valid [B, N]` -> V', V~ and the visual heads.
 
         `visual_tokens [B, K, d_v]`, when given, is V' itself (a frozen compressor's output
-        computed once per volume: Run.compressor_tokens) and the slices are not read.
+        computed once per volume: feature_cache.compressor_tokens) and the slices are not read.
         """
         tokens = self.compressor(slices, z_mm, valid, self.deterministic) if visual_tokens is None \
             else visual_tokens.astype(self.cfg.compressor.dtype)

@@ -156,7 +156,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_visual_tokens = c.data.get_ref("num_visual_tokens")
     c.model.jepa_dim = 256             # whitened text space (capped at the LLM width by vlm.make_config)
     c.model.whiten_layer = 14          # hidden layer whose mean-pooled states embed texts; -1 = middle
-    # What the PCA whitening is fitted on (Run.fit_whitening): "reports", the training reports, as the
+    # What the PCA whitening is fitted on (TextTargets.fit_whitening): "reports", the training reports, as the
     # paper (III-B4: 22,773 training report embeddings, layer 14 of 28, top 256 components), or
     # "targets", the texts the phases compare with (per-condition and positive-findings texts).
     c.model.whiten_texts = "reports"
@@ -220,7 +220,7 @@ def base_config() -> ml_collections.ConfigDict:
     # LLM once per run instead of in every step; False embeds them in the step (same values).
     c.train.cache_text_targets = True
     # A phase with a frozen compressor (3, 4) computes each training volume's V' once, without
-    # dropout, and its steps read it instead of running the compressor (Run.compressor_tokens).
+    # dropout, and its steps read it instead of running the compressor (feature_cache.compressor_tokens).
     c.train.cache_visual_tokens = True
 
     # NormCalibrator (paper III-B2): alpha = mean ||e_text|| / mean ||V^|| is set at initialisation

@@ -1,5 +1,6 @@
-"""The state every phase shares (paper III-C): the base LLM, tokenizer, VLM config, text whitening,
-pos_weight, mesh, data pipelines, compiled samplers and the metric log (metric_log.py).
+"""The set-up every phase shares (paper III-C): mesh, tokenizer, base LLM, VLM config, where the
+params live, data pipelines and compiled samplers; it hands out the metric log (metric_log.py) and
+the text targets (text_targets.py: whitening, pos_weight, each split's cached targets).
 
 The base LLM is a HF Llama folder (`model.llm_path`), or for the tiny preset a stand-in for the
 pretrained Llama: the one packaged with kervljepa_jax (`stand_in.py`, `model.stand_in=packaged`, the
@@ -8,7 +9,7 @@ default on synthetic data) or one LM-pretrained here by a "phase 0" on the train
 loaded exactly like a real checkpoint.
 
     run = Run(config, workdir)                       # loads or pretrains the base LLM once
-    run.prepare_targets(config, {"llm": run.llm_params})
+    run.targets.prepare(config, run.pipeline(config, "train"))   # whitening, pos_weight, text tables
     variables = run.place(restored_variables(params, alpha))
     texts = run.report_generator(config)(variables, slices, z_mm, valid)
 """
@@ -26,7 +27,7 @@ import numpy as np
 from absl import logging
 from flax import linen as nn
 
-from kervljepa_jax import findings, hf, losses, sharding, stand_in, whitening as whitening_lib
+from kervljepa_jax import hf, sharding, stand_in
 from kervljepa_jax.data import pipeline as pipeline_lib
 from kervljepa_jax.data import tokenizer as tokenizers
 from kervljepa_jax.generate import ReportGenerator
@@ -38,7 +39,7 @@ from kervljepa_jax.model import vlm as vlm_lib
 from kervljepa_jax.sampling import SamplingConfig
 from kervljepa_jax.training import checkpoint as ckpt_lib
 from kervljepa_jax.training import phases as phases_lib
-from kervljepa_jax.training import step as step_lib
+from kervljepa_jax.training import text_targets as text_targets_lib
 from kervljepa_jax.training.metric_log import MetricLog
 # The trainer's error type and the phase-0 pretraining live one floor down (stand_in.py uses them too).
 from kervljepa_jax.training.pretrain import (TrainError, extra_findings_chats, pack_documents,  # noqa: F401
@@ -239,7 +240,9 @@ def make_mesh(config) -> jax.sharding.Mesh:
 
 
 class Run:
-    """What the phases share: workdir, mesh, tokenizer, model config, whitening, pos_weight, logs."""
+    """The set-up every phase shares: workdir, mesh, tokenizer, base LLM, VLM config, where params
+    live, the data pipelines and compiled samplers; and the parts it hands out: the metric log
+    (`log`) and the text targets (`targets`: whitening, pos_weight, the per-record tables)."""
 
     def __init__(self, config, workdir: str):
         self.workdir = workdir
@@ -253,23 +256,13 @@ class Run:
         emb = sharding.as_host_f32(self.llm_params["model"]["embed_tokens"]["weight"])   # FSDP: other processes
         special = set(tokenizers.special_ids(self.tokenizer).values())
         self.text_rows = emb[[i for i in range(min(len(emb), len(self.tokenizer))) if i not in special]]
-        self.whiten_layer = int(config.model.whiten_layer) if config.model.whiten_layer >= 0 else \
-            self.llm_cfg.num_hidden_layers // 2
-        if self.whiten_layer > self.llm_cfg.num_hidden_layers:
-            raise TrainError(f"--config.model.whiten_layer={self.whiten_layer}: the LLM has "
-                             f"{self.llm_cfg.num_hidden_layers} layers; choose 0..{self.llm_cfg.num_hidden_layers} "
-                             f"or -1 for the middle one")
-        self.encoder = step_lib.TextEncoder(self.llm_cfg, self.whiten_layer)
-        self.whitening = None
-        self.pos_weight = None
+        self.replicated = sharding.replicated(self.mesh)
+        self.targets = text_targets_lib.TextTargets(config, self.llm_cfg, self.llm_params, self.vcfg.bridge.jepa_dim,
+                                                    workdir, self.replicated)
         self.configs: dict[int, Any] = {}
         self._pipelines: dict[tuple, pipeline_lib.Pipeline] = {}
-        self._text_targets_enabled = False
-        self._text_targets: dict[str, tuple] = {}   # Run._text_key -> the whitened tables of a split
-        self._embed = None
         self._generators: dict[SamplingConfig, ReportGenerator] = {}
         self._classifier_logits = None
-        self._compress = None
         # Where every param lives on the mesh: the logical axis names of an abstract init.
         abstract = jax.eval_shape(lambda key: vlm_lib.VLM(self.vcfg).init(
             key, jnp.zeros((1, 4, self.vcfg.compressor.d_visual)), jnp.zeros((1, 4)), jnp.ones((1, 4), bool),
@@ -277,7 +270,6 @@ class Run:
         self.param_shardings = sharding.named_shardings(abstract, self.mesh)["params"]
         self.abstract_params = ckpt_lib.abstract_target(nn.unbox(abstract)["params"],
                                                         self.param_shardings)
-        self.replicated = sharding.replicated(self.mesh)
 
     def place(self, variables: dict) -> dict:
         """Params onto their shardings, the calibration replicated."""
@@ -294,7 +286,6 @@ class Run:
         key = (split, data.to_json(sort_keys=True))
         if key not in self._pipelines:
             self._pipelines[key] = pipeline_lib.Pipeline(data, split, self.tokenizer, self.mesh)
-            self._attach_text_targets(self._pipelines[key])
         return self._pipelines[key]
 
     def report_generator(self, config) -> ReportGenerator:
@@ -312,166 +303,6 @@ class Run:
             self._classifier_logits = jax.jit(
                 lambda v, b: model.apply(v, b["slices"], b["z_mm"], b["valid"]).visual.cls_logits)
         return self._classifier_logits
-
-    def prepare_targets(self, config, params: Any) -> None:
-        """pos_weight from the training labels; the PCA whitening of the LLM's text embeddings;
-        the whitened text targets of every record (train and valid), attached to the pipelines.
-
-        Text only (no slice is read): the per-condition texts and the class-ordered findings
-        texts, embedded by the frozen base LLM (layer `whiten_layer`, mean-pooled) exactly as the
-        batches carry them; the whitening is fitted on the training split's.
-        """
-        if self.whitening is not None:
-            return
-        path = os.path.join(self.workdir, "whitening.npz")
-        _, labels = training_texts(config.data)
-        self.pos_weight = jnp.asarray(losses.pos_weight_from_labels(np.stack(labels)))
-        self._text_targets_enabled = bool(config.train.cache_text_targets)
-        train = self.pipeline(config, "train")
-        train_raw = None
-        if not config.model.get("whiten", True):       # the ablation: never saved, never loaded
-            w = self.identity_whitening()
-        elif os.path.isfile(path):
-            w = whitening_lib.load(path)
-        else:
-            w, _, train_raw = self.fit_whitening(config)
-            whitening_lib.save(w, path)
-        self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32), "projection": jnp.asarray(w.projection, jnp.float32)}
-        self._attach_text_targets(train, train_raw)
-        for pipe in list(self._pipelines.values()):
-            self._attach_text_targets(pipe)
-
-    def identity_whitening(self) -> whitening_lib.Whitening:
-        """--config.model.whiten=false: the raw text embeddings as targets, TrainError when the JEPA
-        space is narrower than the LLM (the identity keeps every feature)."""
-        try:
-            return whitening_lib.identity(self.llm_cfg.hidden_size, self.vcfg.bridge.jepa_dim)
-        except ValueError:
-            raise TrainError(f"--config.model.whiten=false: set --config.model.jepa_dim={self.llm_cfg.hidden_size} "
-                             f"(the LLM width; now {self.vcfg.bridge.jepa_dim}) so the raw embeddings fit") from None
-
-    def fit_whitening(self, config) -> tuple[whitening_lib.Whitening, dict[str, float], dict[str, np.ndarray] | None]:
-        """Fit the PCA whitening on the training split's texts chosen by `model.whiten_texts` and
-        measure it: mean pairwise cosine and d' before and after (a pair is "same" when its label
-        rows match), retained variance, and `texts`, which texts it was fitted on:
-
-          "targets"  the text targets (per-condition texts, labelled with their class, and the
-                     class-ordered findings texts, with their volume's labels) as the batches carry them
-          "reports"  the training reports (Findings_EN) with their volume's labels: the paper's
-                     22,773 training report embeddings (III-B4)
-
-        Returns (whitening, stats, the split's `_embedded_rows` when they were computed, else None)."""
-        texts = str(config.model.get("whiten_texts", "targets"))
-        _, labels = training_texts(config.data)
-        labels = np.stack(labels).astype(np.int32)
-        raw = None
-        dim = self.vcfg.bridge.jepa_dim
-        if texts == "reports":
-            emb, label_rows = self._report_rows(config, dim), labels
-        elif texts == "targets":
-            raw = self._embedded_rows(self.pipeline(config, "train"), {"llm": self.llm_params})
-            classes = np.nonzero(raw["condition_index"] >= 0)[1]     # row-major: the order of condition_rows
-            label_rows = np.concatenate([np.eye(findings.NUM_CLASSES, dtype=np.int32)[classes], labels])
-            emb = np.concatenate([raw["condition_rows"], raw["target"]])
-        else:
-            raise TrainError(f"--config.model.whiten_texts={texts!r}: use 'targets' or 'reports'")
-        w, stats = whitening_lib.fit_and_report(emb, label_rows, dim=dim)
-        stats = {"texts": texts, "num_texts": len(emb), **stats}
-        logging.info("whitening (layer %d, %d training %s): %s", self.whiten_layer, len(emb), texts, json.dumps(stats))
-        return w, stats, raw
-
-    def _report_rows(self, config, dim: int) -> np.ndarray:
-        """Unwhitened embeddings [N, D] of the training reports, tokenised as a raw-text phase's
-        batches carry them (a text-only pipeline of its own: nothing else of it is embedded); at
-        least `dim` + 1 of them, else TrainError before any is embedded."""
-        data = ml_collections.ConfigDict(config.data.to_dict())
-        data.text_mode = "raw"
-        rows = pipeline_lib.Pipeline(data, "train", self.tokenizer).text_rows()
-        n, t = rows["target_ids"].shape
-        if n <= dim:     # a miniature split (the targets are ~5 texts a volume)
-            raise TrainError(f"--config.model.whiten_texts=reports: {n} training reports cannot fit a "
-                             f"{dim}-dimensional whitening (it needs more than {dim}); use more volumes or "
-                             "--config.model.whiten_texts=targets")
-        return self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], {"llm": self.llm_params})
-
-    def _text_key(self, pipe: pipeline_lib.Pipeline) -> str:
-        """What a split's text targets depend on: its records and text settings, not batching."""
-        data = {k: v for k, v in pipe.config.to_dict().items()
-                if k not in ("batch_size", "shuffle", "drop_remainder", "read_threads", "num_workers")}
-        return json.dumps([pipe.split, data], sort_keys=True, default=str)
-
-    def _embedded_rows(self, pipe: pipeline_lib.Pipeline, params: Any) -> dict[str, np.ndarray]:
-        """Unwhitened embeddings of a split's records: target [N, D]; the present classes' condition
-        texts as condition_rows [M, D] with condition_index [N, C] (their row, -1 when absent)."""
-        rows = pipe.text_rows()
-        present = rows["condition_lengths"] > 0
-        tc, t = rows["condition_ids"].shape[-1], rows["target_ids"].shape[-1]
-        index = np.full(present.shape, -1, np.int32)
-        index[present] = np.arange(int(present.sum()), dtype=np.int32)
-        return {"target": self.embed_ids(rows["target_ids"], np.arange(t) < rows["target_lengths"][:, None], params),
-                "condition_rows": self.embed_ids(rows["condition_ids"][present],
-                                                 np.arange(tc) < rows["condition_lengths"][present][:, None], params),
-                "condition_index": index}
-
-    def _attach_text_targets(self, pipe: pipeline_lib.Pipeline, raw: dict[str, np.ndarray] | None = None) -> None:
-        """Give `pipe`'s batches their whitened text targets, embedded once per split and text
-        setting (`raw`: the split's `_embedded_rows` when already computed). Only whitened tables
-        are kept: [N + M, jepa_dim] floats, ~5 KB per CT-RATE volume."""
-        if not self._text_targets_enabled or self.whitening is None:
-            return
-        key = self._text_key(pipe)
-        if key not in self._text_targets:
-            raw = raw if raw is not None else self._embedded_rows(pipe, {"llm": self.llm_params})
-            mean, projection = (np.asarray(self.whitening[k], np.float32) for k in ("mean", "projection"))
-            whiten = lambda x: ((x - mean) @ projection).astype(np.float32)  # noqa: E731
-            self._text_targets[key] = (whiten(raw["target"]), whiten(raw["condition_rows"]), raw["condition_index"])
-        pipe.attach_text_embeddings(*self._text_targets[key])
-
-    def embed_ids(self, ids: np.ndarray, mask: np.ndarray, params: Any, batch: int = 256) -> np.ndarray:
-        """[M, T] ids with their mask -> [M, D] unwhitened text embeddings (fixed-size batches: one
-        compilation per length)."""
-        if self._embed is None:
-            self._embed = jax.jit(lambda p, i, m: self.encoder(p, i, m, None))
-        llm = step_lib.base_llm_params(params)
-        out = [np.zeros((0, self.llm_cfg.hidden_size), np.float32)]
-        for start in range(0, len(ids), batch):
-            i, m = ids[start:start + batch], mask[start:start + batch]
-            n = len(i)
-            i, m = np.pad(i, ((0, batch - n), (0, 0))), np.pad(m, ((0, batch - n), (0, 0)))
-            out.append(sharding.as_host_f32(self._embed(llm, jnp.asarray(i), jnp.asarray(m)))[:n])
-        return np.concatenate(out)
-
-    def compressor_tokens(self, config, params: Any, labels: Any) -> np.ndarray | None:
-        """V' [N, K, d_v] of every training record, for a phase whose compressor is frozen
-        (train.cache_visual_tokens; None otherwise): the frozen compressor is a fixed function of
-        the slices, so its forward runs once per volume and phase instead of once per step
-        (docs/embedded_profile.md, "Where the time goes"). Deterministic: a frozen compressor's
-        dropout trains nothing. Each process computes all N (an epoch draws any record); a
-        skipped record keeps zeros. Compiled once per run."""
-        trainable = [p for p, label in zip(phases_lib.leaf_paths(params), jax.tree.leaves(labels))
-                     if p.startswith("compressor/") and label == phases_lib.TRAINABLE]
-        if not config.train.cache_visual_tokens or trainable:
-            return None
-        cfg = self.vcfg.compressor
-        if self._compress is None:
-            compressor = compressor_lib.ZoneCompressor(cfg)
-            self._compress = jax.jit(lambda p, s, z, v: compressor.apply({"params": p}, s, z, v))
-        compress = self._compress
-        weights = sharding.host_copy(params["compressor"])
-        pipe = self.pipeline(config, "train")
-        table = np.zeros((len(pipe.source), cfg.num_zones, cfg.d_visual), np.dtype(cfg.dtype))
-        rows = pipe.local_batch_size
-        for batch in pipe.ordered_batches():
-            n = len(batch["record_index"])
-            padded = [np.pad(batch[k], [(0, rows - n)] + [(0, 0)] * (batch[k].ndim - 1))
-                      for k in ("slices", "z_mm", "valid")]
-            padded[2][n:, 0] = True            # a padding row needs one valid slice (its output is dropped)
-            # Under the run's mesh the output may span every process's devices: gathered, not read.
-            table[batch["record_index"]] = sharding.as_host_f32(compress(weights, *padded))[:n]
-        return table
-
-    def consts(self) -> dict:
-        return jax.device_put({"whitening": self.whitening, "pos_weight": self.pos_weight}, self.replicated)
 
 
 def restored_variables(params: Any, alpha: float | None) -> dict:

@@ -9,7 +9,7 @@ Text targets (condition texts, the report text) are embedded by the frozen base 
 LoRA (mean over the tokens of hidden layer `whiten.layer`) and whitened with the PCA fitted by
 `kervljepa_jax.whiten`; they are constants of the step (stop_gradient). Neither the frozen LLM nor
 a record's condition texts and class-ordered findings text change within a run, so the trainer
-embeds them once per record (Run.prepare_targets) and the batches carry them (target_embedding,
+embeds them once per record (training/text_targets.py) and the batches carry them (target_embedding,
 condition_embedding); a batch without them is embedded here, with the same result.
 Decision the paper leaves open: the focal loss of eq. 12-13 is on the LLM-visual classifier's
 logits (the only classification head that LoRA, the one trainable part of phase 4, can move);
@@ -250,7 +250,7 @@ def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: A
     names = [n for n in LOSS_TERMS[phase] if weights is None or float(weights.get(n, 0.0)) != 0.0]
     variables = {"params": params, "calibration": calibration}
     rngs = {"dropout": rng}
-    # A batch of a frozen-compressor phase may carry V' itself (Run.compressor_tokens).
+    # A batch of a frozen-compressor phase may carry V' itself (feature_cache.compressor_tokens).
     cached = batch.get("visual_tokens")
     if any(LOSS_REGISTRY[n].reads_llm for n in names):
         out = model.apply(variables, batch["slices"], batch["z_mm"], batch["valid"], batch["input_ids"],

@@ -429,7 +429,7 @@ def test_ctrate_tokenizer_is_trained_on_the_reports_and_cached(ctrate_config):
     assert int((text.encode_prompt(tok, 32) == tok.convert_tokens_to_ids(text.VISUAL_TOKEN)).sum()) == 32
 
 
-def test_text_rows_and_attached_embeddings_follow_each_record(workdir, tokenizer, epoch0):
+def test_text_rows_follow_each_record(workdir, tokenizer, epoch0):
     pipe = make(workdir, tokenizer)
     rows = pipe.text_rows()
     n, c = len(pipe.source), findings.NUM_CLASSES
@@ -441,22 +441,9 @@ def test_text_rows_and_attached_embeddings_follow_each_record(workdir, tokenizer
         np.testing.assert_array_equal(rows["condition_lengths"][index], batch["condition_lengths"][row])
         np.testing.assert_array_equal(rows["target_ids"][index], batch["target_ids"][row])
         assert rows["target_lengths"][index] == batch["target_mask"][row].sum()
-    # Tables whose values name their record and class: each batch row gets its own.
-    present = rows["condition_lengths"] > 0
-    index = np.where(present, np.cumsum(present).reshape(present.shape) - 1, -1).astype(np.int32)
-    condition_rows = np.repeat(np.arange(1, present.sum() + 1, dtype=np.float32)[:, None], 3, axis=1)
-    target = np.repeat(np.arange(n, dtype=np.float32)[:, None], 3, axis=1)
-    pipe.attach_text_embeddings(target, condition_rows, index)
-    got = next(iter(pipe.epoch(0)))
-    for row, record in enumerate(got["record_index"]):
-        np.testing.assert_array_equal(got["target_embedding"][row], [record] * 3)
-        want = np.where(index[record] >= 0, index[record] + 1, 0).astype(np.float32)
-        np.testing.assert_array_equal(got["condition_embedding"][row], np.repeat(want[:, None], 3, axis=1))
-    with pytest.raises(ValueError, match="the train split has 40 records"):
-        pipe.attach_text_embeddings(target[:-1], condition_rows, index)
 
 
-def test_ordered_batches_and_attached_visual_tokens_follow_each_record(workdir, tokenizer, epoch0):
+def test_ordered_batches_follow_each_record(workdir, tokenizer, epoch0):
     pipe = make(workdir, tokenizer, repeat_factor_threshold=0.5)
     # Every record once, in index order, whatever the shuffle and repeat factors; the rows are
     # what an epoch's batches carry for that record.
@@ -467,17 +454,25 @@ def test_ordered_batches_and_attached_visual_tokens_follow_each_record(workdir, 
     batch = epoch0[0][0]
     for row, record in enumerate(batch["record_index"]):
         np.testing.assert_array_equal(by_record[int(record)], batch["slices"][row])
-    # A table whose rows name their record: each batch row gets its own, and None detaches it.
-    table = np.repeat(np.arange(len(pipe.source), dtype=np.float32)[:, None, None], 4, axis=1).repeat(2, axis=2)
-    pipe.attach_visual_tokens(table)
-    got = next(iter(pipe.epoch(0)))
-    assert got["visual_tokens"].shape == (len(got["record_index"]), 4, 2)
-    for row, record in enumerate(got["record_index"]):
-        assert (got["visual_tokens"][row] == record).all()
-    pipe.attach_visual_tokens(None)
-    assert "visual_tokens" not in next(iter(pipe.epoch(0)))
-    with pytest.raises(ValueError, match="the train split"):
-        pipe.attach_visual_tokens(table[:-1])
+
+
+def test_join_adds_to_each_host_batch_before_placement_and_leaves_the_state(workdir, tokenizer, mesh, epoch0):
+    """`join` sees each process-local host batch (numpy, this process's record_index); what it adds
+    is placed on the mesh with the rest, and the iterator's checkpointed state does not change."""
+    seen = []
+
+    def join(batch):
+        assert isinstance(batch["record_index"], np.ndarray)
+        seen.append(batch["record_index"])
+        return {**batch, "doubled": 2 * batch["record_index"]}
+    joined, plain = make(workdir, tokenizer, mesh).epoch(0, join), make(workdir, tokenizer, mesh).epoch(0)
+    first, _ = next(joined), next(plain)
+    assert first["doubled"].sharding == first["record_index"].sharding
+    np.testing.assert_array_equal(np.asarray(first["doubled"]), 2 * np.asarray(first["record_index"]))
+    assert joined.get_state() == plain.get_state()
+    tail = list(make(workdir, tokenizer, mesh).restore(joined.get_state(), join))
+    assert all("doubled" in b for b in tail) and len(seen) == 1 + len(tail)
+    assert_same_batches([first, *tail], epoch0[0])                   # the data itself is unchanged
 
 
 def test_a_batch_that_does_not_split_over_the_mesh_is_placed_whole():

@@ -190,19 +190,21 @@ def test_paper_whitening_is_fitted_on_the_training_reports(run):
 
     # 160 reports: a 64-component whitening needs more than 64 texts spanning 64 dimensions.
     reports = _config(4, run.workdir, **{"model.whiten_texts": "reports", "data.num_train": 160})
-    w, stats, raw = run.fit_whitening(reports)
+    w, stats, raw = run.targets.fit_whitening(reports, run.pipeline(reports, "train"))
     assert raw is None and stats["texts"] == "reports" and stats["num_texts"] == 160
     assert {"d_prime_before", "d_prime_after", "mean_cosine_before"} <= set(stats)
     raw_text = pipeline_lib.Pipeline(reports.data, "train", run.tokenizer)         # phase 4: text_mode raw
-    report_rows = run._embedded_rows(raw_text, {"llm": run.llm_params})["target"]
+    report_rows = run.targets.embedded_rows(raw_text)["target"]
     np.testing.assert_allclose(w.mean, report_rows.mean(0), rtol=1e-5, atol=1e-6)
     assert config_lib.load_phase_config(1, "paper").model.whiten_texts == "reports"
     assert config_lib.load_phase_config(1).model.whiten_texts == "targets"
     with pytest.raises(run_lib.TrainError, match="--config.model.whiten_texts='words'"):
-        run.fit_whitening(_config(1, run.workdir, **{"model.whiten_texts": "words"}))
+        words = _config(1, run.workdir, **{"model.whiten_texts": "words"})
+        run.targets.fit_whitening(words, run.pipeline(words, "train"))
     with pytest.raises(run_lib.TrainError, match="^--config.model.whiten_texts=reports: 24 training reports cannot "
                                                  "fit a 64-dimensional whitening"):
-        run.fit_whitening(_config(1, run.workdir, **{"model.whiten_texts": "reports"}))
+        few = _config(1, run.workdir, **{"model.whiten_texts": "reports"})
+        run.targets.fit_whitening(few, run.pipeline(few, "train"))
 
 
 def test_a_trained_step_leaves_the_base_llm_out_and_restores_it_whole(base):
