@@ -297,11 +297,12 @@ class Run:
         return self._generators[settings]
 
     def classifier_logits(self):
-        """Jitted (variables, batch) -> [B, C] visual-classifier logits (compiled once per run)."""
+        """(variables, batch) -> [B, C] visual-classifier logits, compiled once per run: only the
+        slices enter the jitted function, so batches with and without joined tables share it."""
         if self._classifier_logits is None:
             model = vlm_lib.VLM(self.vcfg)
-            self._classifier_logits = jax.jit(
-                lambda v, b: model.apply(v, b["slices"], b["z_mm"], b["valid"]).visual.cls_logits)
+            logits = jax.jit(lambda v, s, z, m: model.apply(v, s, z, m).visual.cls_logits)
+            self._classifier_logits = lambda v, b: logits(v, b["slices"], b["z_mm"], b["valid"])
         return self._classifier_logits
 
 
