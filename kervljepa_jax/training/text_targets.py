@@ -107,6 +107,7 @@ class TextTargets:
         self.cached = False                                      # train.cache_text_targets, as prepared
         self._tables: dict[str, TextTable] = {}                  # _text_key -> the split's table
         self._embed = None
+        self._consts: dict | None = None                         # consts(), once prepared
 
     def prepare(self, config, train: pipeline_lib.Pipeline) -> None:
         """pos_weight from the training labels; the whitening (fitted and saved to
@@ -223,5 +224,11 @@ class TextTargets:
         return np.concatenate(out)
 
     def consts(self) -> dict:
-        """The step's constants on every device: whitening and pos_weight."""
-        return jax.device_put({"whitening": self.whitening, "pos_weight": self.pos_weight}, self.replicated)
+        """The step's constants on every device: whitening and pos_weight, placed once (every step
+        and validation batch reads them; a placement per call copied them to each device again)."""
+        if self.whitening is None:
+            raise ValueError("TextTargets.consts() before prepare(): no whitening or pos_weight yet")
+        if self._consts is None:
+            self._consts = jax.device_put({"whitening": self.whitening, "pos_weight": self.pos_weight},
+                                          self.replicated)
+        return self._consts

@@ -75,3 +75,15 @@ def test_cached_text_targets_equal_what_the_step_embeds(tiny_run, tiny_config):
                                    tiny_run.workdir, tiny_run.replicated)
     off.prepare(off_config, train)
     assert off.table(train) is None and off.whitening is not None and off.pos_weight is not None
+
+
+def test_the_step_constants_are_placed_once_and_only_after_prepare(tiny_run, tiny_config, tmp_path):
+    config = tiny_config()
+    tiny_run.targets.prepare(config, tiny_run.pipeline(config, "train"))
+    consts = tiny_run.targets.consts()
+    assert consts is tiny_run.targets.consts()       # every step reads the same placed arrays
+    assert set(consts) == {"whitening", "pos_weight"}
+    fresh = text_targets.TextTargets(config, tiny_run.llm_cfg, tiny_run.llm_params, tiny_run.vcfg.bridge.jepa_dim,
+                                     str(tmp_path), tiny_run.replicated)
+    with pytest.raises(ValueError, match=r"consts\(\) before prepare\(\)"):
+        fresh.consts()
