@@ -53,7 +53,7 @@ from kervljepa_jax.data import pipeline as pipeline_lib  # noqa: E402
 from kervljepa_jax.model import llama as llama_lib  # noqa: E402
 from kervljepa_jax.model import vlm as vlm_lib  # noqa: E402
 from kervljepa_jax.training import config as config_lib, optim, phases  # noqa: E402
-from kervljepa_jax.training import run as run_lib, step as step_lib  # noqa: E402
+from kervljepa_jax.training import run as run_lib, step as step_lib, text_targets  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -155,8 +155,7 @@ def build(config, phase: int, mesh, scan_layers: bool = True, remat_policy: str 
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     batch = abstract_batch(config, vcfg, mesh, phase)
     weights = dict(config.loss_weights)
-    whiten_layer = int(config.model.whiten_layer)
-    encoder = step_lib.TextEncoder(vcfg.llm, whiten_layer if whiten_layer >= 0 else vcfg.llm.num_hidden_layers // 2)
+    encoder = step_lib.TextEncoder(vcfg.llm, text_targets.whiten_layer(config, vcfg.llm))   # as the trainer's
     train_step = step_lib.make_train_step(phase, vlm_lib.VLM(vcfg, deterministic=False), encoder, tx, weights)
     eval_step = step_lib.make_eval_step(phase, vlm_lib.VLM(vcfg), encoder, weights)
     return {"step": (jax.jit(train_step, donate_argnums=(0, 2)),
