@@ -95,7 +95,8 @@ def validate(run: Run, config, variables: dict, eval_step, modes=("normal",)) ->
     """Validation metrics of the phase: the loss, and the F1 of what `eval.score` names (the visual
     classifier's, or the generated reports')."""
     pipe = run.pipeline(config, "valid", shuffle=False)
-    batches = evaluate.collect(pipe.epoch(0, feature_cache.join(pipe, run.targets.table(pipe))),
+    texts = run.targets.table(pipe) if step_lib.reads_text_targets(config.phase, dict(config.loss_weights)) else None
+    batches = evaluate.collect(pipe.epoch(0, feature_cache.join(pipe, texts)),
                                int(config.eval.num_examples))
     terms = [sharding.as_host_f32(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b),
                                             run.targets.consts()))
@@ -255,10 +256,11 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     # to each of this process's batches by record_index.
     visual = feature_cache.compressor_tokens(config, run.vcfg.compressor, phases.merge_params(trainable, frozen),
                                              labels, train_pipe)
-    join = feature_cache.join(train_pipe, run.targets.table(train_pipe), visual)
+    weights = dict(config.loss_weights)
+    texts = run.targets.table(train_pipe) if step_lib.reads_text_targets(phase, weights) else None
+    join = feature_cache.join(train_pipe, texts, visual)
     eval_model = vlm_lib.VLM(run.vcfg)
     recalibrate_every = run_lib.recalibration_interval(config, variables["params"], labels)
-    weights = dict(config.loss_weights)
     train_step = compile_train_step(run, phase, tx, weights)
     eval_step = jax.jit(step_lib.make_eval_step(phase, eval_model, run.targets.encoder, weights))
     epochs = int(config.train.epochs)

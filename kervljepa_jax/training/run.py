@@ -9,7 +9,7 @@ default on synthetic data) or one LM-pretrained here by a "phase 0" on the train
 loaded exactly like a real checkpoint.
 
     run = Run(config, workdir)                       # loads or pretrains the base LLM once
-    run.targets.prepare(config, run.pipeline(config, "train"))   # whitening, pos_weight, text tables
+    run.targets.prepare(config, run.pipeline(config, "train"))   # whitening, pos_weight
     variables = run.place(restored_variables(params, alpha))
     texts = run.report_generator(config)(variables, slices, z_mm, valid)
 """

@@ -216,6 +216,7 @@ class LossTerm:
 
     compute: Callable[[TermInputs], Array]
     reads_llm: bool = False
+    reads_text: bool = False        # the frozen LLM's text targets (TermInputs.conditions / .report)
 
 
 # Every loss term by the name config.loss_weights gives it (paper eq. 9-13).
@@ -223,10 +224,12 @@ LOSS_REGISTRY: dict[str, LossTerm] = {
     "bce": LossTerm(lambda x: losses.bce_with_logits(x.out.visual.cls_logits, x.labels, x.consts["pos_weight"])),
     "mil": LossTerm(lambda x: losses.bce_with_logits(x.out.visual.mil_logits, x.labels, x.consts["pos_weight"])),
     "orth": LossTerm(lambda x: losses.orthogonality_loss(x.out.visual.tokens)),
-    "mmd": LossTerm(lambda x: losses.mmd_imq_loss(x.out.visual.z_tokens, x.conditions(), x.batch["condition_valid"])),
+    "mmd": LossTerm(lambda x: losses.mmd_imq_loss(x.out.visual.z_tokens, x.conditions(), x.batch["condition_valid"]),
+                    reads_text=True),
     "infonce": LossTerm(lambda x: losses.info_nce_loss(x.out.visual.z_visual, x.report(),
-                                                       x.variables["params"]["log_temperature"])),
-    "jepa": LossTerm(lambda x: losses.jepa_loss(x.out.visual.z_visual, x.report())),
+                                                       x.variables["params"]["log_temperature"]),
+                        reads_text=True),
+    "jepa": LossTerm(lambda x: losses.jepa_loss(x.out.visual.z_visual, x.report()), reads_text=True),
     "lm": LossTerm(lambda x: lm_term(x.model, x.variables, x.out.hidden, x.batch, x.head_frozen), reads_llm=True),
     "focal": LossTerm(lambda x: losses.focal_loss(x.out.llm_cls_logits, x.labels), reads_llm=True),
     "llm_cls": LossTerm(lambda x: losses.llm_visual_cls_loss(x.out.llm_cls_logits, x.labels, x.consts["pos_weight"]),
@@ -237,6 +240,12 @@ LOSS_REGISTRY: dict[str, LossTerm] = {
 # can feed (phases 1-2 carry no chat tokens, so no term that reads the decoder).
 LOSS_TERMS = {1: ("bce", "mil", "orth", "mmd"), 2: ("mmd", "infonce"), 3: ("lm", "focal", "jepa", "llm_cls"),
               4: ("lm", "focal")}
+
+
+def reads_text_targets(phase: int, weights: dict[str, float]) -> bool:
+    """Whether a weighted term of `phase` reads the text targets: else its batches need no
+    `TextTable` (the default phases 3-4 train on the LM loss alone) and none is embedded."""
+    return any(LOSS_REGISTRY[n].reads_text for n in LOSS_TERMS[phase] if float(weights.get(n, 0.0)) != 0.0)
 
 
 def phase_losses(phase: int, model: vlm_lib.VLM, encoder: TextEncoder, params: Any, calibration: Any,

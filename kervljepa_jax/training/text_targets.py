@@ -10,8 +10,9 @@ them itself, with the same values. pos_weight (from the training labels) lives h
 step's constants are the whitening and pos_weight (`consts`).
 
     targets = TextTargets(config, llm_cfg, llm_params, jepa_dim, workdir, replicated)   # Run.targets
-    targets.prepare(config, train_pipe)       # pos_weight, whitening, the training split's table
+    targets.prepare(config, train_pipe)       # pos_weight, whitening
     join(pipe, targets.table(pipe))           # batches with target_embedding, condition_embedding
+                                              # (train.py asks only when a weighted term reads them)
     step(..., targets.consts())
 """
 
@@ -111,8 +112,9 @@ class TextTargets:
 
     def prepare(self, config, train: pipeline_lib.Pipeline) -> None:
         """pos_weight from the training labels; the whitening (fitted and saved to
-        WORKDIR/whitening.npz, loaded from there, or the identity); with train.cache_text_targets,
-        the training split's table (`train`: its pipeline). Once per run: a later call does nothing."""
+        WORKDIR/whitening.npz, loaded from there, or the identity). A fit on the text targets keeps
+        the training split's table it embedded on the way (`train`: its pipeline); otherwise
+        `table` embeds a split when first asked. Once per run: a later call does nothing."""
         if self.whitening is not None:
             return
         _, labels = training_texts(config.data)
@@ -129,7 +131,8 @@ class TextTargets:
             whitening_lib.save(w, path)
         self.whitening = {"mean": jnp.asarray(w.mean, jnp.float32),
                           "projection": jnp.asarray(w.projection, jnp.float32)}
-        self.table(train, train_raw)
+        if train_raw is not None:
+            self.table(train, train_raw)
 
     @property
     def llm_hidden_size(self) -> int:

@@ -159,6 +159,13 @@ def test_loss_terms_come_from_the_registry_by_their_weights():
     with pytest.raises(OverrideError, match=r"phase 1: loss_weights \['lm'\] name no term of this phase"):
         step_lib.check_loss_weights(1, {"bce": 1.0, "mil": 1.0, "orth": 1.0, "mmd": 0.5, "lm": 1.0})
     assert not any(step_lib.LOSS_REGISTRY[n].reads_llm for n in step_lib.LOSS_TERMS[1] + step_lib.LOSS_TERMS[2])
+    # The text targets are embedded only for a phase whose weighted terms read them: not for the
+    # default's LM-only phases 3-4, nor phase 1 without its MMD term.
+    assert {n for n, term in step_lib.LOSS_REGISTRY.items() if term.reads_text} == {"mmd", "infonce", "jepa"}
+    assert step_lib.reads_text_targets(3, {"lm": 1.0, "focal": 1.0, "jepa": 1.0, "llm_cls": 3.0})
+    assert not step_lib.reads_text_targets(3, {"lm": 1.0, "focal": 0.0, "jepa": 0.0, "llm_cls": 0.0})
+    assert not step_lib.reads_text_targets(1, {"bce": 1.5, "mil": 1.0, "orth": 1.0, "mmd": 0.0})
+    assert step_lib.reads_text_targets(2, {"mmd": 0.0, "infonce": 1.0})
 
 
 def test_a_phase3_step_of_visual_terms_alone_runs_no_decoder(boxed, monkeypatch):

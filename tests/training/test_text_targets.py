@@ -45,7 +45,8 @@ def test_without_whitening_the_targets_need_a_jepa_space_as_wide_as_the_llm():
 
 
 def test_cached_text_targets_equal_what_the_step_embeds(tiny_run, tiny_config):
-    # prepare embeds every training record's texts once (another split on its first ask); joined
+    # A split's texts are embedded once, on its first ask (a fit on the targets keeps the training
+    # split's, which it embedded anyway); joined
     # to the batches, the step uses them instead of running the frozen LLM: the values must be the
     # step's own.
     config = tiny_config()
