@@ -22,6 +22,10 @@ like the paper's table with bootstrap 95% CIs of macro F1, and a PNG next to it.
       set against the workdir's phase 4. --phase3_epochs=N shortens every rerun's phase 3 and then
       retrains the full model the same way (XI/full) as the reference row; --components picks rows.
       A rerun left unfinished resumes; a finished one is read back.
+
+--train_flag (repeatable) adds a train flag to every rerun of VI and XI: on the embedded default an
+epoch of phase 3 is 4,096 volumes, half the phase, so `--table=VI --train_flag=--config.data.num_train=512`
+compares after 64 steps instead, a sixteenth of the phase, as the paper's epoch 1 of 50 is early.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("phase3_epochs", 0, "Table XI: phase-3 epochs of every rerun (0 = as the workdir's "
                          "phase 3; > 0 also retrains the full model so, as the reference row).")
     flags.DEFINE_list("components", list(COMPONENTS), f"Table XI: the ablations to run, of {','.join(COMPONENTS)}.")
+    flags.DEFINE_multi_string("train_flag", [], "Tables VI and XI: a train flag for every rerun, repeatable, e.g. "
+                              "--train_flag=--config.data.num_train=512 (VI's epoch 1 then 64 steps on the default)")
 
 
 MODE_NAMES = {"full": "Full visual tokens", "normal": "Full visual tokens", "zero": "Zeroed",
@@ -187,7 +193,7 @@ def _train(table: str, workdir: str, out: str, phase: int, args: list[str]) -> N
         raise ExperimentError(f"table {table}: phase {phase} in {out} failed: {last}")
 
 
-def _phase3_run(workdir: str, out: str, epochs: int, warm: bool) -> dict:
+def _phase3_run(workdir: str, out: str, epochs: int, warm: bool, train_args: list[str] = ()) -> dict:
     """Phase 3 for `epochs` from the workdir's base LLM, whitening and phases 1-2, in `out`."""
     if not os.path.isfile(os.path.join(out, "report.json")):
         # base_llm: a stand-in's only
@@ -195,16 +201,17 @@ def _phase3_run(workdir: str, out: str, epochs: int, warm: bool) -> dict:
         args = [f"--config.train.epochs={epochs}", f"--config.train.eval_every_epochs={epochs}"]
         if warm:
             args.append(f"--warm_bridge_from={os.path.join(workdir, 'phase3', 'checkpoints')}")
-        _train("VI", workdir, out, 3, args)
+        _train("VI", workdir, out, 3, args + list(train_args))
     return json.load(open(os.path.join(out, "report.json"), encoding="utf-8"))["phase3"]
 
 
-def table_vi(workdir: str, epochs: int) -> tuple[str, dict]:
+def table_vi(workdir: str, epochs: int, train_args: list[str] = ()) -> tuple[str, dict]:
     _trained(workdir, (3,))                              # the warm bridge comes from a finished phase 3
     for phase in (1, 2):
         _trained(workdir, (phase,))
     base = os.path.join(workdir, "experiments", "VI")
-    runs = {name: _phase3_run(workdir, os.path.join(base, name), epochs, name == "warm") for name in ("cold", "warm")}
+    runs = {name: _phase3_run(workdir, os.path.join(base, name), epochs, name == "warm", train_args)
+            for name in ("cold", "warm")}
     lines = [f"| Phase 3 start | Macro F1 [95% CI] after {epochs} epoch(s) | Precision | Recall | volumes |",
              "|---|---|---|---|---|"]
     for name, scores in runs.items():
@@ -358,7 +365,7 @@ def build(table: str, workdir: str, epochs: int = 1, num_examples: int = 0, phas
         elif table == "X":
             body, bars = table_x(workdir, num_examples)
         else:
-            body, bars = table_vi(workdir, epochs)
+            body, bars = table_vi(workdir, epochs, train_args)
         figures.ablation_bars(bars, png, title=TITLES[table])
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, f"table_{table}.md")
@@ -376,6 +383,10 @@ def main(argv: list[str]) -> None:
         cli_lib.fail("experiments", "--table and --workdir are required (e.g. --table=IX --workdir=DIR)", 2)
     if not os.path.isdir(FLAGS.workdir):
         cli_lib.fail("experiments", f"--workdir={FLAGS.workdir} does not exist; train first", 2)
+    bad = [f for f in FLAGS.train_flag if not f.startswith("--")]
+    if bad:
+        cli_lib.fail("experiments", f"--train_flag={bad[0]}: give a train flag with its dashes, e.g. "
+                     "--train_flag=--config.data.num_train=512", 2)
     if FLAGS.epochs < 1 or FLAGS.num_examples < 0 or FLAGS.phase3_epochs < 0:
         cli_lib.fail("experiments", "--epochs must be >= 1, --num_examples and --phase3_epochs >= 0", 2)
     unknown = [c for c in FLAGS.components if c not in COMPONENTS]
@@ -393,7 +404,7 @@ def main(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(lambda r: "orbax" not in r.pathname or r.levelno >= std_logging.WARNING)
     try:
         path = build(FLAGS.table, FLAGS.workdir, FLAGS.epochs, FLAGS.num_examples, FLAGS.phase3_epochs,
-                     tuple(FLAGS.components))
+                     tuple(FLAGS.components), FLAGS.train_flag)
     except user_errors as e:
         cli_lib.fail("experiments", str(e).splitlines()[0])
     print(open(path, encoding="utf-8").read())

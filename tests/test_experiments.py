@@ -41,6 +41,14 @@ def test_a_workdir_without_the_phases_is_one_line(tmp_path):
     assert out.returncode == 1 and len(lines) == 1 and "no trained phase among [3, 4]" in lines[0], out.stderr
 
 
+def test_a_train_flag_without_its_dashes_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "kervljepa_jax.experiments", "--table=VI", f"--workdir={tmp_path}",
+                          "--train_flag=config.data.num_train=512"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "--train_flag=config.data.num_train=512" in lines[0], out.stderr
+
+
 def _finished_xi(tmp_path, names):
     """A workdir of four trained phases (phase 4 scored 0.8) whose XI runs `names` finished, each
     scoring 0.8 - 0.1 * (its place + 1)."""

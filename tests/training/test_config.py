@@ -43,7 +43,7 @@ def test_field_value_walks_dotted_keys():
     assert config_lib.field_value(config, "train.lr") == config.train.lr
     assert config_lib.field_value(config, "train.nope") is config_lib.MISSING
     assert config_lib.field_value(config, "train.lr.deeper") is config_lib.MISSING
-    assert config_lib.field_value(config, "optimizer_groups[1].freeze_after_epoch") == 10
+    assert config_lib.field_value(config, "optimizer_groups[1].freeze_after_epoch") == 0    # the default's LoRA
     assert config_lib.field_value(config, "optimizer_groups[99].lr_mult") is config_lib.MISSING
 
 
