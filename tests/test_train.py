@@ -120,14 +120,15 @@ def test_default_curriculum_writes_the_report_and_figures(default_run):
 # The paper's claims in miniature (issue 6), one test each, on the default run's report.json.
 
 @pytest.mark.slow
-def test_generated_reports_reach_0_75_macro_f1(default_run):
-    """On all 512 validation volumes (bootstrap 95% CI about +-0.017). Measured spread of phase-3
-    macro F1: five phase-3 seeds from the same phases 1-2 on one AVX-512 machine 0.811-0.822 (sd
-    0.004); the default seed with XLA's CPU code limited to AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2)
-    0.804, and 0.798 on another 2-core machine: CPU code moves it by ~0.02, twice a seed's spread.
-    The threshold sits 0.048 below the lowest run seen; the zeroed visual tokens score ~0.17."""
+def test_generated_reports_reach_0_8_macro_f1(default_run):
+    """On all 512 validation volumes (bootstrap 95% CI about +-0.015). Measured phase-3 macro F1 of
+    the default (phase 3 from 4,096 training volumes seen twice): seeds 0, 1, 2 on one AVX-512
+    machine 0.860, 0.867, 0.858 (phase 4 0.861, 0.871, 0.858); seed 0 with XLA's CPU code limited
+    to AVX2 (XLA_FLAGS=--xla_cpu_max_isa=AVX2) 0.858. The earlier default (512 volumes seen 16
+    times) moved by ~0.02 from one CPU to another, twice a seed's spread; the threshold sits 0.058
+    below the lowest run seen. The zeroed visual tokens score ~0.13-0.17."""
     report, _ = default_run
-    assert report["phase3"]["num_volumes"] == 512 and report["phase3"]["macro_f1"] >= 0.75, report["phase3"]
+    assert report["phase3"]["num_volumes"] == 512 and report["phase3"]["macro_f1"] >= 0.80, report["phase3"]
 
 
 @pytest.mark.slow
@@ -139,8 +140,8 @@ def test_zeroed_visual_tokens_remove_half_the_f1(default_run):
 
 @pytest.mark.slow
 def test_phase4_keeps_phase3_f1(default_run):
-    """Phase 4 (raw reports, LoRA only, EWC) must not undo phase 3: measured 0.818 vs 0.820 (AVX-512)
-    and 0.798 vs 0.798 on another machine. The run's ten minutes are a benchmark
+    """Phase 4 (raw reports, LoRA only, EWC) must not undo phase 3: measured 0.861 vs 0.860, 0.871
+    vs 0.867 and 0.858 vs 0.858 (seeds 0-2). The run's ten minutes are a benchmark
     (benchmarks/default_run.py), not a test: this machine's speed moves by up to 1.7x by the day."""
     report, _ = default_run
     p3, p4 = report["phase3"], report["phase4"]
