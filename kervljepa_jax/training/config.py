@@ -83,10 +83,11 @@ EMBEDDED = {
     "data.embed_dim":                (256,) * 4,                  # paper 1024 (LeJEPA ViT-L); 16x cheaper here
     "data.source":                   ("synthetic",) * 4,
     # The first N volumes of one synthetic training stream (a volume is a pure function of its
-    # index). Phase 3 learns to write findings from 4,096 volumes seen twice, where 512 seen 16 times
-    # left it overfitted (training-split F1 0.90, validation 0.82): the same steps, +0.04-0.05
-    # (docs/embedded_profile.md, "More volumes, fewer epochs"). Phase 1 takes 2,048 once, phases 2
-    # and 4 the first 512 (their steps cost what they did).
+    # index). Phase 3 learns to write findings from 4,096 volumes seen 3 times, where 512 seen 16
+    # times left it overfitted (training-split F1 0.90, validation 0.82; at those 1,024 steps 4,096
+    # volumes seen twice gave +0.04-0.05, a third epoch another ~+0.02: docs/embedded_profile.md,
+    # "More volumes, fewer epochs"). Phase 1 takes 2,048 once, phases 2 and 4 the first 512 (their
+    # steps cost what they did).
     "data.num_train":                (2048, 512, 4096, 512),
     # All 512: on fewer, a rare class has a handful of positives and one run's macro F1 says little
     # (docs/embedded_profile.md, "How much one run says"); the extra reports cost seconds.
@@ -98,8 +99,9 @@ EMBEDDED = {
     # 100x fewer volumes than CT-RATE need a cleaner signal per volume for the same learnability
     # (docs/embedded_profile.md, "The synthetic signal").
     "data.signal_strength":          (2.0,) * 4,
-    # Phases 1 and 3: 256 and 1,024 steps, as 4 and 16 epochs over 512 volumes were.
-    "train.epochs":                  (1, 2, 2, 1),                # paper 20, 30, 50, 30
+    # Phase 1: 256 steps, as 4 epochs over 512 volumes were; phase 3: 1,536 steps (was 1,024), which
+    # brings the whole run to ~570 s on a quiet day.
+    "train.epochs":                  (1, 2, 3, 1),                # paper 20, 30, 50, 30
     "train.batch_size":              (8, 16, 8, 8),               # global; paper 32, 64, 8, 8 per GPU x 8
     "train.batch_per_device":        (0,) * 4,                    # the global batch above, whatever the devices
     "train.lr":                      (1e-3, 5e-4, 3e-3, 7.5e-5),  # paper 5e-5, 3e-5, 2e-5, 5e-7
@@ -117,12 +119,12 @@ EMBEDDED = {
     # The visual ablations (Table IX) generate for the first 128 (three more reports per volume);
     # each is scored against the full model on those same volumes.
     "eval.ablation_examples":        (128,) * 4,
-    "train.eval_every_epochs":       (1, 1, 2, 1),                # phase 3: generation F1 at its end only
+    "train.eval_every_epochs":       (1, 1, 3, 1),                # phase 3: generation F1 at its end only
     # Edits of the phase's optimizer-group table (kervljepa_jax/configs/phaseN.py), by row pattern.
-    # Phase 3: LoRA trains throughout its 2 epochs (paper: frozen after epoch 6 of 50; frozen after
+    # Phase 3: LoRA trains throughout its 3 epochs (paper: frozen after epoch 6 of 50; frozen after
     # 10 of the former 16 epochs it scored the same, 0.805 vs 0.816 never). The adapters' tanh gates start at 0 (a fresh
-    # model is the base LLM) and Adam moves them at most ~lr a step: 1,024 phase-3 steps here against
-    # the paper's ~300k (50 epochs of ~47k volumes at batch 8); so their lr is x30 in this ~300x
+    # model is the base LLM) and Adam moves them at most ~lr a step: 1,536 phase-3 steps here against
+    # the paper's ~300k (50 epochs of ~47k volumes at batch 8); so their lr is x30 in this ~200x
     # shorter run.
     # Phase 2, compressor lr x0.1: at the full phase-2 lr the InfoNCE steps pull the phase-1
     # compressor off its classes, and phase 3's ceiling with it (docs/embedded_profile.md, "Phase 2:
