@@ -20,6 +20,8 @@ STEPS_PER_EPOCH = 10
 def _config(phase, **train):
     c = config_lib.load_phase_config(phase)
     c.train.update({**dict(warmup_steps=0, grad_clip=0.0, lr=1e-2, schedule="constant"), **train})
+    if phase == 3:     # the paper's LoRA freeze (the embedded default trains LoRA throughout): the freeze tests' subject
+        c.optimizer_groups = phases.update_groups(c.optimizer_groups, {LORA_PATTERN: dict(freeze_after_epoch=6)})
     return c
 
 
