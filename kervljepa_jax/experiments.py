@@ -24,8 +24,8 @@ like the paper's table with bootstrap 95% CIs of macro F1, and a PNG next to it.
       A rerun left unfinished resumes; a finished one is read back.
 
 --train_flag (repeatable) adds a train flag to every rerun of VI and XI: on the embedded default an
-epoch of phase 3 is 4,096 volumes, half the phase, so `--table=VI --train_flag=--config.data.num_train=512`
-compares after 64 steps instead, a sixteenth of the phase, as the paper's epoch 1 of 50 is early.
+epoch of phase 3 is 4,096 volumes, a third of the phase, so `--table=VI --train_flag=--config.data.num_train=512`
+compares after 64 steps instead, a 24th of the phase, early as the paper's epoch 1 of 50 is.
 """
 
 from __future__ import annotations

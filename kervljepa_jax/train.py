@@ -91,12 +91,19 @@ def starting_variables(run: Run, config, phase: int, init_from: str) -> dict:
     return calibrate(vlm_lib.VLM(run.vcfg), template, first, run.text_rows)
 
 
+def text_table(run: Run, config, pipe):
+    """`pipe`'s split's cached text targets when a weighted loss term of the phase reads them, else
+    None (the default's LM-only phases 3-4 embed no text)."""
+    if not step_lib.reads_text_targets(config.phase, dict(config.loss_weights)):
+        return None
+    return run.targets.table(pipe)
+
+
 def validate(run: Run, config, variables: dict, eval_step, modes=("normal",)) -> dict:
     """Validation metrics of the phase: the loss, and the F1 of what `eval.score` names (the visual
     classifier's, or the generated reports')."""
     pipe = run.pipeline(config, "valid", shuffle=False)
-    texts = run.targets.table(pipe) if step_lib.reads_text_targets(config.phase, dict(config.loss_weights)) else None
-    batches = evaluate.collect(pipe.epoch(0, feature_cache.join(pipe, texts)),
+    batches = evaluate.collect(pipe.epoch(0, feature_cache.join(pipe, text_table(run, config, pipe))),
                                int(config.eval.num_examples))
     terms = [sharding.as_host_f32(eval_step(variables["params"], variables["calibration"], evaluate.as_jnp(b),
                                             run.targets.consts()))
@@ -256,9 +263,8 @@ def train_phase(run: Run, config, phase: int, init_from: str = "", warm_bridge_f
     # to each of this process's batches by record_index.
     visual = feature_cache.compressor_tokens(config, run.vcfg.compressor, phases.merge_params(trainable, frozen),
                                              labels, train_pipe)
+    join = feature_cache.join(train_pipe, text_table(run, config, train_pipe), visual)
     weights = dict(config.loss_weights)
-    texts = run.targets.table(train_pipe) if step_lib.reads_text_targets(phase, weights) else None
-    join = feature_cache.join(train_pipe, texts, visual)
     eval_model = vlm_lib.VLM(run.vcfg)
     recalibrate_every = run_lib.recalibration_interval(config, variables["params"], labels)
     train_step = compile_train_step(run, phase, tx, weights)

@@ -122,10 +122,10 @@ EMBEDDED = {
     "train.eval_every_epochs":       (1, 1, 3, 1),                # phase 3: generation F1 at its end only
     # Edits of the phase's optimizer-group table (kervljepa_jax/configs/phaseN.py), by row pattern.
     # Phase 3: LoRA trains throughout its 3 epochs (paper: frozen after epoch 6 of 50; frozen after
-    # 10 of the former 16 epochs it scored the same, 0.805 vs 0.816 never). The adapters' tanh gates start at 0 (a fresh
-    # model is the base LLM) and Adam moves them at most ~lr a step: 1,536 phase-3 steps here against
-    # the paper's ~300k (50 epochs of ~47k volumes at batch 8); so their lr is x30 in this ~200x
-    # shorter run.
+    # 10 of the former 16 epochs it scored the same, 0.805 vs 0.816 never). The adapters' tanh gates
+    # start at 0 (a fresh model is the base LLM) and Adam moves them at most ~lr a step: 1,536
+    # phase-3 steps here against the paper's ~300k (50 epochs of ~47k volumes at batch 8); so their
+    # lr is x30 in this ~200x shorter run.
     # Phase 2, compressor lr x0.1: at the full phase-2 lr the InfoNCE steps pull the phase-1
     # compressor off its classes, and phase 3's ceiling with it (docs/embedded_profile.md, "Phase 2:
     # the compressor at a tenth of the rate").
